@@ -1,0 +1,1 @@
+"""Encoders (DPR / any HF encoder), generators and the RagSequence / RagToken models with their decoding."""

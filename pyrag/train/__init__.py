@@ -1,0 +1,1 @@
+"""Training loops: the DPR retriever (train/retriever.py) and joint RAG fine-tuning (train/rag.py)."""
