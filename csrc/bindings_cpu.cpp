@@ -7,6 +7,8 @@
 
 #include "common.h"
 // [ops: includes] one header per op, e.g. #include "rag_loss.h"
+#include "rag_loss.h"
+#include "topk_ip.h"
 
 namespace py = pybind11;
 
@@ -14,4 +16,180 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "pyrag CPU kernels (framework-free; called from pyrag.ops)";
   m.def("max_threads", [] { return omp_get_max_threads(); });
   // [ops: bindings] one block per op below, each owned by that op's files.
+  // ---- rag_loss (pyrag/ops/rag_loss.py): fused RAG marginalisation; pointers are tensor.data_ptr() ----
+  {
+    using pyrag::RagDims;
+    using P = std::uintptr_t;
+    m.def(
+        "rag_nll_forward",
+        [](int dtype, P logits, P log_prior, P target, P nll_mask, P smooth_mask, int64_t B, int64_t K, int64_t T,
+           int64_t V, bool prior_per_token, int mode, float epsilon, P loss, P lse, P w, P u, P scratch,
+           int num_threads) -> int64_t {
+          const RagDims d{B, K, T, V, prior_per_token};
+          return pyrag::rag_dispatch_dtype(dtype, [&](auto s) {
+            using S = decltype(s);
+            return pyrag::rag_nll_forward_cpu<S>(
+                reinterpret_cast<const S*>(logits), reinterpret_cast<const float*>(log_prior),
+                reinterpret_cast<const int64_t*>(target), reinterpret_cast<const uint8_t*>(nll_mask),
+                reinterpret_cast<const uint8_t*>(smooth_mask), d, mode, epsilon, reinterpret_cast<float*>(loss),
+                reinterpret_cast<float*>(lse), reinterpret_cast<float*>(w), reinterpret_cast<float*>(u),
+                reinterpret_cast<float*>(scratch), num_threads);
+          });
+        },
+        py::call_guard<py::gil_scoped_release>(),
+        "Marginal NLL forward; returns -1 or the flat [B,T] index of the first out-of-range target.");
+    m.def(
+        "rag_nll_backward",
+        [](int dtype, P grad_loss, P logits, P log_prior, P target, P nll_mask, P smooth_mask, int64_t B,
+           int64_t K, int64_t T, int64_t V, bool prior_per_token, int mode, float epsilon, P lse, P w, P u,
+           P grad_logits, int num_threads) {
+          const RagDims d{B, K, T, V, prior_per_token};
+          pyrag::rag_dispatch_dtype(dtype, [&](auto s) {
+            using S = decltype(s);
+            pyrag::rag_nll_backward_cpu<S>(
+                reinterpret_cast<const float*>(grad_loss), reinterpret_cast<const S*>(logits),
+                reinterpret_cast<const float*>(log_prior), reinterpret_cast<const int64_t*>(target),
+                reinterpret_cast<const uint8_t*>(nll_mask), reinterpret_cast<const uint8_t*>(smooth_mask), d,
+                mode, epsilon, reinterpret_cast<const float*>(lse), reinterpret_cast<const float*>(w),
+                reinterpret_cast<const float*>(u), reinterpret_cast<S*>(grad_logits), num_threads);
+          });
+        },
+        py::call_guard<py::gil_scoped_release>(), "Marginal NLL backward: writes grad_logits (may alias logits).");
+    m.def(
+        "rag_token_marginal_forward",
+        [](int dtype, P logits, P log_prior, int64_t B, int64_t K, int64_t T, int64_t V, bool prior_per_token,
+           P out, P lse, int num_threads) {
+          const RagDims d{B, K, T, V, prior_per_token};
+          pyrag::rag_dispatch_dtype(dtype, [&](auto s) {
+            using S = decltype(s);
+            pyrag::rag_token_marginal_forward_cpu<S>(reinterpret_cast<const S*>(logits),
+                                                     reinterpret_cast<const float*>(log_prior), d,
+                                                     reinterpret_cast<float*>(out), reinterpret_cast<float*>(lse),
+                                                     num_threads);
+          });
+        },
+        py::call_guard<py::gil_scoped_release>(), "Token marginal forward: out [B,T,V] fp32, lse [B,K,T].");
+    m.def(
+        "rag_token_marginal_backward",
+        [](int dtype, P grad_out, P logits, P log_prior, int64_t B, int64_t K, int64_t T, int64_t V,
+           bool prior_per_token, P out, P lse, P grad_logits, P grad_prior, int num_threads) {
+          const RagDims d{B, K, T, V, prior_per_token};
+          pyrag::rag_dispatch_dtype(dtype, [&](auto s) {
+            using S = decltype(s);
+            pyrag::rag_token_marginal_backward_cpu<S>(
+                reinterpret_cast<const float*>(grad_out), reinterpret_cast<const S*>(logits),
+                reinterpret_cast<const float*>(log_prior), d, reinterpret_cast<const float*>(out),
+                reinterpret_cast<const float*>(lse), reinterpret_cast<S*>(grad_logits),
+                reinterpret_cast<float*>(grad_prior), num_threads);
+          });
+        },
+        py::call_guard<py::gil_scoped_release>(), "Token marginal backward: grad_logits, grad_prior [B,K,T].");
+    m.def("rag_loss_set_isa", &pyrag::rag_loss_cpu_set_isa,
+          "Cap the rag_loss CPU kernels' SIMD level (0 scalar/SSE2, 1 AVX2, 2 AVX-512, -1 best); for tests.");
+  }
+  // ---- end rag_loss ----
+  // ---- topk_ip (pyrag/ops/topk_ip.py): fused top-k inner-product search; pointers are tensor.data_ptr() ----
+  {
+    using P = std::uintptr_t;
+    namespace tk = pyrag::topk;
+    m.def("topk_ip_best_isa", [] { return static_cast<int>(tk::best_cpu_isa()); },
+          "Best CPU kernel available here: 0 scalar, 1 AVX2, 2 AVX-512.");
+    m.def(
+        "topk_ip",
+        [](int dtype, P queries, P docs, P scale, int64_t nq, int64_t nb, int64_t dim, int64_t k, P scores, P ids,
+           int threads, int64_t tile_n, int split, int parts, int isa) {
+          const tk::CpuOptions opt{threads, tile_n, split, parts, isa};
+          const auto* q = reinterpret_cast<const float*>(queries);
+          const auto* s = reinterpret_cast<const float*>(scale);
+          auto* os = reinterpret_cast<float*>(scores);
+          auto* oi = reinterpret_cast<int64_t*>(ids);
+          switch (static_cast<pyrag::DType>(dtype)) {
+            case pyrag::DType::f32:
+              return tk::topk_ip_cpu(q, reinterpret_cast<const float*>(docs), s, nq, nb, dim, k, os, oi, opt);
+            case pyrag::DType::f16:
+              return tk::topk_ip_cpu(q, reinterpret_cast<const pyrag::half_t*>(docs), s, nq, nb, dim, k, os, oi, opt);
+            case pyrag::DType::bf16:
+              return tk::topk_ip_cpu(q, reinterpret_cast<const pyrag::bf16_t*>(docs), s, nq, nb, dim, k, os, oi, opt);
+            case pyrag::DType::i8:
+              return tk::topk_ip_cpu(q, reinterpret_cast<const int8_t*>(docs), s, nq, nb, dim, k, os, oi, opt);
+          }
+          throw std::invalid_argument("topk_ip: unknown dtype code " + std::to_string(dtype));
+        },
+        py::call_guard<py::gil_scoped_release>(),
+        "Top-k inner products: queries [nq,dim] fp32, docs [nb,dim] (dtype code), scale [nb] or 0 -> scores, ids.");
+    m.def(
+        "topk_select_init",
+        [](P hits, P count, P thr, int64_t nq, int64_t k, int64_t cap) {
+          tk::select_init({reinterpret_cast<tk::Hit*>(hits), reinterpret_cast<int64_t*>(count),
+                           reinterpret_cast<float*>(thr), nq, k, cap});
+        },
+        py::call_guard<py::gil_scoped_release>(), "Reset a streaming top-k state (hits [nq,cap,2] int64).");
+    m.def(
+        "topk_select_tile",
+        [](P hits, P count, P thr, int64_t nq, int64_t k, int64_t cap, P tile, int64_t tn, int64_t ld, int64_t id0,
+           int threads, int isa) {
+          tk::select_tile({reinterpret_cast<tk::Hit*>(hits), reinterpret_cast<int64_t*>(count),
+                           reinterpret_cast<float*>(thr), nq, k, cap},
+                          reinterpret_cast<const float*>(tile), tn, ld, id0, threads, isa);
+        },
+        py::call_guard<py::gil_scoped_release>(), "Feed a [nq, tn] fp32 score tile (row stride ld) for docs id0...");
+    m.def(
+        "topk_select_finish",
+        [](P hits, P count, P thr, int64_t nq, int64_t k, int64_t cap, int64_t nb, P scores, P ids, int threads) {
+          tk::select_finish({reinterpret_cast<tk::Hit*>(hits), reinterpret_cast<int64_t*>(count),
+                             reinterpret_cast<float*>(thr), nq, k, cap},
+                            nb, reinterpret_cast<float*>(scores), reinterpret_cast<int64_t*>(ids), threads);
+        },
+        py::call_guard<py::gil_scoped_release>(), "Write the sorted [nq, k] results of a streaming top-k state.");
+    m.def(
+        "topk_prefilter_convert",
+        [](int dtype, P docs, int64_t n, int64_t dim, P dst, P dnorm, P scale, int threads, int isa) {
+          auto* o = reinterpret_cast<uint16_t*>(dst);
+          auto* dn = reinterpret_cast<float*>(dnorm);
+          const auto* s = reinterpret_cast<const float*>(scale);
+          switch (static_cast<pyrag::DType>(dtype)) {
+            case pyrag::DType::f32:
+              return tk::prefilter_convert(reinterpret_cast<const float*>(docs), n, dim, o, dn, s, threads, isa);
+            case pyrag::DType::f16:
+              return tk::prefilter_convert(reinterpret_cast<const pyrag::half_t*>(docs), n, dim, o, dn, s, threads, isa);
+            case pyrag::DType::bf16:
+              return tk::prefilter_convert(reinterpret_cast<const pyrag::bf16_t*>(docs), n, dim, o, dn, s, threads, isa);
+            case pyrag::DType::i8:
+              return tk::prefilter_convert(reinterpret_cast<const int8_t*>(docs), n, dim, o, dn, s, threads, isa);
+          }
+          throw std::invalid_argument("topk_prefilter_convert: unknown dtype code " + std::to_string(dtype));
+        },
+        py::call_guard<py::gil_scoped_release>(), "Doc rows -> bf16 bits (dst may be 0 for bf16) + row norms.");
+    m.def(
+        "topk_prefilter_select",
+        [](int dtype, P hits, P count, P thr, int64_t nq, int64_t k, int64_t cap, P approx, int64_t ld, int64_t tn,
+           int64_t id0, P queries, P docs, P scale, int64_t dim, P qc, P e0, P dlim, P dnorm, int threads, int isa) {
+          const tk::SelectState st{reinterpret_cast<tk::Hit*>(hits), reinterpret_cast<int64_t*>(count),
+                                   reinterpret_cast<float*>(thr), nq, k, cap};
+          const auto* a = reinterpret_cast<const uint16_t*>(approx);
+          const auto* q = reinterpret_cast<const float*>(queries);
+          const auto* s = reinterpret_cast<const float*>(scale);
+          const auto* c = reinterpret_cast<const float*>(qc);
+          const auto* e = reinterpret_cast<const float*>(e0);
+          const auto* dl = reinterpret_cast<const float*>(dlim);
+          const auto* dn = reinterpret_cast<const float*>(dnorm);
+          switch (static_cast<pyrag::DType>(dtype)) {
+            case pyrag::DType::f32:
+              return tk::prefilter_select(st, a, ld, tn, id0, q, reinterpret_cast<const float*>(docs), s, dim, c, e,
+                                          dl, dn, threads, isa);
+            case pyrag::DType::f16:
+              return tk::prefilter_select(st, a, ld, tn, id0, q, reinterpret_cast<const pyrag::half_t*>(docs), s,
+                                          dim, c, e, dl, dn, threads, isa);
+            case pyrag::DType::bf16:
+              return tk::prefilter_select(st, a, ld, tn, id0, q, reinterpret_cast<const pyrag::bf16_t*>(docs), s,
+                                          dim, c, e, dl, dn, threads, isa);
+            case pyrag::DType::i8:
+              return tk::prefilter_select(st, a, ld, tn, id0, q, reinterpret_cast<const int8_t*>(docs), s, dim, c,
+                                          e, dl, dn, threads, isa);
+          }
+          throw std::invalid_argument("topk_prefilter_select: unknown dtype code " + std::to_string(dtype));
+        },
+        py::call_guard<py::gil_scoped_release>(), "Exact rescoring of the docs a bf16 score tile cannot rule out.");
+  }
+  // ---- end topk_ip ----
 }

@@ -9,6 +9,8 @@
 
 #include "common.h"
 // [ops: includes]
+#include "rag_loss_cuda.h"
+#include "topk_ip_cuda.h"
 
 namespace py = pybind11;
 
@@ -29,4 +31,99 @@ PYBIND11_MODULE(_C_cuda, m) {
   });
   (void)as_stream;
   // [ops: bindings] one block per op below, each owned by that op's files.
+  // ---- rag_loss (pyrag/ops/rag_loss.py): fused RAG marginalisation on the caller's stream ----
+  {
+    using pyrag::RagDims;
+    using P = std::uintptr_t;
+    m.def(
+        "rag_nll_forward",
+        [](int dtype, P logits, P log_prior, P target, P nll_mask, P smooth_mask, int64_t B, int64_t K, int64_t T,
+           int64_t V, bool prior_per_token, int mode, float epsilon, P loss, P lse, P w, P u, P scratch, P stream) {
+          pyrag::rag_nll_forward_cuda(
+              dtype, reinterpret_cast<const void*>(logits), reinterpret_cast<const float*>(log_prior),
+              reinterpret_cast<const int64_t*>(target), reinterpret_cast<const uint8_t*>(nll_mask),
+              reinterpret_cast<const uint8_t*>(smooth_mask), RagDims{B, K, T, V, prior_per_token}, mode, epsilon,
+              reinterpret_cast<float*>(loss), reinterpret_cast<float*>(lse), reinterpret_cast<float*>(w),
+              reinterpret_cast<float*>(u), reinterpret_cast<float*>(scratch), as_stream(stream));
+        },
+        py::call_guard<py::gil_scoped_release>(), "Marginal NLL forward (see pyrag/ops/rag_loss.py).");
+    m.def(
+        "rag_nll_backward",
+        [](int dtype, P grad_loss, P logits, P log_prior, P target, P nll_mask, P smooth_mask, int64_t B,
+           int64_t K, int64_t T, int64_t V, bool prior_per_token, int mode, float epsilon, P lse, P w, P u,
+           P grad_logits, P stream) {
+          pyrag::rag_nll_backward_cuda(
+              dtype, reinterpret_cast<const float*>(grad_loss), reinterpret_cast<const void*>(logits),
+              reinterpret_cast<const float*>(log_prior), reinterpret_cast<const int64_t*>(target),
+              reinterpret_cast<const uint8_t*>(nll_mask), reinterpret_cast<const uint8_t*>(smooth_mask),
+              RagDims{B, K, T, V, prior_per_token}, mode, epsilon, reinterpret_cast<const float*>(lse),
+              reinterpret_cast<const float*>(w), reinterpret_cast<const float*>(u),
+              reinterpret_cast<void*>(grad_logits), as_stream(stream));
+        },
+        py::call_guard<py::gil_scoped_release>(), "Marginal NLL backward (grad_logits may alias logits).");
+    m.def(
+        "rag_token_marginal_forward",
+        [](int dtype, P logits, P log_prior, int64_t B, int64_t K, int64_t T, int64_t V, bool prior_per_token,
+           P out, P lse, P stream) {
+          pyrag::rag_token_marginal_forward_cuda(dtype, reinterpret_cast<const void*>(logits),
+                                                 reinterpret_cast<const float*>(log_prior),
+                                                 RagDims{B, K, T, V, prior_per_token}, reinterpret_cast<float*>(out),
+                                                 reinterpret_cast<float*>(lse), as_stream(stream));
+        },
+        py::call_guard<py::gil_scoped_release>(), "Token marginal forward.");
+    m.def(
+        "rag_token_marginal_backward",
+        [](int dtype, P grad_out, P logits, P log_prior, int64_t B, int64_t K, int64_t T, int64_t V,
+           bool prior_per_token, P out, P lse, P grad_logits, P grad_prior, P stream) {
+          pyrag::rag_token_marginal_backward_cuda(
+              dtype, reinterpret_cast<const float*>(grad_out), reinterpret_cast<const void*>(logits),
+              reinterpret_cast<const float*>(log_prior), RagDims{B, K, T, V, prior_per_token},
+              reinterpret_cast<const float*>(out), reinterpret_cast<const float*>(lse),
+              reinterpret_cast<void*>(grad_logits), reinterpret_cast<float*>(grad_prior), as_stream(stream));
+        },
+        py::call_guard<py::gil_scoped_release>(), "Token marginal backward.");
+  }
+  // ---- end rag_loss ----
+  // ---- topk_ip (pyrag/ops/topk_ip.py): fused top-k inner-product search on the caller's stream ----
+  {
+    using P = std::uintptr_t;
+    namespace tk = pyrag::topk;
+    m.attr("topk_ip_max_k") = tk::kCudaMaxK;
+    m.attr("topk_ip_max_dim") = tk::kCudaMaxDim;
+    m.attr("topk_ip_max_n") = tk::kCudaMaxN;
+    m.def(
+        "topk_ip_workspace_bytes",
+        [](int64_t nq, int64_t nb, int64_t dim, int64_t k, int dtype) {
+          return tk::cuda_workspace_bytes(nq, nb, dim, k, dtype);
+        },
+        "Bytes of scratch topk_ip needs on the current device.");
+    m.def(
+        "topk_ip",
+        [](int dtype, P queries, P docs, P scale, int64_t nq, int64_t nb, int64_t dim, int64_t k, P scores, P ids,
+           P workspace, size_t workspace_bytes, P stream) {
+          const auto* q = reinterpret_cast<const float*>(queries);
+          const auto* s = reinterpret_cast<const float*>(scale);
+          auto* os = reinterpret_cast<float*>(scores);
+          auto* oi = reinterpret_cast<int64_t*>(ids);
+          void* ws = reinterpret_cast<void*>(workspace);
+          const cudaStream_t st = as_stream(stream);
+          switch (static_cast<pyrag::DType>(dtype)) {
+            case pyrag::DType::f32:
+              return tk::topk_ip_cuda(q, reinterpret_cast<const float*>(docs), s, nq, nb, dim, k, os, oi, ws,
+                                      workspace_bytes, st);
+            case pyrag::DType::f16:
+              return tk::topk_ip_cuda(q, reinterpret_cast<const pyrag::half_t*>(docs), s, nq, nb, dim, k, os, oi, ws,
+                                      workspace_bytes, st);
+            case pyrag::DType::bf16:
+              return tk::topk_ip_cuda(q, reinterpret_cast<const pyrag::bf16_t*>(docs), s, nq, nb, dim, k, os, oi,
+                                      ws, workspace_bytes, st);
+            case pyrag::DType::i8:
+              return tk::topk_ip_cuda(q, reinterpret_cast<const int8_t*>(docs), s, nq, nb, dim, k, os, oi, ws,
+                                      workspace_bytes, st);
+          }
+          throw std::invalid_argument("topk_ip: unknown dtype code " + std::to_string(dtype));
+        },
+        py::call_guard<py::gil_scoped_release>(), "Top-k inner products on the GPU (see csrc/topk_ip_cuda.h).");
+  }
+  // ---- end topk_ip ----
 }

@@ -1,0 +1,675 @@
+// CUDA kernels of pyrag.topk_ip: one pass scores doc tiles (warp-per-doc dot products for few queries, WMMA tensor
+// cores for fp16/bf16 docs, SIMT register tiles otherwise) and keeps a candidate list per (query, doc chunk); a
+// second kernel merges the chunks' lists per query. Extra memory O(nq * k * chunks), never the [nq, nb] matrix.
+#include "topk_ip_cuda.h"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <mma.h>
+
+#include <algorithm>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+
+namespace pyrag::topk {
+namespace {
+
+using u64 = unsigned long long;  // the type CUDA's 64-bit atomics take
+constexpr int NT = 256;          // threads per block of every kernel here
+
+// ---- sort keys -------------------------------------------------------------------------------------------------
+// key = (order-preserving bits of the score) << 32 | ~id. A larger key is a better result: higher score, then lower
+// id. Keys of one query are unique (ids are), so a radix select finds the exact k-th key and "key > threshold" is
+// the whole admission rule, in any scan order. NaN becomes -inf and -0 becomes +0 (they compare equal as floats).
+// Every real key is > 0, so a threshold of 0 admits everything.
+__device__ __forceinline__ u64 make_key(float s, int64_t id) {
+  if (s != s) s = -INFINITY;
+  if (s == 0.0f) s = 0.0f;
+  uint32_t b = __float_as_uint(s);
+  b = (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+  return (u64(b) << 32) | u64(~static_cast<uint32_t>(id));
+}
+__device__ __forceinline__ float key_score(u64 key) {
+  uint32_t b = static_cast<uint32_t>(key >> 32);
+  b = (b & 0x80000000u) ? (b & 0x7fffffffu) : ~b;
+  return __uint_as_float(b);
+}
+__device__ __forceinline__ int64_t key_id(u64 key) { return static_cast<int64_t>(~static_cast<uint32_t>(key)); }
+
+// ---- element conversion ----------------------------------------------------------------------------------------
+__device__ __forceinline__ float to_f(float x) { return x; }
+__device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ float to_f(int8_t x) { return static_cast<float>(x); }
+
+template <class T>
+__device__ __forceinline__ T zero_of() { return T(0); }
+template <>
+__device__ __forceinline__ __half zero_of<__half>() { return __ushort_as_half(0); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 zero_of<__nv_bfloat16>() { return __ushort_as_bfloat16(0); }
+
+// 16 bytes of a doc row (streamed: read once, so evict-first) as fp32 values.
+__device__ __forceinline__ void load16(const float* p, float* out) {
+  const float4 v = __ldcs(reinterpret_cast<const float4*>(p));
+  out[0] = v.x, out[1] = v.y, out[2] = v.z, out[3] = v.w;
+}
+__device__ __forceinline__ void load16(const __half* p, float* out) {
+  const uint4 u = __ldcs(reinterpret_cast<const uint4*>(p));
+  const uint32_t w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    out[2 * i] = __half2float(__ushort_as_half(static_cast<unsigned short>(w[i] & 0xffffu)));
+    out[2 * i + 1] = __half2float(__ushort_as_half(static_cast<unsigned short>(w[i] >> 16)));
+  }
+}
+__device__ __forceinline__ void load16(const __nv_bfloat16* p, float* out) {
+  const uint4 u = __ldcs(reinterpret_cast<const uint4*>(p));
+  const uint32_t w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {  // bf16 is the high half of an fp32
+    out[2 * i] = __uint_as_float(w[i] << 16);
+    out[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+  }
+}
+__device__ __forceinline__ void load16(const int8_t* p, float* out) {
+  const uint4 u = __ldcs(reinterpret_cast<const uint4*>(p));
+  const uint32_t w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+  for (int i = 0; i < 16; ++i)
+    out[i] = static_cast<float>(static_cast<int8_t>(static_cast<uint8_t>((w[i / 4] >> (8 * (i % 4))) & 0xffu)));
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// ---- block-wide exact selection --------------------------------------------------------------------------------
+struct SelectSmem {
+  unsigned int hist[256];
+  u64 prefix;
+  int krem;
+  int count;
+};
+
+// The k-th largest of the keys visit(i, key) yields for i in [0, n) (visit returns false for holes); needs at
+// least k keys. Radix select, 8 bits per pass, histogram in shared memory. Every thread of the block calls it.
+template <class Visit>
+__device__ u64 block_kth_largest(Visit visit, int64_t n, int64_t k, SelectSmem& sm) {
+  u64 prefix = 0, mask = 0;
+  int64_t krem = k;
+  for (int shift = 56; shift >= 0; shift -= 8) {
+    for (int i = threadIdx.x; i < 256; i += NT) sm.hist[i] = 0;
+    __syncthreads();
+    for (int64_t i = threadIdx.x; i < n; i += NT) {
+      u64 x;
+      if (visit(i, x) && (x & mask) == prefix) atomicAdd(&sm.hist[(x >> shift) & 255u], 1u);
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      int64_t above = 0;
+      int b = 255;
+      for (; b > 0; --b) {
+        if (above + sm.hist[b] >= krem) break;
+        above += sm.hist[b];
+      }
+      sm.prefix = prefix | (u64(b) << shift);
+      sm.krem = static_cast<int>(krem - above);
+    }
+    __syncthreads();
+    prefix = sm.prefix;
+    krem = sm.krem;
+    mask |= u64(255) << shift;
+    __syncthreads();  // everyone has read sm before the next pass resets it
+  }
+  return prefix;  // all 64 bits fixed: the k-th key itself
+}
+
+// Keeps the k best of buf[0, n) (n > k) in buf[0, k), unordered, staging through buf[cap, cap + k); returns the
+// smallest kept key (the new admission threshold).
+__device__ u64 block_compact(u64* buf, int64_t n, int64_t k, int64_t cap, SelectSmem& sm) {
+  const u64 kth = block_kth_largest(
+      [buf](int64_t i, u64& x) {
+        x = buf[i];
+        return true;
+      },
+      n, k, sm);
+  if (threadIdx.x == 0) sm.count = 0;
+  __syncthreads();
+  for (int64_t i = threadIdx.x; i < n; i += NT) {
+    const u64 x = buf[i];
+    if (x >= kth) buf[cap + atomicAdd(&sm.count, 1)] = x;
+  }
+  __syncthreads();
+  for (int64_t i = threadIdx.x; i < k; i += NT) buf[i] = buf[cap + i];
+  __syncthreads();
+  return kth;
+}
+
+// ---- the fused search kernel -------------------------------------------------------------------------------------
+struct Args {
+  const float* q;        // [nq, dim] fp32
+  const void* docs;      // [nb, dim]
+  const float* scale;    // [nb] or null
+  const void* qparts;    // [np, nq, dim] fp16/bf16 split queries (tensor-core path) or null
+  const float* qmul;     // [nq] power-of-two score multipliers of the split queries, or null
+  int64_t nq, nb, dim, k, cap, chunks, chunk_len;
+  u64* keys;             // [nq, chunks, cap + k]
+  int* counts;           // [nq, chunks]
+};
+
+// Few queries (memory bound): each warp computes 4 docs at a time against BQ queries held in shared memory; every
+// lane reads 16-byte pieces of the doc rows (VEC) so loads are wide and coalesced.
+template <class T, int BQ_, bool VEC>
+struct Gemv {
+  static constexpr int BQ = BQ_, BN = 64;
+  static size_t smem_bytes(int64_t dim) { return size_t(BQ) * BN * 4 + size_t(BQ) * size_t(dim) * 4; }
+  static __device__ void init(const Args& a, unsigned char* smem, int64_t q0) {
+    float* qs = reinterpret_cast<float*>(smem) + BQ * BN;
+    for (int64_t i = threadIdx.x; i < BQ * a.dim; i += NT) {
+      const int64_t qi = i / a.dim, p = i % a.dim;
+      qs[i] = (q0 + qi < a.nq) ? a.q[(q0 + qi) * a.dim + p] : 0.0f;
+    }
+  }
+  static __device__ void tile(const Args& a, unsigned char* smem, int64_t, int64_t t0, int64_t hi) {
+    float* S = reinterpret_cast<float*>(smem);
+    const float* qs = S + BQ * BN;
+    const T* docs = static_cast<const T*>(a.docs);
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int D = static_cast<int>(a.dim);
+#pragma unroll 1
+    for (int g = 0; g < 2; ++g) {
+      const int j0 = warp * 8 + g * 4;
+      const T* rows[4];
+#pragma unroll
+      for (int r = 0; r < 4; ++r) {
+        const int64_t doc = t0 + j0 + r;
+        rows[r] = docs + (doc < hi ? doc : t0) * a.dim;  // past the end: recompute a valid row, result unused
+      }
+      float acc[BQ][4];
+#pragma unroll
+      for (int qi = 0; qi < BQ; ++qi)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) acc[qi][r] = 0.0f;
+      if constexpr (VEC) {
+        constexpr int V = 16 / static_cast<int>(sizeof(T));
+        for (int p = lane * V; p < D; p += 32 * V) {
+          float dv[4][V];
+#pragma unroll
+          for (int r = 0; r < 4; ++r) load16(rows[r] + p, dv[r]);
+#pragma unroll
+          for (int qi = 0; qi < BQ; ++qi) {
+#pragma unroll
+            for (int v4 = 0; v4 < V; v4 += 4) {
+              const float4 x = *reinterpret_cast<const float4*>(qs + qi * D + p + v4);
+              const float xv[4] = {x.x, x.y, x.z, x.w};
+#pragma unroll
+              for (int v = 0; v < 4; ++v)
+#pragma unroll
+                for (int r = 0; r < 4; ++r) acc[qi][r] = fmaf(xv[v], dv[r][v4 + v], acc[qi][r]);
+            }
+          }
+        }
+      } else {
+        for (int p = lane; p < D; p += 32) {
+          float dv[4];
+#pragma unroll
+          for (int r = 0; r < 4; ++r) dv[r] = to_f(rows[r][p]);
+#pragma unroll
+          for (int qi = 0; qi < BQ; ++qi) {
+            const float x = qs[qi * D + p];
+#pragma unroll
+            for (int r = 0; r < 4; ++r) acc[qi][r] = fmaf(x, dv[r], acc[qi][r]);
+          }
+        }
+      }
+#pragma unroll
+      for (int qi = 0; qi < BQ; ++qi)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+          const float v = warp_sum(acc[qi][r]);
+          if (lane == 0) S[qi * BN + j0 + r] = v;
+        }
+    }
+  }
+};
+
+// Many queries, fp32/int8 docs: classic shared-memory tiles (BK-deep slices of 64 queries and 64 docs, converted
+// to fp32) with a 4x4 register tile per thread. The tiles alias the score tile S, written after the last slice.
+template <class T>
+struct Simt {
+  static constexpr int BQ = 64, BN = 64, BK = 16;
+  static size_t smem_bytes(int64_t) { return size_t(BQ) * BN * 4; }
+  static __device__ void init(const Args&, unsigned char*, int64_t) {}
+  static __device__ void tile(const Args& a, unsigned char* smem, int64_t q0, int64_t t0, int64_t hi) {
+    float* S = reinterpret_cast<float*>(smem);
+    float* Qs = S;            // [BK][BQ]
+    float* Ds = S + BK * BQ;  // [BK][BN]
+    const T* docs = static_cast<const T*>(a.docs);
+    const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+    const int lr = threadIdx.x / 4, lc = (threadIdx.x % 4) * 4;  // loader: one row, four columns
+    float acc[4][4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) acc[i][j] = 0.0f;
+    for (int64_t k0 = 0; k0 < a.dim; k0 += BK) {
+      const int64_t qrow = q0 + lr, drow = t0 + lr;
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int64_t kk = k0 + lc + i;
+        Qs[(lc + i) * BQ + lr] = (qrow < a.nq && kk < a.dim) ? a.q[qrow * a.dim + kk] : 0.0f;
+        Ds[(lc + i) * BN + lr] = (drow < hi && kk < a.dim) ? to_f(docs[drow * a.dim + kk]) : 0.0f;
+      }
+      __syncthreads();
+#pragma unroll
+      for (int kk = 0; kk < BK; ++kk) {
+        const float4 qa = *reinterpret_cast<const float4*>(Qs + kk * BQ + ty * 4);
+        const float4 db = *reinterpret_cast<const float4*>(Ds + kk * BN + tx * 4);
+        const float qv[4] = {qa.x, qa.y, qa.z, qa.w}, dv[4] = {db.x, db.y, db.z, db.w};
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+#pragma unroll
+          for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(qv[i], dv[j], acc[i][j]);
+      }
+      __syncthreads();
+    }
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) S[(ty * 4 + i) * BN + tx * 4 + j] = acc[i][j];
+  }
+};
+
+// Many queries, fp16/bf16 docs: WMMA tensor cores (16x16x16, fp32 accumulation). An fp32 query is split into NP
+// parts of the doc dtype (fp16: hi + lo after a power-of-two rescale into fp16 range; bf16: hi + mid + lo), so
+// q . d = sum_p part_p . d keeps ~fp32 query precision while the docs stay in their storage dtype.
+// 8 warps as 2 x 4, each owning a 32 x 32 block of the 64 x 128 score tile.
+template <class T, int NP, bool VEC>
+struct Wmma {
+  static constexpr int BQ = 64, BN = 128, BK = 32, LD = BK + 8;  // +8: skew rows across shared-memory banks
+  static size_t smem_bytes(int64_t) {
+    return std::max(size_t(BQ) * BN * 4, size_t(NP * BQ * LD + BN * LD) * sizeof(T));
+  }
+  static __device__ void init(const Args&, unsigned char*, int64_t) {}
+  static __device__ void tile(const Args& a, unsigned char* smem, int64_t q0, int64_t t0, int64_t hi) {
+    using namespace nvcuda;
+    T* As = reinterpret_cast<T*>(smem);  // [NP][BQ][LD]
+    T* Bs = As + NP * BQ * LD;           // [BN][LD]: the doc tile, i.e. B = docs^T in column-major order
+    const T* qp = static_cast<const T*>(a.qparts);
+    const T* docs = static_cast<const T*>(a.docs);
+    const int warp = threadIdx.x / 32, wm = warp / 4, wn = warp % 4;
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][2];
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+      for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.0f);
+    for (int64_t k0 = 0; k0 < a.dim; k0 += BK) {
+      if constexpr (VEC) {  // 8 elements (16 bytes) per load; dim % 8 == 0 so a piece is all in or all out
+        for (int e = threadIdx.x; e < NP * BQ * (BK / 8); e += NT) {
+          const int p = e / (BQ * (BK / 8)), r = (e / (BK / 8)) % BQ, c = (e % (BK / 8)) * 8;
+          const int64_t qrow = q0 + r, kk = k0 + c;
+          uint4 v = make_uint4(0, 0, 0, 0);
+          if (qrow < a.nq && kk < a.dim) v = *reinterpret_cast<const uint4*>(qp + (p * a.nq + qrow) * a.dim + kk);
+          *reinterpret_cast<uint4*>(As + (p * BQ + r) * LD + c) = v;
+        }
+        for (int e = threadIdx.x; e < BN * (BK / 8); e += NT) {
+          const int r = e / (BK / 8), c = (e % (BK / 8)) * 8;
+          const int64_t drow = t0 + r, kk = k0 + c;
+          uint4 v = make_uint4(0, 0, 0, 0);
+          if (drow < hi && kk < a.dim) v = __ldcs(reinterpret_cast<const uint4*>(docs + drow * a.dim + kk));
+          *reinterpret_cast<uint4*>(Bs + r * LD + c) = v;
+        }
+      } else {
+        for (int e = threadIdx.x; e < NP * BQ * BK; e += NT) {
+          const int p = e / (BQ * BK), r = (e / BK) % BQ, c = e % BK;
+          const int64_t qrow = q0 + r, kk = k0 + c;
+          As[(p * BQ + r) * LD + c] = (qrow < a.nq && kk < a.dim) ? qp[(p * a.nq + qrow) * a.dim + kk] : zero_of<T>();
+        }
+        for (int e = threadIdx.x; e < BN * BK; e += NT) {
+          const int r = e / BK, c = e % BK;
+          const int64_t drow = t0 + r, kk = k0 + c;
+          Bs[r * LD + c] = (drow < hi && kk < a.dim) ? docs[drow * a.dim + kk] : zero_of<T>();
+        }
+      }
+      __syncthreads();
+#pragma unroll
+      for (int kk = 0; kk < BK; kk += 16) {
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> b[2];
+#pragma unroll
+        for (int j = 0; j < 2; ++j) wmma::load_matrix_sync(b[j], Bs + (wn * 32 + j * 16) * LD + kk, LD);
+#pragma unroll
+        for (int p = 0; p < NP; ++p) {
+          wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> af[2];
+#pragma unroll
+          for (int i = 0; i < 2; ++i) wmma::load_matrix_sync(af[i], As + (p * BQ + wm * 32 + i * 16) * LD + kk, LD);
+#pragma unroll
+          for (int i = 0; i < 2; ++i)
+#pragma unroll
+            for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], af[i], b[j], acc[i][j]);
+        }
+      }
+      __syncthreads();
+    }
+    float* S = reinterpret_cast<float*>(smem);
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+      for (int j = 0; j < 2; ++j)
+        wmma::store_matrix_sync(S + (wm * 32 + i * 16) * BN + wn * 32 + j * 16, acc[i][j], BN, wmma::mem_row_major);
+  }
+};
+
+// Block (query tile blockIdx.x, doc chunk blockIdx.y): score the chunk tile by tile with producer P, append keys
+// above each query's threshold to its list in global memory, and cut a list back to its best k whenever the next
+// tile could overflow it (cap = 2k + BN). Ends with at most k keys per list and their count in counts.
+template <class P>
+__global__ void __launch_bounds__(NT) search_kernel(Args a) {
+  constexpr int BQ = P::BQ, BN = P::BN;
+  extern __shared__ __align__(128) unsigned char smem[];
+  __shared__ u64 thr[BQ];
+  __shared__ int cnt[BQ];
+  __shared__ float qmul[BQ];
+  __shared__ SelectSmem sel;
+  const int64_t q0 = int64_t(blockIdx.x) * BQ;
+  const int64_t c = blockIdx.y;
+  const int64_t lo = c * a.chunk_len, hi = min(a.nb, lo + a.chunk_len);
+  const int64_t slot = a.cap + a.k;
+  u64* lists = a.keys + c * slot;  // list of query q: lists + q * chunks * slot
+  const int64_t qstride = a.chunks * slot;
+  for (int i = threadIdx.x; i < BQ; i += NT) {
+    thr[i] = 0;
+    cnt[i] = 0;
+    qmul[i] = (a.qmul != nullptr && q0 + i < a.nq) ? a.qmul[q0 + i] : 1.0f;
+  }
+  P::init(a, smem, q0);
+  __syncthreads();
+  const float* S = reinterpret_cast<const float*>(smem);
+  for (int64_t t0 = lo; t0 < hi; t0 += BN) {
+    P::tile(a, smem, q0, t0, hi);
+    __syncthreads();
+    for (int e = threadIdx.x; e < BQ * BN; e += NT) {
+      const int qi = e / BN, j = e % BN;
+      const int64_t doc = t0 + j;
+      if (q0 + qi >= a.nq || doc >= hi) continue;
+      float s = S[qi * BN + j] * qmul[qi];
+      if (a.scale != nullptr) s *= a.scale[doc];
+      const u64 key = make_key(s, doc);
+      if (key > thr[qi]) lists[(q0 + qi) * qstride + atomicAdd(&cnt[qi], 1)] = key;
+    }
+    __syncthreads();
+    for (int qi = 0; qi < BQ; ++qi) {
+      const int n = cnt[qi];  // read by every thread before block_compact's first barrier: uniform branch
+      if (n > a.cap - BN) {
+        const u64 kth = block_compact(lists + (q0 + qi) * qstride, n, a.k, a.cap, sel);
+        if (threadIdx.x == 0) {
+          thr[qi] = kth;
+          cnt[qi] = static_cast<int>(a.k);
+        }
+        __syncthreads();
+      }
+    }
+  }
+  for (int qi = 0; qi < BQ; ++qi) {
+    const int n = cnt[qi];
+    if (n > a.k) {
+      block_compact(lists + (q0 + qi) * qstride, n, a.k, a.cap, sel);
+      if (threadIdx.x == 0) cnt[qi] = static_cast<int>(a.k);
+      __syncthreads();
+    }
+  }
+  __syncthreads();
+  for (int qi = threadIdx.x; qi < BQ; qi += NT)
+    if (q0 + qi < a.nq) a.counts[(q0 + qi) * a.chunks + c] = cnt[qi];
+}
+
+// One block per query: exact k-th key over all chunks' lists, gather the k best, bitonic sort (descending), write.
+__global__ void __launch_bounds__(NT) merge_kernel(const u64* keys, const int* counts, int64_t chunks, int64_t slot,
+                                                   int64_t k, int kpad, float* scores, int64_t* ids) {
+  extern __shared__ __align__(16) u64 sk[];  // [kpad]
+  __shared__ SelectSmem sel;
+  const int64_t q = blockIdx.x;
+  const u64* base = keys + q * chunks * slot;
+  const int* cnt = counts + q * chunks;
+  auto visit = [=](int64_t e, u64& x) {
+    const int64_t c = e / k, i = e % k;
+    if (i >= cnt[c]) return false;
+    x = base[c * slot + i];
+    return true;
+  };
+  const u64 kth = block_kth_largest(visit, chunks * k, k, sel);
+  if (threadIdx.x == 0) sel.count = 0;
+  for (int i = threadIdx.x; i < kpad; i += NT) sk[i] = 0;  // padding sorts last
+  __syncthreads();
+  for (int64_t e = threadIdx.x; e < chunks * k; e += NT) {
+    u64 x;
+    if (visit(e, x) && x >= kth) sk[atomicAdd(&sel.count, 1)] = x;
+  }
+  for (int size = 2; size <= kpad; size <<= 1) {
+    for (int stride = size >> 1; stride > 0; stride >>= 1) {
+      __syncthreads();
+      for (int i = threadIdx.x; i < kpad; i += NT) {
+        const int j = i ^ stride;
+        if (j > i) {
+          const u64 x = sk[i], y = sk[j];
+          const bool desc = (i & size) == 0;
+          if (desc ? (x < y) : (x > y)) {
+            sk[i] = y;
+            sk[j] = x;
+          }
+        }
+      }
+    }
+  }
+  __syncthreads();
+  for (int64_t i = threadIdx.x; i < k; i += NT) {
+    scores[q * k + i] = key_score(sk[i]);
+    ids[q * k + i] = key_id(sk[i]);
+  }
+}
+
+// Splits fp32 queries into NP parts of T for the tensor-core path; fp16 rescales each query by a power of two
+// first (exact) so its largest entry sits near 2^14, inside fp16's range, and records the inverse in qmul.
+template <class T, int NP>
+__global__ void __launch_bounds__(NT) split_queries_kernel(const float* q, int64_t nq, int64_t dim, T* parts,
+                                                           float* qmul) {
+  __shared__ float red[NT / 32];
+  const int64_t row = blockIdx.x;
+  const float* x = q + row * dim;
+  float m = 0.0f;
+  for (int64_t p = threadIdx.x; p < dim; p += NT) m = fmaxf(m, fabsf(x[p]));
+  for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+  if (threadIdx.x % 32 == 0) red[threadIdx.x / 32] = m;
+  __syncthreads();
+  m = 0.0f;
+  for (int i = 0; i < NT / 32; ++i) m = fmaxf(m, red[i]);
+  int e = 0;
+  if (std::is_same<T, __half>::value && m > 0.0f && m <= 3.0e38f) {
+    int ex;
+    frexpf(m, &ex);  // m < 2^ex
+    e = max(-120, min(120, 14 - ex));
+  }
+  for (int64_t p = threadIdx.x; p < dim; p += NT) {
+    float v = ldexpf(x[p], e);
+#pragma unroll
+    for (int i = 0; i < NP; ++i) {
+      T h;
+      if constexpr (std::is_same<T, __half>::value) h = __float2half_rn(v);
+      else h = __float2bfloat16_rn(v);
+      parts[(i * nq + row) * dim + p] = h;
+      v -= to_f(h);
+    }
+  }
+  if (threadIdx.x == 0) qmul[row] = ldexpf(1.0f, -e);
+}
+
+// ---- planning and launch ---------------------------------------------------------------------------------------
+enum class Mode { gemv, simt, wmma };
+
+template <class T> struct DevType;
+template <> struct DevType<float> { using type = float; };
+template <> struct DevType<half_t> { using type = __half; };
+template <> struct DevType<bf16_t> { using type = __nv_bfloat16; };
+template <> struct DevType<int8_t> { using type = int8_t; };
+
+struct Plan {
+  Mode mode;
+  int bq, bn, np;
+  int64_t qtiles, chunks, chunk_len, cap;
+  size_t keys_off, counts_off, qparts_off, qmul_off, total;
+};
+
+constexpr size_t kBudget = size_t(192) << 20;  // candidate-list memory aimed for (the H100 target is <= 256 MiB)
+
+size_t align_up(size_t x) { return (x + 255) & ~size_t(255); }
+
+void check_cuda(cudaError_t err, const char* what) {
+  if (err != cudaSuccess) {
+    cudaGetLastError();
+    throw std::runtime_error(std::string("topk_ip CUDA ") + what + ": " + cudaGetErrorString(err));
+  }
+}
+
+Plan make_plan(int64_t nq, int64_t nb, int64_t dim, int64_t k, int dtype) {
+  int dev = 0, sms = 0;
+  check_cuda(cudaGetDevice(&dev), "cudaGetDevice");
+  check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev), "cudaDeviceGetAttribute");
+  Plan p{};
+  const bool half_docs = dtype == int(DType::f16) || dtype == int(DType::bf16);
+  if (nq <= 8) {
+    p.mode = Mode::gemv;
+    p.bq = 1;
+    while (p.bq < nq) p.bq *= 2;
+    while (p.bq > 1 && int64_t(p.bq) * dim * 4 > (32 << 10)) p.bq /= 2;  // queries live in shared memory
+    p.bn = 64;
+  } else if (half_docs) {
+    p.mode = Mode::wmma;
+    p.bq = 64;
+    p.bn = 128;
+    p.np = dtype == int(DType::f16) ? 2 : 3;
+  } else {
+    p.mode = Mode::simt;
+    p.bq = 64;
+    p.bn = 64;
+  }
+  p.qtiles = (nq + p.bq - 1) / p.bq;
+  p.cap = 2 * k + p.bn;
+  const int64_t slot = p.cap + k;
+  // Enough blocks to fill the GPU a few times over, each chunk at least a tile, the lists within budget.
+  int64_t chunks = std::max<int64_t>(1, (4 * int64_t(std::max(sms, 1)) + p.qtiles - 1) / p.qtiles);
+  chunks = std::min(chunks, (nb + p.bn - 1) / p.bn);
+  const int64_t per_chunk = std::max<int64_t>(nq, 1) * slot * 8;
+  if (chunks * per_chunk > int64_t(kBudget)) chunks = std::max<int64_t>(1, int64_t(kBudget) / per_chunk);
+  chunks = std::min<int64_t>(chunks, 65535);
+  const int64_t per = (nb + chunks - 1) / chunks;
+  p.chunk_len = (per + p.bn - 1) / p.bn * p.bn;
+  p.chunks = (nb + p.chunk_len - 1) / p.chunk_len;
+  size_t off = 0;
+  p.keys_off = off;
+  off = align_up(off + size_t(nq) * size_t(p.chunks) * size_t(slot) * 8);
+  p.counts_off = off;
+  off = align_up(off + size_t(nq) * size_t(p.chunks) * 4);
+  p.qparts_off = off;
+  if (p.mode == Mode::wmma) off = align_up(off + size_t(p.np) * size_t(nq) * size_t(dim) * 2);
+  p.qmul_off = off;
+  if (p.mode == Mode::wmma) off = align_up(off + size_t(nq) * 4);
+  p.total = off;
+  return p;
+}
+
+template <class P>
+void launch_search(const Args& a, const Plan& p, cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned>(p.qtiles), static_cast<unsigned>(p.chunks));
+  search_kernel<P><<<grid, NT, P::smem_bytes(a.dim), stream>>>(a);
+  check_cuda(cudaGetLastError(), "search kernel launch");
+}
+
+template <class D, int BQ>
+void launch_gemv(const Args& a, const Plan& p, bool vec, cudaStream_t stream) {
+  if (vec) launch_search<Gemv<D, BQ, true>>(a, p, stream);
+  else launch_search<Gemv<D, BQ, false>>(a, p, stream);
+}
+
+}  // namespace
+
+size_t cuda_workspace_bytes(int64_t nq, int64_t nb, int64_t dim, int64_t k, int dtype_code) {
+  if (nq <= 0) return 0;
+  return make_plan(nq, nb, dim, k, dtype_code).total;
+}
+
+template <class T>
+void topk_ip_cuda(const float* queries, const T* docs, const float* scale, int64_t nq, int64_t nb, int64_t dim,
+                  int64_t k, float* scores, int64_t* ids, void* workspace, size_t workspace_bytes,
+                  cudaStream_t stream) {
+  using D = typename DevType<T>::type;
+  if (nq < 0 || nb < 1 || nb > kCudaMaxN || dim < 1 || dim > kCudaMaxDim || k < 1 || k > nb || k > kCudaMaxK)
+    throw std::invalid_argument("topk_ip CUDA: unsupported sizes nq=" + std::to_string(nq) + " nb=" +
+                                std::to_string(nb) + " dim=" + std::to_string(dim) + " k=" + std::to_string(k));
+  if (nq == 0) return;
+  constexpr int dtype = std::is_same<T, float>::value    ? int(DType::f32)
+                        : std::is_same<T, half_t>::value ? int(DType::f16)
+                        : std::is_same<T, bf16_t>::value ? int(DType::bf16)
+                                                         : int(DType::i8);
+  const Plan p = make_plan(nq, nb, dim, k, dtype);
+  if (workspace_bytes < p.total)
+    throw std::invalid_argument("topk_ip CUDA: workspace of " + std::to_string(workspace_bytes) + " bytes, need " +
+                                std::to_string(p.total));
+  auto* ws = static_cast<unsigned char*>(workspace);
+  Args a{};
+  a.q = queries;
+  a.docs = docs;
+  a.scale = scale;
+  a.nq = nq;
+  a.nb = nb;
+  a.dim = dim;
+  a.k = k;
+  a.cap = p.cap;
+  a.chunks = p.chunks;
+  a.chunk_len = p.chunk_len;
+  a.keys = reinterpret_cast<u64*>(ws + p.keys_off);
+  a.counts = reinterpret_cast<int*>(ws + p.counts_off);
+  // 16-byte loads need 16-byte aligned rows.
+  const bool vec = reinterpret_cast<uintptr_t>(docs) % 16 == 0 && (dim * int64_t(sizeof(T))) % 16 == 0;
+  if (p.mode == Mode::gemv) {
+    switch (p.bq) {
+      case 1: launch_gemv<D, 1>(a, p, vec, stream); break;
+      case 2: launch_gemv<D, 2>(a, p, vec, stream); break;
+      case 4: launch_gemv<D, 4>(a, p, vec, stream); break;
+      default: launch_gemv<D, 8>(a, p, vec, stream); break;
+    }
+  } else if (p.mode == Mode::simt) {
+    launch_search<Simt<D>>(a, p, stream);
+  } else {
+    if constexpr (std::is_same<D, __half>::value || std::is_same<D, __nv_bfloat16>::value) {
+      constexpr int NP = std::is_same<D, __half>::value ? 2 : 3;
+      D* parts = reinterpret_cast<D*>(ws + p.qparts_off);
+      float* qmul = reinterpret_cast<float*>(ws + p.qmul_off);
+      split_queries_kernel<D, NP><<<static_cast<unsigned>(nq), NT, 0, stream>>>(queries, nq, dim, parts, qmul);
+      check_cuda(cudaGetLastError(), "split_queries launch");
+      a.qparts = parts;
+      a.qmul = qmul;
+      const bool qvec = vec;  // parts rows are dim * 2 bytes like the docs'; the workspace is 256-byte aligned
+      if (qvec) launch_search<Wmma<D, NP, true>>(a, p, stream);
+      else launch_search<Wmma<D, NP, false>>(a, p, stream);
+    }
+  }
+  int kpad = 1;
+  while (kpad < k) kpad *= 2;
+  merge_kernel<<<static_cast<unsigned>(nq), NT, size_t(kpad) * 8, stream>>>(a.keys, a.counts, p.chunks, p.cap + k, k,
+                                                                            kpad, scores, ids);
+  check_cuda(cudaGetLastError(), "merge kernel launch");
+}
+
+template void topk_ip_cuda<float>(const float*, const float*, const float*, int64_t, int64_t, int64_t, int64_t,
+                                  float*, int64_t*, void*, size_t, cudaStream_t);
+template void topk_ip_cuda<half_t>(const float*, const half_t*, const float*, int64_t, int64_t, int64_t, int64_t,
+                                   float*, int64_t*, void*, size_t, cudaStream_t);
+template void topk_ip_cuda<bf16_t>(const float*, const bf16_t*, const float*, int64_t, int64_t, int64_t, int64_t,
+                                   float*, int64_t*, void*, size_t, cudaStream_t);
+template void topk_ip_cuda<int8_t>(const float*, const int8_t*, const float*, int64_t, int64_t, int64_t, int64_t,
+                                   float*, int64_t*, void*, size_t, cudaStream_t);
+
+}  // namespace pyrag::topk

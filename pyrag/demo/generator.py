@@ -1,0 +1,185 @@
+"""The demo's small generator: a WordPiece tokenizer cut down from MiniLM's to the corpus' pieces, a BART initialised
+from a config, and the closed-book baseline's resumable training loop (question -> answer, no retrieval)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from pathlib import Path
+
+import torch
+
+_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+
+
+def build_tokenizer(texts: list[str], base_dir):
+    """A BertTokenizer whose vocabulary is the MiniLM WordPiece pieces that `texts` use, plus every single ASCII
+    character (as a word start and as "##" continuation) so any ASCII text still tokenises without [UNK].
+
+    Greedy longest-match WordPiece over a subset that contains every piece of the full tokenisation gives the same
+    pieces, so corpus text tokenises exactly as with MiniLM's 30,522-piece vocabulary; the output layer then
+    has ~2k rows instead of 30k, which is most of a small generator's compute."""
+    from transformers import AutoTokenizer, BertTokenizer
+
+    full = AutoTokenizer.from_pretrained(base_dir)
+    used = set()
+    for t in texts:
+        used.update(full.tokenize(t))
+    vocab = sorted(full.get_vocab().items(), key=lambda kv: kv[1])
+    keep = [w for w, _ in vocab
+            if w in _SPECIALS or w in used or (len(w) == 1 and w.isascii())
+            or (len(w) == 3 and w.startswith("##") and w[2].isascii())]
+    return BertTokenizer(vocab={w: i for i, w in enumerate(keep)}, do_lower_case=True, model_max_length=512)
+
+
+def init_generator(tokenizer, *, d_model: int, layers: int, ffn: int, heads: int, max_positions: int, seed: int):
+    """A BART with random weights (seeded) over `tokenizer`, BART's conventions mapped onto BERT's specials:
+    targets are "[CLS] answer [SEP]" and decoding starts from [SEP] (as BART starts from </s>)."""
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    cfg = BartConfig(vocab_size=len(tokenizer), d_model=d_model, encoder_layers=layers, decoder_layers=layers,
+                     encoder_attention_heads=heads, decoder_attention_heads=heads, encoder_ffn_dim=ffn,
+                     decoder_ffn_dim=ffn, max_position_embeddings=max_positions,
+                     # a few hundred steps from scratch: regularisation only slows the fit down
+                     dropout=0.0, attention_dropout=0.0, activation_dropout=0.0,
+                     pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.cls_token_id,
+                     eos_token_id=tokenizer.sep_token_id, decoder_start_token_id=tokenizer.sep_token_id,
+                     forced_bos_token_id=None, forced_eos_token_id=None)
+    torch.manual_seed(seed)
+    model = BartForConditionalGeneration(cfg)
+    gc = model.generation_config
+    gc.forced_bos_token_id = gc.forced_eos_token_id = None
+    gc.no_repeat_ngram_size = 0
+    gc.num_beams = 1
+    return model
+
+
+def _atomic_torch_save(obj, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _rng_state() -> dict:
+    st = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def _set_rng_state(st: dict) -> None:
+    random.setstate(st["python"])
+    torch.set_rng_state(st["torch"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def closed_book_inputs(gen, questions: list[str]):
+    """(input_ids [B, L], attention_mask [B, L]) of the bare questions: the closed-book generator's input."""
+    enc = gen.tokenizer(questions, padding=True, return_tensors="pt", return_token_type_ids=False)
+    return enc["input_ids"].to(gen.device), enc["attention_mask"].bool().to(gen.device)
+
+
+def train_closed_book(gen, train: list[dict], *, out_dir, steps: int, batch_size: int, lr: float,
+                      warmup_steps: int, seed: int, checkpoint_every: int = 50,
+                      show_progress: bool = True) -> dict:
+    """Train a pyrag Seq2SeqGenerator `gen` on question -> answer (no passages): token cross-entropy, AdamW with
+    linear warm-up and decay, batches of a seeded per-epoch shuffle (the RAG trainings see the same budget).
+
+    out_dir/checkpoint.pt (model, optimiser, scheduler, RNG, data position; atomic) is written every
+    checkpoint_every steps and at the end; an existing one is resumed exactly. Returns {"step", "loss",
+    "seconds"}."""
+    from tqdm.auto import tqdm
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt = out / "checkpoint.pt"
+    model = gen.model
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+
+    def schedule(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        return max(0.0, (steps - step) / max(1, steps - warmup_steps))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+    config = {"steps": steps, "batch_size": batch_size, "lr": lr, "warmup_steps": warmup_steps, "seed": seed,
+              "n": len(train)}
+    step, epoch, offset, losses = 0, 0, 0, []
+    if ckpt.exists():
+        ck = torch.load(ckpt, weights_only=False, map_location=gen.device)
+        if ck["config"] != config:
+            raise ValueError(f"{ckpt} was written with other settings ({ck['config']} vs {config}); delete it or "
+                             f"use another --out")
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        sched.load_state_dict(ck["scheduler"])
+        _set_rng_state(ck["rng"])
+        step, epoch, offset, losses = ck["step"], ck["epoch"], ck["offset"], ck["losses"]
+    else:
+        random.seed(seed)
+        torch.manual_seed(seed)
+
+    def order_of(ep: int) -> list[int]:
+        return torch.randperm(len(train), generator=torch.Generator().manual_seed(seed * 1_000_003 + ep)).tolist()
+
+    def save() -> None:
+        _atomic_torch_save({"model": model.state_dict(), "optimizer": opt.state_dict(),
+                            "scheduler": sched.state_dict(), "rng": _rng_state(), "step": step, "epoch": epoch,
+                            "offset": offset, "losses": losses, "config": config}, ckpt)
+
+    order = order_of(epoch)
+    model.train()
+    t0 = time.time()
+    bar = tqdm(total=steps, initial=step, desc="train closed-book", unit="step", disable=not show_progress,
+               dynamic_ncols=True)
+    try:
+        while step < steps:
+            if offset + batch_size > len(order):
+                epoch, offset = epoch + 1, 0
+                order = order_of(epoch)
+            batch = [train[i] for i in order[offset:offset + batch_size]]
+            offset += batch_size
+            ids, mask = closed_book_inputs(gen, [q["question"] for q in batch])
+            dec_in, target = gen.encode_answers([q["answers"][0] for q in batch])
+            logits = gen(ids, mask, dec_in)
+            loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), target.flatten(),
+                                                     ignore_index=-100)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            step += 1
+            losses = (losses + [float(loss.detach())])[-20:]
+            if not math.isfinite(losses[-1]):
+                raise FloatingPointError(f"closed-book loss became {losses[-1]} at step {step}")
+            bar.update(1)
+            bar.set_postfix(loss=f"{sum(losses) / len(losses):.3f}")
+            if step % checkpoint_every == 0 or step == steps:
+                save()
+    finally:
+        bar.close()
+    model.eval()
+    (out / "train_log.json").write_text(json.dumps({"step": step, "loss": sum(losses) / max(1, len(losses))}))
+    return {"step": step, "loss": sum(losses) / max(1, len(losses)), "seconds": time.time() - t0}
+
+
+@torch.no_grad()
+def closed_book_answers(gen, questions: list[str], *, batch_size: int = 64, max_new_tokens: int = 16,
+                        show_progress: bool = True) -> list[str]:
+    """Greedy answers of the closed-book generator to the bare questions."""
+    from tqdm.auto import tqdm
+
+    out = []
+    gen.model.eval()
+    for s in tqdm(range(0, len(questions), batch_size), desc="answer closed-book", unit="batch",
+                  disable=not show_progress, dynamic_ncols=True):
+        ids, mask = closed_book_inputs(gen, questions[s:s + batch_size])
+        seq = gen.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, num_beams=1,
+                                 do_sample=False, decoder_start_token_id=gen.decoder_start_token_id)
+        out += [a.strip() for a in gen.tokenizer.batch_decode(seq, skip_special_tokens=True)]
+    return out

@@ -1,0 +1,175 @@
+"""FlatIndex: exact maximum-inner-product search over stored vectors (fp32, fp16, bf16, or int8 with a per-row
+scale) on the fused top-k kernel pyrag.ops.topk_ip; save/load in the checksummed container, memory-mappable."""
+
+from __future__ import annotations
+
+import torch
+
+from ..ops.topk_ip import topk_ip
+from . import _format
+from ._util import LabelMap, RowBuffer, RWLock, check_dim, check_dtype, check_ids_arg, check_k, check_matrix
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int8": torch.int8}
+_FP16_MAX = 65504.0
+
+
+def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row int8: x [N, D] float -> (q [N, D] int8, scale [N] fp32) with x ~= q * scale[:, None].
+
+    scale = max|x_row| / 127, so the largest entry of each row maps to +-127 exactly; an all-zero row gets
+    scale 0 and q = 0 (dequantises to zeros instead of dividing by zero)."""
+    x = x.to(torch.float32)
+    scale = x.abs().amax(dim=1) / 127.0 if x.shape[1] else torch.zeros(x.shape[0], device=x.device)
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = torch.round(x / safe[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q, scale
+
+
+class FlatIndex:
+    """Exact inner-product index.
+
+    Args:
+        dim: vector dimension D.
+        dtype: storage dtype, "float32" | "float16" | "bfloat16" | "int8" (symmetric per-row quantisation with an
+            fp32 scale per row; scores are computed against the dequantised vectors q * scale).
+
+    `add(embeddings [N, D], ids=None)` appends rows with int64 labels (default: continuing after the largest
+    label so far, i.e. 0..N-1 for a fresh index); `search(queries [Q, D], k)` returns (scores [Q, k] fp32,
+    ids [Q, k] int64 labels), best first, ties broken by the earlier-added row. Replaces the plain-torch
+    `scores, rows = torch.topk(queries @ docs.T, k)` without building the [Q, N] score matrix.
+
+    Thread safety: any number of threads may search concurrently; add() and to() wait for running searches
+    and block new ones while they run (a readers-writer lock).
+    """
+
+    kind = "flat"
+
+    def __init__(self, dim: int, dtype: str | torch.dtype = "float32"):
+        self._dim = check_dim(dim)
+        self.dtype = check_dtype(dtype, DTYPES)
+        self._vectors = RowBuffer(torch.empty(0, self._dim, dtype=DTYPES[self.dtype]))
+        self._scales = RowBuffer(torch.empty(0, dtype=torch.float32)) if self.dtype == "int8" else None
+        self._labels = LabelMap()
+        self._lock = RWLock()
+        self.extra_meta: dict = {}  # free-form JSON saved with the index (e.g. a shard's rank)
+
+    # ---- properties ----
+    @property
+    def dim(self) -> int:
+        return self._dim
+
+    @property
+    def device(self) -> torch.device:
+        return self._vectors.buf.device
+
+    def __len__(self) -> int:
+        return self._vectors.n
+
+    def __repr__(self) -> str:
+        return f"FlatIndex(dim={self._dim}, dtype={self.dtype!r}, len={len(self)}, device={self.device})"
+
+    # ---- building ----
+    def add(self, embeddings, ids=None) -> None:
+        """Append embeddings [N, D] (tensor or ndarray; fp64/fp32/fp16/bf16, finite) with optional int64 labels
+        ids [N] (distinct, not already present)."""
+        x = check_matrix(embeddings, "embeddings", self._dim)
+        if self.dtype == "float16" and x.numel() and float(x.abs().max()) > _FP16_MAX:
+            raise ValueError(f"embeddings exceed the float16 range (max |x| = {float(x.abs().max()):.4g} > "
+                             f"{_FP16_MAX}); use dtype='float32' or 'bfloat16'")
+        with self._lock.write():
+            labels = self._labels.prepare(ids, x.shape[0])
+            x = x.to(self.device)
+            if self.dtype == "int8":
+                q, scale = quantize_int8(x)
+                self._vectors.append(q)
+                self._scales.append(scale)
+            else:
+                self._vectors.append(x.to(DTYPES[self.dtype]))
+            self._labels.append(labels, x.shape[0])
+
+    def to(self, device) -> FlatIndex:
+        """Move the stored vectors (and labels) to `device` in place and return self; searches then run there
+        (on CUDA with pyrag's CUDA kernel)."""
+        device = torch.device(device)
+        with self._lock.write():
+            self._vectors.to(device)
+            if self._scales is not None:
+                self._scales.to(device)
+            self._labels.to(device)
+        return self
+
+    # ---- querying ----
+    def search(self, queries, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k by inner product: queries [Q, D] -> (scores [Q, k] fp32, ids [Q, k] int64), on the index's
+        device, sorted by score descending (ties -> earlier row). ValueError when k > len(index) or the
+        index is empty."""
+        q = check_matrix(queries, "queries", self._dim)
+        with self._lock.read():
+            k = check_k(k, len(self))
+            if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+                q = q.to(torch.float32)
+            q = q.to(self.device).contiguous()
+            if q.shape[0] == 0:
+                return (torch.empty(0, k, dtype=torch.float32, device=self.device),
+                        torch.empty(0, k, dtype=torch.int64, device=self.device))
+            docs = self._vectors.view()
+            scale = self._scales.view() if self._scales is not None else None
+            scores, rows = topk_ip(q, docs, k, doc_scale=scale)
+            return scores, self._labels.to_labels(rows)
+
+    def reconstruct(self, ids) -> torch.Tensor:
+        """The stored vectors of labels `ids` (int tensor/ndarray/list of any shape S), dequantised:
+        fp32 [*S, D] on the index's device. ValueError naming the first unknown id."""
+        ids = check_ids_arg(ids, self.device)
+        with self._lock.read():
+            rows = self._labels.rows_of(ids).reshape(-1)
+            v = self._vectors.view()[rows].to(torch.float32)
+            if self._scales is not None:
+                v = v * self._scales.view()[rows][:, None]
+            return v.reshape(*ids.shape, self._dim)
+
+    # ---- persistence ----
+    def _sections(self) -> dict:
+        with self._lock.read():
+            sections = {"vectors": self._vectors.view()}
+            if self._scales is not None:
+                sections["scales"] = self._scales.view()
+            if not self._labels.identity:
+                sections["labels"] = self._labels.labels()
+            return sections
+
+    def save(self, path) -> None:
+        """Write the index to `path` atomically (temporary file in the same directory, then os.replace)."""
+        sections = self._sections()
+        _format.save_container(path, kind=self.kind, dim=self._dim, dtype=self.dtype, count=len(self),
+                               meta={"extra": self.extra_meta}, sections=sections)
+
+    @classmethod
+    def load(cls, path, mmap: bool = True, *, verify: bool = True) -> FlatIndex:
+        """Open an index saved by `save`. mmap=True maps the vectors from the file (copy-on-write: pages are read
+        on demand, nothing is loaded up front, the file is never modified). verify=True first checks the payload
+        CRC-32, which reads the whole file once; pass verify=False to skip that for a trusted file."""
+        c = _format.load_container(path, kind=cls.kind, mmap=mmap, verify=verify)
+        return cls._from_container(c)
+
+    @classmethod
+    def _from_container(cls, c: _format.Container) -> FlatIndex:
+        if c.dtype not in DTYPES:
+            raise ValueError(f"{c.path}: unknown storage dtype {c.dtype!r} in the header")
+        self = cls(c.dim, c.dtype)
+        vectors = c.section("vectors")
+        if tuple(vectors.shape) != (c.count, c.dim) or vectors.dtype != DTYPES[c.dtype]:
+            raise ValueError(f"{c.path}: vectors section {tuple(vectors.shape)} {vectors.dtype} does not match "
+                             f"the header (count={c.count}, dim={c.dim}, dtype={c.dtype})")
+        self._vectors = RowBuffer(vectors)
+        if c.dtype == "int8":
+            scales = c.section("scales")
+            if tuple(scales.shape) != (c.count,):
+                raise ValueError(f"{c.path}: scales section has shape {tuple(scales.shape)}, expected ({c.count},)")
+            self._scales = RowBuffer(scales)
+        labels = c.section("labels") if c.has("labels") else None
+        if labels is not None and tuple(labels.shape) != (c.count,):
+            raise ValueError(f"{c.path}: labels section has shape {tuple(labels.shape)}, expected ({c.count},)")
+        self._labels = LabelMap("cpu", labels, c.count)
+        self.extra_meta = c.meta.get("extra", {})
+        return self

@@ -1,0 +1,218 @@
+"""Readers for passage collections (JSONL, DPR TSV, SQuAD JSON, or an iterable of dicts) and QA files, with errors
+that say where the bad record is; plus small atomic-write helpers shared by the KB and the trainers."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+__all__ = ["atomic_path", "iter_passages", "read_passages", "read_qa", "read_squad", "write_json_atomic"]
+
+
+def write_json_atomic(path, obj: Any) -> None:
+    """Write obj as JSON to path through a temporary file in the same directory and os.replace."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2, sort_keys=True)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        _unlink(tmp)
+        raise
+
+
+def atomic_path(path) -> tuple[Path, Path]:
+    """(tmp, final): a fresh temporary name beside `path`; write tmp, then os.replace(tmp, final)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    return Path(tmp), path
+
+
+def _unlink(p) -> None:
+    try:
+        os.unlink(p)
+    except OSError:
+        pass
+
+
+def _check_passage(rec: Any, where: str) -> dict:
+    if not isinstance(rec, dict):
+        raise ValueError(f"{where}: a passage must be an object with 'id', 'title', 'text', got {type(rec).__name__}")
+    if "text" not in rec:
+        raise ValueError(f"{where}: passage has no 'text' field (keys: {sorted(rec)})")
+    if "id" not in rec or rec["id"] is None or str(rec["id"]).strip() == "":
+        raise ValueError(f"{where}: passage has no 'id' (keys: {sorted(rec)})")
+    text, title = rec["text"], rec.get("title", "") or ""
+    if not isinstance(text, str) or not isinstance(title, str):
+        raise ValueError(f"{where}: 'text' and 'title' must be strings, got {type(text).__name__} and "
+                         f"{type(title).__name__}")
+    if not text.strip():
+        raise ValueError(f"{where}: passage {rec['id']!r} has empty text")
+    return {"id": str(rec["id"]), "title": title, "text": text}
+
+
+def _detect(path: Path) -> str:
+    name = path.name.lower()
+    if name.endswith(".jsonl"):
+        return "jsonl"
+    if name.endswith(".tsv"):
+        return "tsv"
+    if name.endswith(".json"):
+        return "json"
+    raise ValueError(f"{path}: unknown passage file type (expected .jsonl, .tsv in DPR's id/text/title layout, "
+                     f"or a SQuAD .json)")
+
+
+def _jsonl(path: Path) -> Iterator[tuple[str, dict]]:
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}: malformed JSON on line {lineno} ({e.msg} at column {e.colno})") from None
+            yield where, _check_passage(rec, where)
+
+
+def _tsv(path: Path) -> Iterator[tuple[str, dict]]:
+    # DPR's psgs_w100.tsv quotes text fields the csv way ("" escapes); passages can be long.
+    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
+    with open(path, encoding="utf-8", newline="") as f:
+        reader = csv.reader(f, delimiter="\t")
+        header = next(reader, None)
+        if header is None:
+            return
+        if [h.strip().lower() for h in header] != ["id", "text", "title"]:
+            raise ValueError(f"{path}:1: expected DPR's TSV header 'id<TAB>text<TAB>title', got {header!r}")
+        for row in reader:
+            lineno = reader.line_num
+            where = f"{path}:{lineno}"
+            if not row or (len(row) == 1 and not row[0].strip()):
+                continue
+            if len(row) != 3:
+                raise ValueError(f"{where}: expected 3 tab-separated fields (id, text, title), got {len(row)}")
+            yield where, _check_passage({"id": row[0], "text": row[1], "title": row[2]}, where)
+
+
+def _load_json(path: Path) -> Any:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: malformed JSON on line {e.lineno} ({e.msg})") from None
+
+
+def _squad_data(path: Path, doc: Any) -> list:
+    if not isinstance(doc, dict) or not isinstance(doc.get("data"), list):
+        raise ValueError(f"{path}: not a SQuAD file (expected an object with a 'data' list of articles)")
+    return doc["data"]
+
+
+def _squad_passages(path: Path) -> Iterator[tuple[str, dict]]:
+    for ai, art in enumerate(_squad_data(path, _load_json(path))):
+        title = art.get("title", "")
+        for j, par in enumerate(art.get("paragraphs", [])):
+            where = f"{path}: article {ai} paragraph {j}"
+            yield where, _check_passage({"id": f"{title}#{j}", "title": title.replace("_", " "),
+                                         "text": par.get("context", "")}, where)
+
+
+def iter_passages(source) -> Iterator[tuple[str, dict]]:
+    """Yield (where, {"id", "title", "text"}) from a path (.jsonl / DPR .tsv / SQuAD .json) or an iterable of
+    dicts; `where` locates the record for error messages (file:line, or "passage #i")."""
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if not path.is_file():
+            raise FileNotFoundError(f"passages file not found: {str(path)!r}")
+        kind = _detect(path)
+        if kind == "jsonl":
+            yield from _jsonl(path)
+        elif kind == "tsv":
+            yield from _tsv(path)
+        else:
+            yield from _squad_passages(path)
+        return
+    if isinstance(source, dict) or not isinstance(source, Iterable):
+        raise TypeError(f"passages must be a path or an iterable of dicts, got {type(source).__name__}")
+    for i, rec in enumerate(source):
+        where = f"passage #{i}"
+        yield where, _check_passage(rec, where)
+
+
+def read_passages(source) -> list[dict]:
+    """All passages of `source` (see iter_passages) as a list of {"id", "title", "text"}."""
+    return [rec for _, rec in iter_passages(source)]
+
+
+def read_squad(path) -> tuple[list[dict], list[dict]]:
+    """(passages, questions) of a SQuAD v1.1 file.
+
+    passages: {"id": "title#j", "title", "text"} for every paragraph in file order.
+    questions: {"id", "question", "answers": [str], "gold_ids": ["title#j"], "article": article index}."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"SQuAD file not found: {str(path)!r}")
+    passages = [rec for _, rec in _squad_passages(path)]
+    questions = []
+    for ai, art in enumerate(_squad_data(path, _load_json(path))):
+        for j, par in enumerate(art.get("paragraphs", [])):
+            for qa in par.get("qas", []):
+                answers = [a["text"] for a in qa.get("answers", [])]
+                questions.append({"id": qa.get("id", ""), "question": qa["question"], "answers": answers,
+                                  "gold_ids": [f"{art.get('title', '')}#{j}"], "article": ai})
+    return passages, questions
+
+
+def read_qa(path) -> list[dict]:
+    """Questions with answers (and gold passage ids when known) from SQuAD JSON, a JSON list, or JSONL.
+
+    Each record becomes {"question": str, "answers": [str], "gold_ids": [str] (possibly empty)}; JSON(L)
+    records may give "gold_id" or "gold_ids", or DPR's "positive_ctxs" with "passage_id"s."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"QA file not found: {str(path)!r}")
+    if path.name.lower().endswith(".jsonl"):
+        recs = []
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        recs.append((f"{path}:{lineno}", json.loads(line)))
+                    except json.JSONDecodeError as e:
+                        raise ValueError(f"{path}:{lineno}: malformed JSON on line {lineno} ({e.msg})") from None
+    else:
+        doc = _load_json(path)
+        if isinstance(doc, dict) and "data" in doc:
+            return read_squad(path)[1]
+        if not isinstance(doc, list):
+            raise ValueError(f"{path}: expected SQuAD JSON, a JSON list of questions, or JSONL")
+        recs = [(f"{path}: item {i}", r) for i, r in enumerate(doc)]
+    out = []
+    for where, r in recs:
+        if not isinstance(r, dict) or not isinstance(r.get("question"), str):
+            raise ValueError(f"{where}: expected an object with a 'question' string")
+        answers = r.get("answers", [])
+        answers = [answers] if isinstance(answers, str) else list(answers)
+        if not answers or not all(isinstance(a, str) for a in answers):
+            raise ValueError(f"{where}: 'answers' must be a non-empty list of strings, got {r.get('answers')!r}")
+        gold = r.get("gold_ids", r.get("gold_id", []))
+        gold = [gold] if isinstance(gold, str) else list(gold)
+        if not gold and "positive_ctxs" in r:
+            gold = [str(c["passage_id"]) for c in r["positive_ctxs"] if "passage_id" in c]
+        out.append({"question": r["question"], "answers": answers, "gold_ids": [str(g) for g in gold]})
+    return out

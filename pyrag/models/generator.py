@@ -1,0 +1,503 @@
+"""The generator side of RAG: HF's "title / text // question" inputs (truncating the passage, never the question),
+answer tokenisation, and one interface over HF seq2seq (BART, T5) and decoder-only models that the losses and the
+decoders use: teacher-forced logits, and start / step / reorder for cached step-by-step decoding."""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+__all__ = [
+    "CausalGenerator",
+    "InputFormat",
+    "Seq2SeqGenerator",
+    "format_context",
+    "load_generator",
+    "tokenize_contexts",
+]
+
+
+@dataclass
+class InputFormat:
+    """How a passage and a question become one generator input (HF's RagConfig fields of the same names).
+
+    title_sep, doc_sep, prefix: as HF's RagRetriever.postprocess_docs uses them. max_combined_length: the most
+    tokens one input may have (HF: 300); unlike HF, the passage text is cut to fit, never the question.
+    answer_prompt: decoder-only generators only, the text between the question and the answer."""
+
+    title_sep: str = " / "
+    doc_sep: str = " // "
+    prefix: str | None = None
+    max_combined_length: int = 300
+    answer_prompt: str = " answer:"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def format_context(title: str, text: str, question: str, fmt: InputFormat, suffix: str = "") -> str:
+    """prefix + title + title_sep + text + doc_sep + question, with HF's quirks: surrounding double quotes are
+    stripped from the title and every double space becomes one (RagRetriever.postprocess_docs)."""
+    title = title.removeprefix('"').removesuffix('"')
+    return ((fmt.prefix or "") + title + fmt.title_sep + text + fmt.doc_sep + question + suffix).replace("  ", " ")
+
+
+def _split_tail(full: str, question: str, fmt: InputFormat, suffix: str) -> tuple[str, str]:
+    """(head, tail) of a formatted input: tail = doc_sep + question (+ suffix), the part that must survive."""
+    tail = (fmt.doc_sep + question + suffix).replace("  ", " ")
+    if full.endswith(tail):
+        return full[: len(full) - len(tail)], tail
+    # The double-space rule merged a space across the boundary (text ending in a space): drop it from the head.
+    return full[: len(full) - len(tail) + 1].rstrip(), tail
+
+
+def tokenize_contexts(tokenizer, questions: list[str], titles: list[list[str]], texts: list[list[str]],
+                      fmt: InputFormat, *, max_length: int | None = None, suffix: str = "",
+                      add_special_tokens: bool = True) -> list[list[int]]:
+    """Token ids of the B*K generator inputs, row b*K + k for passage k of question b (HF's order).
+
+    A row that fits in max_length (default fmt.max_combined_length) is tokenised exactly as HF tokenises it.
+    A longer row keeps its question: the passage text is cut (at a token boundary, found through the fast
+    tokenizer's offsets) until the row fits; HF would instead cut the end of the row, i.e. the question."""
+    max_length = fmt.max_combined_length if max_length is None else max_length
+    strings, tails = [], []
+    for b, q in enumerate(questions):
+        for t, x in zip(titles[b], texts[b]):
+            strings.append(format_context(t, x, q, fmt, suffix))
+            tails.append(q)
+    ids = tokenizer(strings, add_special_tokens=add_special_tokens)["input_ids"]
+    for i, row in enumerate(ids):
+        if len(row) > max_length:
+            ids[i] = _truncate_passage(tokenizer, strings[i], tails[i], fmt, suffix, max_length, add_special_tokens, i)
+    return ids
+
+
+def _truncate_passage(tokenizer, full, question, fmt, suffix, max_length, add_special_tokens, row) -> list[int]:
+    head, tail = _split_tail(full, question, fmt, suffix)
+    try:
+        enc = tokenizer(head, add_special_tokens=False, return_offsets_mapping=True)
+        ends = [e for _, e in enc["offset_mapping"]]
+    except (NotImplementedError, ValueError, TypeError, KeyError):  # slow tokenizer: cut through decode instead
+        enc = tokenizer(head, add_special_tokens=False)
+        ends = None
+    head_ids = enc["input_ids"]
+    keep = len(head_ids)
+    ids = tokenizer(head + tail, add_special_tokens=add_special_tokens)["input_ids"]
+    while len(ids) > max_length:
+        keep -= len(ids) - max_length
+        if keep <= 0:
+            ids = tokenizer(tail.lstrip(), add_special_tokens=add_special_tokens)["input_ids"]
+            if len(ids) > max_length:
+                raise ValueError(f"the question of input row {row} alone needs {len(ids)} tokens, more than "
+                                 f"max_combined_length={max_length}: {question[:80]!r}")
+            return ids
+        cut = head[: ends[keep - 1]] if ends is not None else tokenizer.decode(head_ids[:keep])
+        ids = tokenizer(cut + tail, add_special_tokens=add_special_tokens)["input_ids"]
+    return ids
+
+
+def _pad(rows: list[list[int]], pad_id: int, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """[N, L] ids and bool mask, padded to the longest row (not to a fixed length)."""
+    L = max(len(r) for r in rows)
+    ids = torch.full((len(rows), L), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), L), dtype=torch.bool)
+    for i, r in enumerate(rows):
+        if r:
+            sl = slice(L - len(r), L) if left else slice(0, len(r))
+            ids[i, sl] = torch.tensor(r, dtype=torch.long)
+            mask[i, sl] = True
+    return ids, mask
+
+
+def _check_texts(name: str, values) -> list[str]:
+    if isinstance(values, str) or not isinstance(values, (list, tuple)):
+        raise TypeError(f"{name} must be a list of str, got {type(values).__name__}")
+    for i, v in enumerate(values):
+        if not isinstance(v, str):
+            raise TypeError(f"{name}[{i}] must be a str, got {type(v).__name__}: {v!r}")
+        if not v.strip():
+            raise ValueError(f"{name}[{i}] is empty: {v!r}")
+    return list(values)
+
+
+def _cache_kwarg(model) -> str:
+    """transformers 5 calls the KV cache argument `cache`, 4.x `past_key_values`."""
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _out_cache(out):
+    return getattr(out, "cache", None) if getattr(out, "cache", None) is not None else out.past_key_values
+
+
+def _bucket_rows(lengths: list[int], overhead: int, max_buckets: int = 8) -> list[list[int]]:
+    """Split rows into groups of similar length, minimising sum(group rows * group max length) + overhead per group
+    (dynamic programming over the rows sorted by length). Padding every row to the batch's longest would waste
+    the encoder's work on pad tokens; this keeps that waste small while a group stays one batched call."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    ls = [lengths[i] for i in order]
+    n = len(ls)
+    # best[j][g] = min cost of the first j sorted rows in g groups
+    inf = float("inf")
+    best = [[inf] * (max_buckets + 1) for _ in range(n + 1)]
+    back = [[0] * (max_buckets + 1) for _ in range(n + 1)]
+    best[0][0] = 0.0
+    for j in range(1, n + 1):
+        for g in range(1, max_buckets + 1):
+            for i in range(j):  # group = sorted rows i..j-1, longest is ls[i]
+                c = best[i][g - 1] + (j - i) * ls[i] + overhead
+                if c < best[j][g]:
+                    best[j][g], back[j][g] = c, i
+    g = min(range(1, max_buckets + 1), key=lambda g: best[n][g])
+    groups, j = [], n
+    while j > 0:
+        i = back[j][g]
+        groups.append(order[i:j])
+        j, g = i, g - 1
+    return groups[::-1]
+
+
+@dataclass
+class _Seq2SeqState:
+    base_hidden: torch.Tensor  # [M, L, d] encoder output of the M distinct inputs
+    base_mask: torch.Tensor  # [M, L]
+    hidden: torch.Tensor  # [N, L, d] expanded to the decoding rows
+    mask: torch.Tensor  # [N, L]
+    cache: object = None
+
+
+class Seq2SeqGenerator(nn.Module):
+    """An HF encoder-decoder (AutoModelForSeq2SeqLM: BART, T5, ...) with its tokenizer, as a RAG generator.
+
+    Teacher forcing: `forward(input_ids [N, L], attention_mask, decoder_input_ids [N, T]) -> logits [N, T, V]`.
+    Decoding: `start` encodes the N' distinct inputs once and expands them to the decoding rows; `step` feeds one
+    token per row through the KV cache; `reorder` permutes the rows (beam search)."""
+
+    kind = "seq2seq"
+
+    def __init__(self, model: nn.Module, tokenizer, fmt: InputFormat | None = None, *,
+                 max_answer_length: int | None = None, bucket_overhead: int | None = None):
+        super().__init__()
+        if tokenizer is None:
+            raise ValueError("the generator has no tokenizer: pass tokenizer=..., or a directory that holds one")
+        if not getattr(model.config, "is_encoder_decoder", False):
+            raise TypeError(f"{type(model).__name__} is not an encoder-decoder; use CausalGenerator for it")
+        self.model = model
+        self.tokenizer = tokenizer
+        cfg, gcfg = model.config, getattr(model, "generation_config", None)
+        self.fmt = fmt or InputFormat(prefix=getattr(cfg, "prefix", None))
+        self.pad_token_id = _first_int(cfg.pad_token_id, tokenizer.pad_token_id)
+        self.eos_token_id = _first_int(getattr(gcfg, "eos_token_id", None), cfg.eos_token_id, tokenizer.eos_token_id)
+        self.bos_token_id = _first_int(cfg.bos_token_id, getattr(tokenizer, "bos_token_id", None))
+        self.decoder_start_token_id = _first_int(getattr(gcfg, "decoder_start_token_id", None),
+                                                 cfg.decoder_start_token_id, self.pad_token_id)
+        if self.pad_token_id is None or self.eos_token_id is None or self.decoder_start_token_id is None:
+            raise ValueError(f"the generator needs pad, eos and decoder-start token ids: {self.pad_token_id=} "
+                             f"{self.eos_token_id=} {self.decoder_start_token_id=}")
+        limit = getattr(cfg, "max_position_embeddings", None)
+        if limit is None:
+            tl = getattr(tokenizer, "model_max_length", None)
+            limit = tl if isinstance(tl, int) and tl < 100_000 else 512
+        self.max_answer_length = int(max_answer_length or limit)
+        self.bucket_overhead = bucket_overhead
+        self._cache_kw = _cache_kwarg(model)
+
+    # ---- inputs ----
+    @property
+    def vocab_size(self) -> int:
+        return self.model.get_output_embeddings().weight.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def build_inputs(self, questions: list[str], titles: list[list[str]], texts: list[list[str]]):
+        """(input_ids [B*K, L], attention_mask [B*K, L] bool) of "title / text // question", row b*K + k,
+        padded to the longest row of this batch."""
+        rows = tokenize_contexts(self.tokenizer, questions, titles, texts, self.fmt)
+        ids, mask = _pad(rows, self.pad_token_id)
+        return ids.to(self.device), mask.to(self.device)
+
+    def encode_answers(self, answers: list[str]):
+        """(decoder_input_ids [B, T], target [B, T]) with target = the tokenised answer (BART: <s> a </s>,
+        T5: a </s>) padded with -100, and decoder_input_ids = decoder start + target[:-1] (HF's shift right)."""
+        answers = _check_texts("answers", answers)
+        rows = self.tokenizer(answers, add_special_tokens=True)["input_ids"]
+        for i, r in enumerate(rows):
+            if len(r) > self.max_answer_length:
+                raise ValueError(f"answers[{i}] is {len(r)} tokens long, more than the generator's limit "
+                                 f"max_answer_length={self.max_answer_length}: {answers[i][:80]!r}")
+        T = max(len(r) for r in rows)
+        target = torch.full((len(rows), T), -100, dtype=torch.long)
+        dec = torch.full((len(rows), T), self.pad_token_id, dtype=torch.long)
+        for i, r in enumerate(rows):
+            target[i, : len(r)] = torch.tensor(r)
+            dec[i, 0] = self.decoder_start_token_id
+            dec[i, 1: len(r)] = torch.tensor(r[:-1])
+        return dec.to(self.device), target.to(self.device)
+
+    def decoder_prompt(self, n: int) -> torch.Tensor:
+        """[n, 1] decoder start tokens: the first column of every generated sequence (as HF returns it)."""
+        return torch.full((n, 1), self.decoder_start_token_id, dtype=torch.long, device=self.device)
+
+    # ---- teacher forcing ----
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Encoder output [N, L, d]. Rows are run in groups of similar length (each group cut to its own longest
+        row), so pad tokens cost little; positions past a row's end hold zeros (the decoder masks them)."""
+        encoder = self.model.get_encoder()
+        lengths = attention_mask.sum(1).tolist()
+        overhead = self.bucket_overhead
+        if overhead is None:  # small groups cost little on CPU; on GPU one big call beats several small ones
+            overhead = 64 if input_ids.device.type == "cpu" else 1 << 30
+        groups = _bucket_rows(lengths, overhead) if len(lengths) > 1 else [[0]]
+        if len(groups) == 1:
+            return encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        L = input_ids.shape[1]
+        parts, index = [], []
+        for g in groups:
+            rows = torch.tensor(g, device=input_ids.device)
+            Lg = max(lengths[i] for i in g)
+            h = encoder(input_ids=input_ids[rows, :Lg], attention_mask=attention_mask[rows, :Lg]).last_hidden_state
+            parts.append(nn.functional.pad(h, (0, 0, 0, L - Lg)))
+            index.extend(g)
+        inverse = torch.empty(len(index), dtype=torch.long)
+        inverse[torch.tensor(index)] = torch.arange(len(index))
+        return torch.cat(parts).index_select(0, inverse.to(input_ids.device))
+
+    def forward(self, input_ids, attention_mask, decoder_input_ids, encoder_hidden=None) -> torch.Tensor:
+        """Logits [N, T, V] of decoder_input_ids [N, T] given the inputs [N, L] (or their encoder output)."""
+        from transformers.modeling_outputs import BaseModelOutput
+
+        if encoder_hidden is None:
+            encoder_hidden = self.encode(input_ids, attention_mask)
+        out = self.model(encoder_outputs=BaseModelOutput(last_hidden_state=encoder_hidden),
+                         attention_mask=attention_mask, decoder_input_ids=decoder_input_ids, use_cache=False)
+        return out.logits
+
+    # ---- decoding ----
+    def start(self, input_ids, attention_mask, expand: torch.Tensor) -> _Seq2SeqState:
+        """Encode the M distinct inputs once; decoding row r reads input expand[r]."""
+        h = self.encode(input_ids, attention_mask)
+        return _Seq2SeqState(h, attention_mask, h.index_select(0, expand), attention_mask.index_select(0, expand))
+
+    def step(self, state: _Seq2SeqState, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed tokens [N] (one per decoding row) and return the next-token logits [N, V] in fp32."""
+        from transformers.modeling_outputs import BaseModelOutput
+
+        out = self.model(encoder_outputs=BaseModelOutput(last_hidden_state=state.hidden), attention_mask=state.mask,
+                         decoder_input_ids=tokens[:, None], use_cache=True, **{self._cache_kw: state.cache})
+        state.cache = _out_cache(out)
+        return out.logits[:, -1].float()
+
+    def reorder(self, state: _Seq2SeqState, index: torch.Tensor) -> None:
+        """Row r continues from row index[r]. index must keep each row on the same input (beams of one group):
+        then the cross-attention keys/values and the encoder output are already right and only the decoder's
+        self-attention cache is permuted (HF permutes all of them)."""
+        cache = state.cache
+        sa = getattr(cache, "self_attention_cache", None)
+        if sa is not None:
+            sa.reorder_cache(index)
+        elif hasattr(cache, "reorder_cache"):
+            cache.reorder_cache(index)
+        else:  # legacy tuple cache (old transformers)
+            state.cache = tuple(tuple(t.index_select(0, index) for t in layer) for layer in cache)
+
+    def candidate_logits(self, state: _Seq2SeqState, src: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced logits [M, T, V] of candidates [M, T] (decoder inputs, starting with the decoder start)
+        under the distinct inputs src [M] of `start` — the encoder is not run again."""
+        return self.forward(None, state.base_mask.index_select(0, src), candidates,
+                            encoder_hidden=state.base_hidden.index_select(0, src))
+
+    def candidate_targets(self, candidates: torch.Tensor, lengths: torch.Tensor):
+        """(target, mask) [M, T] of candidate_logits as HF's get_nll builds them: candidates shifted left with pad
+        at the end, pad positions masked."""
+        target = torch.cat([candidates[:, 1:], torch.full_like(candidates[:, :1], self.pad_token_id)], 1)
+        return target, target != self.pad_token_id
+
+    def save_pretrained(self, path: str | Path) -> None:
+        self.model.save_pretrained(path, safe_serialization=True)
+        self.tokenizer.save_pretrained(path)
+
+
+def _first_int(*values):
+    for v in values:
+        if isinstance(v, (list, tuple)):
+            v = v[0] if v else None
+        if v is not None:
+            return int(v)
+    return None
+
+
+@dataclass
+class _CausalState:
+    cache: object
+    mask: torch.Tensor  # [N, P + t] bool
+    pos: torch.Tensor  # [N] next position id
+    first_logits: torch.Tensor | None  # [N, V] from the prompt, consumed by the first step
+    prompt_ids: torch.Tensor  # [M, P] left-padded prompts (for re-scoring)
+    prompt_mask: torch.Tensor
+
+
+class CausalGenerator(nn.Module):
+    """A decoder-only HF model (AutoModelForCausalLM) as a RAG generator: the prompt is
+    "title / text // question" + fmt.answer_prompt, the answer follows it, and the loss covers the answer tokens
+    only. Prompts are left-padded so that the answer tokens of all K rows of a question sit in the same columns."""
+
+    kind = "causal"
+
+    def __init__(self, model: nn.Module, tokenizer, fmt: InputFormat | None = None, *,
+                 max_answer_length: int | None = None):
+        super().__init__()
+        if tokenizer is None:
+            raise ValueError("the generator has no tokenizer: pass tokenizer=..., or a directory that holds one")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.fmt = fmt or InputFormat()
+        cfg = model.config
+        self.eos_token_id = _first_int(tokenizer.eos_token_id, cfg.eos_token_id)
+        if self.eos_token_id is None:
+            raise ValueError("a decoder-only generator needs an end-of-sequence token (tokenizer.eos_token_id)")
+        self.pad_token_id = _first_int(tokenizer.pad_token_id, cfg.pad_token_id, self.eos_token_id)
+        self.bos_token_id = None  # nothing to force: the answer starts right after the prompt
+        self.decoder_start_token_id = None
+        limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or 1024
+        self.max_answer_length = int(max_answer_length or limit // 2)
+        self._cache_kw = _cache_kwarg(model)
+        self._logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.get_output_embeddings().weight.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def build_inputs(self, questions, titles, texts):
+        """Left-padded prompts (input_ids [B*K, P], attention_mask [B*K, P] bool), row b*K + k."""
+        rows = tokenize_contexts(self.tokenizer, questions, titles, texts, self.fmt, suffix=self.fmt.answer_prompt)
+        ids, mask = _pad(rows, self.pad_token_id, left=True)
+        return ids.to(self.device), mask.to(self.device)
+
+    def encode_answers(self, answers: list[str]):
+        """(answer_ids [B, T] padded with pad, target [B, T] = answer tokens + eos, padded with -100)."""
+        answers = _check_texts("answers", answers)
+        rows = self.tokenizer([" " + a.strip() for a in answers], add_special_tokens=False)["input_ids"]
+        rows = [r + [self.eos_token_id] for r in rows]
+        for i, r in enumerate(rows):
+            if len(r) > self.max_answer_length:
+                raise ValueError(f"answers[{i}] is {len(r)} tokens long, more than the generator's limit "
+                                 f"max_answer_length={self.max_answer_length}: {answers[i][:80]!r}")
+        T = max(len(r) for r in rows)
+        target = torch.full((len(rows), T), -100, dtype=torch.long)
+        for i, r in enumerate(rows):
+            target[i, : len(r)] = torch.tensor(r)
+        return target.masked_fill(target < 0, self.pad_token_id).to(self.device), target.to(self.device)
+
+    def decoder_prompt(self, n: int) -> torch.Tensor:
+        return torch.zeros((n, 0), dtype=torch.long, device=self.device)
+
+    def _run(self, ids, mask, positions, cache=None, keep: int | None = None, use_cache=False):
+        kw = {self._cache_kw: cache} if cache is not None else {}
+        if keep is not None and self._logits_to_keep:
+            kw["logits_to_keep"] = keep
+        out = self.model(input_ids=ids, attention_mask=mask.long(), position_ids=positions, use_cache=use_cache, **kw)
+        logits = out.logits if keep is None else out.logits[:, -keep:]
+        return logits, (_out_cache(out) if use_cache else None)
+
+    @staticmethod
+    def _positions(mask: torch.Tensor) -> torch.Tensor:
+        return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+    def forward(self, input_ids, attention_mask, decoder_input_ids, encoder_hidden=None) -> torch.Tensor:
+        """Logits [N, T, V] for the T answer tokens: prompt [N, P] (left-padded) followed by decoder_input_ids
+        [N, T] (the answer); only the T positions that predict answer tokens go through the LM head."""
+        T = decoder_input_ids.shape[1]
+        ans_mask = torch.ones_like(decoder_input_ids, dtype=torch.bool)
+        ids = torch.cat([input_ids, decoder_input_ids], 1)
+        mask = torch.cat([attention_mask, ans_mask], 1)
+        logits, _ = self._run(ids[:, :-1], mask[:, :-1], self._positions(mask[:, :-1]), keep=T)
+        return logits
+
+    def start(self, input_ids, attention_mask, expand: torch.Tensor) -> _CausalState:
+        logits, cache = self._run(input_ids, attention_mask, self._positions(attention_mask), keep=1, use_cache=True)
+        if hasattr(cache, "reorder_cache"):
+            cache.reorder_cache(expand)
+        else:
+            cache = tuple(tuple(t.index_select(0, expand) for t in layer) for layer in cache)
+        mask = attention_mask.index_select(0, expand)
+        pos = mask.long().sum(1)
+        return _CausalState(cache, mask, pos, logits[:, -1].float().index_select(0, expand), input_ids, attention_mask)
+
+    def step(self, state: _CausalState, tokens: torch.Tensor | None) -> torch.Tensor:
+        if tokens is None:  # first step: the prompt's last position already predicted it
+            logits, state.first_logits = state.first_logits, None
+            return logits
+        state.mask = torch.cat([state.mask, torch.ones_like(state.mask[:, :1])], 1)
+        logits, state.cache = self._run(tokens[:, None], state.mask, state.pos[:, None], cache=state.cache,
+                                        use_cache=True)
+        state.pos = state.pos + 1
+        return logits[:, -1].float()
+
+    def reorder(self, state: _CausalState, index: torch.Tensor) -> None:
+        if hasattr(state.cache, "reorder_cache"):
+            state.cache.reorder_cache(index)
+        else:
+            state.cache = tuple(tuple(t.index_select(0, index) for t in layer) for layer in state.cache)
+        state.mask = state.mask.index_select(0, index)
+        state.pos = state.pos.index_select(0, index)
+
+    def candidate_logits(self, state: _CausalState, src, candidates) -> torch.Tensor:
+        """Teacher-forced logits [M, T, V] of generated candidates [M, T] after the prompts src [M]."""
+        return self.forward(state.prompt_ids.index_select(0, src), state.prompt_mask.index_select(0, src),
+                            candidates)
+
+    def candidate_targets(self, candidates: torch.Tensor, lengths: torch.Tensor):
+        """(target, mask): causal logits are already aligned with the tokens they predict; the mask comes from the
+        lengths (pad may equal eos here)."""
+        ar = torch.arange(candidates.shape[1], device=candidates.device)
+        return candidates, ar[None, :] < lengths[:, None]
+
+    def save_pretrained(self, path: str | Path) -> None:
+        self.model.save_pretrained(path, safe_serialization=True)
+        self.tokenizer.save_pretrained(path)
+
+
+def load_generator(generator, tokenizer=None, fmt: InputFormat | None = None, kind: str | None = None, **kw):
+    """A Seq2SeqGenerator / CausalGenerator from a local HF directory or a model object (+ tokenizer).
+
+    kind: "seq2seq" | "causal" | None (None: from the model's config, is_encoder_decoder)."""
+    if isinstance(generator, (Seq2SeqGenerator, CausalGenerator)):
+        return generator
+    if isinstance(generator, (str, Path)):
+        path = Path(generator)
+        if not path.is_dir():
+            raise ValueError(f"generator directory not found: {str(path)!r}")
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+
+        cfg = AutoConfig.from_pretrained(path)
+        kind = kind or ("seq2seq" if getattr(cfg, "is_encoder_decoder", False) else "causal")
+        auto = AutoModelForSeq2SeqLM if kind == "seq2seq" else AutoModelForCausalLM
+        model = auto.from_pretrained(path)
+        if tokenizer is None:
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(path)
+            except Exception as e:  # any failure here means: no usable tokenizer in that directory
+                raise ValueError(f"generator directory {str(path)!r} has no usable tokenizer ({type(e).__name__}: "
+                                 f"{e}); save one there or pass tokenizer=...") from e
+        generator = model
+    elif not isinstance(generator, nn.Module):
+        raise TypeError(f"generator must be a directory or an HF model, got {type(generator).__name__}")
+    if tokenizer is None:
+        raise ValueError(f"the generator {type(generator).__name__} was given without a tokenizer: pass tokenizer=...")
+    kind = kind or ("seq2seq" if getattr(generator.config, "is_encoder_decoder", False) else "causal")
+    if kind not in ("seq2seq", "causal"):
+        raise ValueError(f"kind must be 'seq2seq' or 'causal', got {kind=!r}")
+    cls = Seq2SeqGenerator if kind == "seq2seq" else CausalGenerator
+    if cls is CausalGenerator:
+        kw.pop("bucket_overhead", None)
+    return cls(generator, tokenizer, fmt, **kw)

@@ -1,0 +1,478 @@
+"""Joint RAG fine-tuning (question encoder + generator; the knowledge base stays frozen): AdamW with one learning
+rate per part, linear warmup and decay, gradient accumulation and clipping, bf16 autocast on GPU, exact resume,
+JSONL metrics and periodic dev EM; `evaluate_rag` (EM / F1 / recall@k); the `pyrag train`, `ask`, `eval` commands."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+__all__ = ["ask_cli", "eval_cli", "evaluate_rag", "load_qa", "train_cli", "train_rag"]
+
+CHECKPOINT = "checkpoint"
+METRICS = "metrics.jsonl"
+MODEL = "model"
+
+
+# ---- data ----
+
+def load_qa(path) -> list[dict]:
+    """QA records {"question", "answers": [str], "gold_ids": [str]} from JSONL ({"question", "answers"}) or SQuAD
+    JSON (see pyrag.kb_io.read_qa)."""
+    from ..kb_io import read_qa
+
+    return read_qa(path)
+
+
+def _check_data(name: str, data) -> list[dict]:
+    if isinstance(data, (str, os.PathLike)):
+        data = load_qa(data)
+    data = list(data)
+    if not data:
+        raise ValueError(f"{name} is empty")
+    out = []
+    for i, r in enumerate(data):
+        if not isinstance(r, dict) or not isinstance(r.get("question"), str) or not r["question"].strip():
+            raise ValueError(f"{name}[{i}] needs a non-empty 'question' string, got {r!r}"[:200])
+        answers = r.get("answers", r.get("answer"))
+        answers = [answers] if isinstance(answers, str) else list(answers or [])
+        if not answers or not all(isinstance(a, str) and a.strip() for a in answers):
+            raise ValueError(f"{name}[{i}] needs 'answers': a non-empty list of non-empty strings, got "
+                             f"{r.get('answers')!r}")
+        out.append({"question": r["question"], "answers": answers, "gold_ids": list(r.get("gold_ids") or [])})
+    return out
+
+
+def _example(data: list[dict], seed: int, pos: int) -> dict:
+    """Example number pos of the endless stream: epoch e = pos // N is a fixed permutation of the data."""
+    n = len(data)
+    epoch, i = divmod(pos, n)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+    return data[int(perm[i])]
+
+
+# ---- checkpoints ----
+
+def _replace_dir(tmp: Path, path: Path) -> None:
+    if path.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
+        os.rmdir(old)
+        os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, path)
+
+
+def _rng_state() -> dict:
+    st = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def _set_rng_state(st: dict) -> None:
+    torch.set_rng_state(st["torch"])
+    random.setstate(st["python"])
+    np.random.set_state(st["numpy"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def _save_checkpoint(out: Path, model, opt, sched, state: dict) -> Path:
+    """model weights (safetensors), optimizer, scheduler, RNG, step and data position, written to a temporary
+    directory and swapped in: a crash leaves the previous checkpoint whole."""
+    from safetensors.torch import save_model
+
+    path = out / CHECKPOINT
+    tmp = Path(tempfile.mkdtemp(prefix=f".{CHECKPOINT}.", dir=out))
+    try:
+        save_model(model, str(tmp / "model.safetensors"))
+        torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": _rng_state(), **state},
+                   tmp / "trainer.pt")
+        (tmp / "state.json").write_text(json.dumps({k: state[k] for k in ("step", "data_pos")}) + "\n")
+        _replace_dir(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def _load_checkpoint(out: Path, model, opt, sched) -> dict:
+    from safetensors.torch import load_model
+
+    path = out / CHECKPOINT
+    load_model(model, str(path / "model.safetensors"), device=str(next(model.parameters()).device))
+    st = torch.load(path / "trainer.pt", map_location="cpu", weights_only=False)
+    opt.load_state_dict(st["optimizer"])
+    sched.load_state_dict(st["scheduler"])
+    _set_rng_state(st["rng"])
+    return st
+
+
+def _append_metrics(out: Path, rec: dict) -> None:
+    with open(out / METRICS, "a") as f:
+        f.write(json.dumps(rec) + "\n")
+
+
+def _truncate_metrics(out: Path, step: int) -> None:
+    """On resume, drop log lines written after the checkpoint (they will be written again)."""
+    f = out / METRICS
+    if not f.exists():
+        return
+    keep = [ln for ln in f.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
+    tmp = f.with_suffix(".tmp")
+    tmp.write_text("".join(ln + "\n" for ln in keep))
+    os.replace(tmp, f)
+
+
+# ---- training ----
+
+def _param_groups(model, lr_generator: float, lr_question_encoder: float, weight_decay: float) -> list[dict]:
+    groups = []
+    for part, lr in ((model.question_encoder, lr_question_encoder), (model.generator, lr_generator)):
+        decay, no_decay = [], []
+        for n, p in part.named_parameters():
+            if p.requires_grad:
+                (no_decay if p.dim() < 2 or "norm" in n.lower() else decay).append(p)
+        name = "question_encoder" if part is model.question_encoder else "generator"
+        groups += [{"params": decay, "lr": lr, "weight_decay": weight_decay, "part": name},
+                   {"params": no_decay, "lr": lr, "weight_decay": 0.0, "part": name}]
+    return [g for g in groups if g["params"]]
+
+
+def train_rag(model, train_data, dev_data=None, *, steps: int, batch_size: int = 8, lr_generator: float = 3e-5,
+              lr_question_encoder: float = 1e-5, out_dir, warmup_steps: int = 0,
+              warmup_steps_question_encoder: int | None = None, grad_accum: int = 1,
+              max_grad_norm: float | None = 1.0, weight_decay: float = 0.0, seed: int = 0, eval_every: int = 0,
+              save_every: int = 0, log_every: int = 10, bf16: bool = True, resume: bool = True,
+              stop_at: int | None = None, n_docs: int | None = None, epsilon: float | None = None,
+              eval_kwargs: dict | None = None, show_progress: bool = True, save_model: bool = True) -> dict:
+    """Fine-tune a RagToken / RagSequence on (question, answer) pairs; the passages stay as indexed.
+
+    train_data / dev_data: lists of {"question", "answers": [...]} (the first answer is the training target) or
+    a JSONL / SQuAD JSON path. One step = grad_accum micro-batches of batch_size questions, then clipping to
+    max_grad_norm, AdamW (lr_question_encoder / lr_generator, linear warmup over warmup_steps, then linear decay
+    to 0 at `steps`; warmup_steps_question_encoder, if given, warms the question encoder up separately: a longer
+    one keeps a fresh generator's uninformative passage posteriors from pushing the retriever around). bf16 autocast on CUDA only (CPU runs fp32). Every eval_every steps: EM / F1 / recall on
+    dev_data (JSONL metrics and the progress bar show them); every save_every steps (and at the end) a
+    checkpoint in out_dir/checkpoint: weights, optimizer, scheduler, RNG states and data position, so that
+    training resumed from it (resume=True, the default, whenever one exists) continues exactly as if never
+    stopped. stop_at: end this run after that step (a checkpoint is written), e.g. to split a run into jobs.
+    A non-finite loss or gradient stops training with FloatingPointError, leaving the last good checkpoint.
+    The final model is saved (save_pretrained) to out_dir/model. Returns a dict of final metrics."""
+    train = _check_data("train_data", train_data)
+    dev = _check_data("dev_data", dev_data) if dev_data is not None else None
+    for name, v in (("steps", steps), ("batch_size", batch_size), ("grad_accum", grad_accum)):
+        if not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
+    qe_warmup = warmup_steps if warmup_steps_question_encoder is None else warmup_steps_question_encoder
+    for name, v in (("warmup_steps", warmup_steps), ("warmup_steps_question_encoder", qe_warmup)):
+        if not isinstance(v, int) or not 0 <= v <= steps:
+            raise ValueError(f"{name} must be an int in [0, steps={steps}], got {v!r}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    device = next(model.parameters()).device
+    amp = bool(bf16) and device.type == "cuda"
+
+    opt = torch.optim.AdamW(_param_groups(model, lr_generator, lr_question_encoder, weight_decay))
+
+    def schedule(warmup: int):
+        def f(step: int) -> float:
+            if warmup and step < warmup:
+                return (step + 1) / warmup
+            return max(0.0, (steps - step) / max(1, steps - warmup))
+        return f
+
+    qe_groups = sum(1 for g in opt.param_groups if g["part"] == "question_encoder")
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, [schedule(qe_warmup)] * qe_groups +
+                                              [schedule(warmup_steps)] * (len(opt.param_groups) - qe_groups))
+    step, pos, best = 0, 0, None
+    if resume and (out / CHECKPOINT / "trainer.pt").exists():
+        st = _load_checkpoint(out, model, opt, sched)
+        step, pos, best = st["step"], st["data_pos"], st.get("best_dev_em")
+        if st.get("seed", seed) != seed or st.get("batch_size", batch_size) != batch_size:
+            raise ValueError(f"{out / CHECKPOINT} was written with seed={st.get('seed')} "
+                             f"batch_size={st.get('batch_size')}; resuming needs the same ({seed=}, {batch_size=})")
+        _truncate_metrics(out, step)
+    else:
+        torch.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed)
+        (out / METRICS).unlink(missing_ok=True)
+    last_ckpt = step if (out / CHECKPOINT).exists() else None
+    end = steps if stop_at is None else min(steps, stop_at)
+
+    def checkpoint():
+        nonlocal last_ckpt
+        _save_checkpoint(out, model, opt, sched, {"step": step, "data_pos": pos, "seed": seed,
+                                                 "batch_size": batch_size, "best_dev_em": best})
+        last_ckpt = step
+
+    def bad(what: str, value: float):
+        where = (f"the last good checkpoint is {out / CHECKPOINT} (step {last_ckpt})" if last_ckpt is not None
+                 else "no checkpoint was written yet")
+        raise FloatingPointError(f"training stopped: the {what} is {value} at step {step + 1}; {where}. Lower the "
+                                 f"learning rates or check the data.")
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=steps, initial=step, desc="train rag", unit="step", disable=not show_progress)
+    model.train()
+    dev_metrics, running, t0 = None, [], time.time()
+    try:
+        while step < end:
+            total = 0.0
+            for _ in range(grad_accum):
+                batch = [_example(train, seed, pos + i) for i in range(batch_size)]
+                pos += batch_size
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+                    o = model([r["question"] for r in batch], [r["answers"][0] for r in batch], n_docs=n_docs,
+                              epsilon=epsilon, reduction="mean", return_posterior=False)
+                loss = o.loss / grad_accum
+                if not torch.isfinite(loss):
+                    bad("loss", loss.item())
+                loss.backward()
+                total += loss.item()
+                del o, loss
+            params = [p for g in opt.param_groups for p in g["params"]]
+            norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm else math.inf)
+            if not torch.isfinite(norm):
+                bad("gradient norm", float(norm))
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            running.append(total)
+            bar.update(1)
+            bar.set_postfix(loss=f"{total:.4f}", **({"dev_em": f"{dev_metrics['em']:.3f}"} if dev_metrics else {}))
+            if log_every and (step % log_every == 0 or step == end):
+                _append_metrics(out, {"step": step, "loss": sum(running) / len(running),
+                                      "lr_generator": opt.param_groups[-1]["lr"],
+                                      "lr_question_encoder": opt.param_groups[0]["lr"], "grad_norm": float(norm),
+                                      "examples": pos, "seconds": round(time.time() - t0, 3)})
+                running = []
+            if dev is not None and eval_every and (step % eval_every == 0 or step == steps):
+                dev_metrics = evaluate_rag(model, dev, **(eval_kwargs or {}))
+                model.train()
+                best = dev_metrics["em"] if best is None else max(best, dev_metrics["em"])
+                _append_metrics(out, {"step": step, **{f"dev_{k}": v for k, v in dev_metrics.items()}})
+            if (save_every and step % save_every == 0) or step == end:
+                checkpoint()
+    finally:
+        bar.close()
+    result = {"step": step, "finished": step >= steps, "checkpoint": str(out / CHECKPOINT), "best_dev_em": best,
+              "dev": dev_metrics}
+    if step >= steps and save_model:
+        model.save_pretrained(out / MODEL)
+        result["model"] = str(out / MODEL)
+    return result
+
+
+# ---- evaluation ----
+
+def evaluate_rag(model, data, *, batch_size: int = 8, num_beams: int = 1, max_new_tokens: int = 20,
+                 n_docs: int | None = None, decoding: str | None = None, ks=(1, 5, 20),
+                 show_progress: bool = False, return_predictions: bool = False) -> dict:
+    """Generate an answer for every question and score it: {"em", "f1"} (SQuAD v1.1 normalisation, max over the
+    gold answers), retrieval "recall@k" (an answer occurs in one of the top-k passages, for the ks up to n_docs
+    and n_docs itself), and
+    "gold_recall@k" when the records name gold passages ("gold_ids"); "n" questions. data: records or a path."""
+    from ..metrics import exact_match, f1_score, retrieval_report
+
+    data = _check_data("data", data)
+    K = model.n_docs if n_docs is None else n_docs
+    ks = tuple(sorted({k for k in ks if k <= K} | {K}))  # recall at n_docs always, as at the smaller ks asked
+    preds, texts, ids = [], [], []
+    from tqdm.auto import tqdm
+
+    for s in tqdm(range(0, len(data), batch_size), desc="eval rag", disable=not show_progress):
+        part = data[s:s + batch_size]
+        g = model.generate([r["question"] for r in part], num_beams=num_beams, max_new_tokens=max_new_tokens,
+                           n_docs=K, decoding=decoding)
+        preds += g.answers
+        texts += [[f"{t} {x}" for t, x in zip(ts, xs)] for ts, xs in zip(g.titles, g.texts)]
+        ids += g.ids
+    answers = [r["answers"] for r in data]
+    gold = [r["gold_ids"] for r in data]
+    res = {"em": sum(exact_match(p, a) for p, a in zip(preds, answers)) / len(data),
+           "f1": sum(f1_score(p, a) for p, a in zip(preds, answers)) / len(data)}
+    rep = retrieval_report(texts, ids, answers, gold if all(gold) else None, ks=ks)
+    res.update({k: v for k, v in rep.items() if k != "questions"})
+    res["n"] = len(data)
+    if return_predictions:
+        res["predictions"] = preds
+    return res
+
+
+# ---- command line ----
+
+def _resolve_model_dir(path) -> Path:
+    """A model directory, or a `pyrag train --out` directory holding one under model/."""
+    from ..models.rag import CONFIG_NAME
+
+    p = Path(path)
+    if (p / CONFIG_NAME).is_file():
+        return p
+    if (p / MODEL / CONFIG_NAME).is_file():
+        return p / MODEL
+    raise FileNotFoundError(f"no pyrag RAG model in {str(p)!r} (expected {CONFIG_NAME} there or under {MODEL}/)")
+
+
+def _device(name: str | None) -> torch.device:
+    if name:
+        return torch.device(name)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def train_cli(argv: list[str]) -> int:
+    """`pyrag train`: jointly fine-tune a RAG model on a QA file."""
+    ap = argparse.ArgumentParser(prog="pyrag train", description=(
+        "Jointly train the question encoder and the generator of a RAG-Token / RAG-Sequence model on "
+        "(question, answers) pairs, retrieving from a fixed knowledge base. Data: JSONL lines "
+        "{\"question\", \"answers\": [...]} or SQuAD JSON. Rerunning with the same --out resumes exactly."))
+    ap.add_argument("--kb", required=True, help="knowledge base directory (pyrag build-kb)")
+    ap.add_argument("--train", required=True, help="training QA file")
+    ap.add_argument("--dev", default=None, help="dev QA file (EM every --eval-every steps)")
+    ap.add_argument("--generator", required=True, help="HF seq2seq (or decoder-only) model directory with tokenizer")
+    ap.add_argument("--question-encoder", default=None, help="encoder directory (default: the KB's encoder)")
+    ap.add_argument("--mode", choices=["token", "sequence"], default="token")
+    ap.add_argument("--out", required=True, help="output directory (checkpoint/, metrics.jsonl, model/)")
+    ap.add_argument("--n-docs", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=1000)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--grad-accum", type=int, default=1)
+    ap.add_argument("--lr-generator", type=float, default=3e-5)
+    ap.add_argument("--lr-question-encoder", type=float, default=1e-5)
+    ap.add_argument("--warmup-steps", type=int, default=0)
+    ap.add_argument("--weight-decay", type=float, default=0.0)
+    ap.add_argument("--max-grad-norm", type=float, default=1.0)
+    ap.add_argument("--label-smoothing", type=float, default=0.0)
+    ap.add_argument("--max-combined-length", type=int, default=300)
+    ap.add_argument("--eval-every", type=int, default=0)
+    ap.add_argument("--save-every", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-bf16", action="store_true", help="no bf16 autocast on GPU")
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args(argv)
+    from ..kb import KnowledgeBase
+    from ..models.encoders import Encoder
+    from ..models.rag import RagSequence, RagToken
+
+    try:
+        kb = KnowledgeBase.open(args.kb)
+        qe = Encoder.from_pretrained(args.question_encoder) if args.question_encoder else None
+        cls = RagToken if args.mode == "token" else RagSequence
+        model = cls.from_parts(qe, args.generator, kb, n_docs=args.n_docs, label_smoothing=args.label_smoothing,
+                               max_combined_length=args.max_combined_length).to(_device(args.device))
+        res = train_rag(model, args.train, args.dev, steps=args.steps, batch_size=args.batch_size,
+                        lr_generator=args.lr_generator, lr_question_encoder=args.lr_question_encoder,
+                        out_dir=args.out, warmup_steps=args.warmup_steps, grad_accum=args.grad_accum,
+                        max_grad_norm=args.max_grad_norm, weight_decay=args.weight_decay, seed=args.seed,
+                        eval_every=args.eval_every, save_every=args.save_every, bf16=not args.no_bf16,
+                        show_progress=not args.no_progress)
+    except FloatingPointError as e:
+        print(f"pyrag train: {e}", file=sys.stderr)
+        return 1
+    except (ValueError, FileNotFoundError, TypeError) as e:
+        print(f"pyrag train: error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(res, indent=2))
+    return 0
+
+
+def _load_for_cli(model_dir, kb, device):
+    from ..models.rag import RagModel
+
+    return RagModel.from_pretrained(_resolve_model_dir(model_dir), kb=kb, device=_device(device))
+
+
+def ask_cli(argv: list[str]) -> int:
+    """`pyrag ask`: answer questions with a trained model and show the passages it used."""
+    ap = argparse.ArgumentParser(prog="pyrag ask", description=(
+        "Answer a question with a trained RAG model; prints the answer and the retrieved passages with their "
+        "prior p(z|x) and posterior p(z|x,answer)."))
+    ap.add_argument("question", nargs="+", help="one or more questions")
+    ap.add_argument("--model", required=True, help="model directory (or a `pyrag train --out` directory)")
+    ap.add_argument("--kb", default=None, help="knowledge base directory (default: the one it was trained with)")
+    ap.add_argument("--n-docs", type=int, default=None)
+    ap.add_argument("--num-beams", type=int, default=4)
+    ap.add_argument("--max-new-tokens", type=int, default=32)
+    ap.add_argument("--decoding", choices=["thorough", "fast"], default=None, help="RAG-Sequence decoding")
+    ap.add_argument("--json", action="store_true", help="print JSON")
+    ap.add_argument("--device", default=None)
+    args = ap.parse_args(argv)
+    try:
+        model = _load_for_cli(args.model, args.kb, args.device)
+        g = model.generate(args.question, num_beams=args.num_beams, max_new_tokens=args.max_new_tokens,
+                           n_docs=args.n_docs, decoding=args.decoding)
+        post = g.doc_prior.clone()  # an empty answer tells nothing about the passages: posterior = prior
+        said = [b for b, a in enumerate(g.answers) if a.strip()]
+        if said:
+            post[said] = model.passage_posterior([args.question[b] for b in said], [g.answers[b] for b in said],
+                                                 n_docs=args.n_docs).doc_posterior.to(post)
+    except (ValueError, FileNotFoundError, TypeError) as e:
+        print(f"pyrag ask: error: {e}", file=sys.stderr)
+        return 2
+    results = []
+    for b, q in enumerate(args.question):
+        results.append({"question": q, "answer": g.answers[b], "log_prob": float(g.scores[b]), "passages": [
+            {"id": g.ids[b][k], "title": g.titles[b][k], "text": g.texts[b][k],
+             "prior": float(g.doc_prior[b, k]), "posterior": float(post[b, k])} for k in range(len(g.ids[b]))]})
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return 0
+    for r in results:
+        print(f"Q: {r['question']}\nA: {r['answer']}   (log p = {r['log_prob']:.3f})")
+        for k, p in enumerate(r["passages"]):
+            text = p["text"] if len(p["text"]) <= 160 else p["text"][:157] + "..."
+            print(f"  [{k + 1}] prior {p['prior']:.3f}  posterior {p['posterior']:.3f}  {p['id']}: "
+                  f"{p['title']} / {text}")
+    return 0
+
+
+def eval_cli(argv: list[str]) -> int:
+    """`pyrag eval`: EM / F1 / recall@k of a trained model on a QA file."""
+    ap = argparse.ArgumentParser(prog="pyrag eval", description=(
+        "Generate answers for a QA file (JSONL {\"question\", \"answers\"} or SQuAD JSON) and report exact match "
+        "and F1 (SQuAD v1.1 normalisation) and retrieval recall@k."))
+    ap.add_argument("--model", required=True, help="model directory (or a `pyrag train --out` directory)")
+    ap.add_argument("--data", required=True, help="QA file")
+    ap.add_argument("--kb", default=None)
+    ap.add_argument("--n-docs", type=int, default=None)
+    ap.add_argument("--num-beams", type=int, default=1)
+    ap.add_argument("--max-new-tokens", type=int, default=20)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--decoding", choices=["thorough", "fast"], default=None)
+    ap.add_argument("--limit", type=int, default=None, help="only the first N questions")
+    ap.add_argument("--out", default=None, help="also write the metrics (and predictions) as JSON here")
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args(argv)
+    try:
+        model = _load_for_cli(args.model, args.kb, args.device)
+        data = load_qa(args.data)[: args.limit]
+        res = evaluate_rag(model, data, batch_size=args.batch_size, num_beams=args.num_beams,
+                           max_new_tokens=args.max_new_tokens, n_docs=args.n_docs, decoding=args.decoding,
+                           show_progress=not args.no_progress, return_predictions=args.out is not None)
+    except (ValueError, FileNotFoundError, TypeError) as e:
+        print(f"pyrag eval: error: {e}", file=sys.stderr)
+        return 2
+    if args.out:
+        from ..kb_io import write_json_atomic
+
+        write_json_atomic(args.out, res)
+    print(json.dumps({k: v for k, v in res.items() if k != "predictions"}, indent=2))
+    return 0

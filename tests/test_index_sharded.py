@@ -1,0 +1,199 @@
+"""ShardedIndex: two CPU processes over gloo must return exactly what one FlatIndex over all passages returns
+(ties included), for per-rank and shared queries, int8 storage, custom labels, reconstruct, save/load, and must
+raise on every rank (never hang) when one rank's input is bad."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import pyrag
+from pyrag.index import FlatIndex, ShardedIndex
+
+D = 24
+# (rank 0 rows, rank 1 rows) per add() call; global order is rank-major within each call.
+CALLS = [(400, 300), (200, 101), (0, 5)]
+
+
+def _data(dtype_seed: int = 0):
+    """All passages in global order plus each rank's slice of each call (the same in every process)."""
+    g = torch.Generator().manual_seed(1234 + dtype_seed)
+    total = sum(a + b for a, b in CALLS)
+    x = torch.randn(total, D, generator=g) * torch.rand(total, 1, generator=g) * 3
+    # exact duplicates on different ranks: their scores tie and the lower global row must win, whether it sits on
+    # the lower rank (rows 0.. on rank 0 vs 420.. on rank 1) or the higher one (400.. on rank 1 vs 700.. on rank 0)
+    x[420:440] = x[0:20]
+    x[700:720] = x[400:420]
+    x[1001:1006] = x[300:305]
+    slices, pos = [], 0
+    for a, b in CALLS:
+        slices.append((x[pos:pos + a], x[pos + a:pos + a + b]))
+        pos += a + b
+    return x, slices
+
+
+def _queries():
+    g = torch.Generator().manual_seed(99)
+    x, _ = _data()
+    own = [torch.randn(3, D, generator=g), torch.cat([x[0:2], torch.randn(3, D, generator=g)])]
+    shared = torch.cat([x[700:702], x[420:421], torch.randn(2, D, generator=g)])
+    return own, shared
+
+
+def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    try:
+        results = {}
+        own, shared = _queries()
+        for dtype in ("float32", "int8"):
+            _, slices = _data()
+            index = ShardedIndex(D, dtype)
+            for call in slices:
+                index.add(call[rank])
+            results[dtype, "len"] = (len(index), index.local_len)
+            for k in (1, 50, 1006):
+                results[dtype, "own", k] = index.search(own[rank], k)
+                results[dtype, "shared", k] = index.search(shared, k, same_queries=True)
+            results[dtype, "reconstruct"] = index.reconstruct(torch.tensor([[5, 1004], [710, 0]]) + rank)
+
+        # custom labels: distinct across ranks, reconstruct across ranks, save/load
+        x, slices = _data()
+        index = ShardedIndex(D)
+        labels = torch.arange(len(x)) * 10 + 7
+        pos = 0
+        for a, b in CALLS:
+            mine = labels[pos:pos + a] if rank == 0 else labels[pos + a:pos + a + b]
+            index.add(x[pos:pos + a] if rank == 0 else x[pos + a:pos + a + b], ids=mine)
+            pos += a + b
+        results["labels", "search"] = index.search(own[rank], 20)
+        results["labels", "reconstruct"] = index.reconstruct(labels[[3, 702, 1004]])
+        index.save(os.path.join(out_dir, "shards"))
+        loaded = ShardedIndex.load(os.path.join(out_dir, "shards"))
+        results["labels", "loaded"] = loaded.search(own[rank], 20)
+
+        # errors reach every rank instead of leaving one waiting in a collective
+        errors = {}
+        for name, call in {
+            "duplicate_across_ranks": lambda: index.add(torch.randn(1, D), ids=torch.tensor([123456])),
+            "already_present": lambda: index.add(torch.randn(1, D), ids=labels[[rank]] if rank else torch.tensor([5])),
+            "ids_on_one_rank": lambda: index.add(torch.randn(1, D), ids=torch.tensor([777777]) if rank else None),
+            "bad_query_on_rank1": lambda: index.search(torch.randn(2, D + rank), 3),
+            "k_too_large": lambda: index.search(own[rank], len(index) + 1),
+            "unknown_id": lambda: index.reconstruct(torch.tensor([8 + rank])),
+        }.items():
+            try:
+                call()
+                errors[name] = None
+            except (ValueError, TypeError) as e:
+                errors[name] = str(e)
+        results["errors"] = errors
+        results["len_after_errors"] = len(index)
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run_two_ranks(tmp_path, timeout=240):
+    ctx = mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=False)
+    deadline = time.monotonic() + timeout
+    while not ctx.join(timeout=5):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"sharded workers did not finish within {timeout}s (a collective hung?)")
+    return [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+
+
+def _single(dtype: str) -> FlatIndex:
+    x, _ = _data()
+    index = FlatIndex(D, dtype)
+    index.add(x)
+    return index
+
+
+def test_two_process_gloo_sharded_index_equals_single_flat_index(tmp_path):
+    ranks = _run_two_ranks(tmp_path)
+    own, shared = _queries()
+    x, _ = _data()
+    for dtype in ("float32", "int8"):
+        single = _single(dtype)
+        assert ranks[0][dtype, "len"] == (1006, 600) and ranks[1][dtype, "len"] == (1006, 406)
+        for k in (1, 50, 1006):
+            for rank in range(2):
+                for kind, q in (("own", own[rank]), ("shared", shared)):
+                    s, i = ranks[rank][dtype, kind, k]
+                    es, ei = single.search(q, k)
+                    assert torch.equal(i, ei), f"{dtype} rank {rank} {kind} k={k}: ids differ"
+                    assert torch.equal(s, es), f"{dtype} rank {rank} {kind} k={k}: scores differ"
+        # rows 700 (rank 0) and 400 (rank 1) tie, as do 420 (rank 1) and 0 (rank 0): the lower id comes first,
+        # immediately followed by its twin, in every query's full ranking
+        for row in ranks[0][dtype, "shared", 1006][1].tolist():
+            assert row[row.index(400) + 1] == 700 and row[row.index(0) + 1] == 420
+        for rank in range(2):
+            ids = torch.tensor([[5, 1004], [710, 0]]) + rank
+            assert torch.equal(ranks[rank][dtype, "reconstruct"], single.reconstruct(ids))
+
+    labels = torch.arange(len(x)) * 10 + 7
+    single = FlatIndex(D)
+    single.add(x, ids=labels)
+    for rank in range(2):
+        for key in ("search", "loaded"):
+            s, i = ranks[rank]["labels", key]
+            es, ei = single.search(own[rank], 20)
+            assert torch.equal(i, ei) and torch.equal(s, es), f"labels/{key} rank {rank}"
+        assert torch.equal(ranks[rank]["labels", "reconstruct"], x[[3, 702, 1004]])
+
+    e0, e1 = ranks[0]["errors"], ranks[1]["errors"]
+    assert "more than once across ranks" in e0["duplicate_across_ranks"] and e1["duplicate_across_ranks"]
+    assert "already in the index" in e0["already_present"] and e1["already_present"]
+    assert "on every rank or on none" in e0["ids_on_one_rank"] and e1["ids_on_one_rank"]
+    assert "failed on rank(s) [1]" in e0["bad_query_on_rank1"] and "shape [N, 24]" in e1["bad_query_on_rank1"]
+    assert "k must be in [1, len(index)] = [1, 1006]" in e0["k_too_large"] and e1["k_too_large"]
+    assert "id 8 is not in the index" in e0["unknown_id"] and "id 9 is not in the index" in e1["unknown_id"]
+    assert ranks[0]["len_after_errors"] == ranks[1]["len_after_errors"] == 1006
+
+
+def test_sharded_index_needs_an_initialised_process_group():
+    if dist.is_initialized():
+        pytest.fail("this test expects no process group in the pytest process")
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        ShardedIndex(8)
+
+
+def _nccl_worker(rank: int, port: int, out_dir: str) -> None:
+    torch.cuda.set_device(0)
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        x, _ = _data()
+        index = ShardedIndex(D, "float16")
+        index.to("cuda")
+        index.add(x.cuda())
+        own, _ = _queries()
+        s, i = index.search(own[0].cuda(), 30)
+        torch.save((s.cpu(), i.cpu()), os.path.join(out_dir, "nccl.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not pyrag.has_cuda_kernels(), reason="needs a GPU and pyrag's CUDA kernels")
+def test_sharded_index_over_nccl_on_one_gpu_matches_flat(tmp_path):
+    mp.spawn(_nccl_worker, args=(_free_port(), str(tmp_path)), nprocs=1, join=True)
+    s, i = torch.load(tmp_path / "nccl.pt")
+    x, _ = _data()
+    single = FlatIndex(D, "float16").to("cuda")
+    single.add(x.cuda())
+    es, ei = single.search(_queries()[0][0].cuda(), 30)
+    assert torch.equal(i, ei.cpu()) and torch.equal(s, es.cpu())

@@ -1,0 +1,325 @@
+"""Knowledge bases: build -> open -> search (dense, BM25, hybrid), input formats, resumable sharded builds,
+no-op rebuilds, and clear errors for bad input, corrupted files and encoder mismatches."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+
+import pytest
+import torch
+from retriever_helpers import BASE_WORDS, one_thread, tiny_encoder  # noqa: F401 (one_thread: autouse fixture)
+
+import pyrag.kb as kbmod
+from pyrag.kb import KnowledgeBase, build_kb
+from pyrag.metrics import has_answer
+from pyrag.models.encoders import BiEncoder, Encoder
+
+NAMES = ["zorvex", "quillan", "marbeth", "tovanni", "elkhorn", "brisa", "caldor", "umbrin", "vesska", "dolmar"]
+WORDS = BASE_WORDS + NAMES
+
+
+def _passages(n=37):
+    attrs = ["river", "mountain", "lake", "island", "city"]
+    colors = ["red", "green", "blue"]
+    return [{"id": f"p{i}", "title": f"{NAMES[i % 10]} {attrs[i % 5]}",
+             "text": f"the {colors[i % 3]} {attrs[(i // 5) % 5]} of {NAMES[(i * 3) % 10]} is "
+                     f"{'old ' * (i % 4)}and {NAMES[(i * 7) % 10]} lived there"} for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def enc_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("enc") / "m"
+    tiny_encoder(d, WORDS)
+    return d
+
+
+@pytest.fixture
+def enc(enc_dir):
+    return Encoder.from_pretrained(enc_dir, pooling="mean", max_length=64)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, enc_dir):
+    out = tmp_path_factory.mktemp("kb") / "kb"
+    build_kb(_passages(), out, encoder=Encoder.from_pretrained(enc_dir, pooling="mean", max_length=64),
+             shard_size=8, batch_size=5, show_progress=False)
+    return out
+
+
+def _table(path):
+    con = sqlite3.connect(path / "passages.sqlite")
+    try:
+        return con.execute("SELECT row, id, title, text FROM passages ORDER BY row").fetchall()
+    finally:
+        con.close()
+
+
+def test_build_open_search_matches_brute_force(built, enc):
+    ps = _passages()
+    kb = KnowledgeBase.open(built)
+    assert len(kb) == len(ps) and kb.dim == enc.dim
+    want_p = enc.encode_passages([p["title"] for p in ps], [p["text"] for p in ps], show_progress=False)
+    torch.testing.assert_close(kb.vectors(torch.arange(len(ps))), want_p, rtol=1e-5, atol=1e-5)
+    qs = ["where did zorvex live", "the blue lake of brisa", "old caldor river"]
+    res = kb.search(qs, 5)
+    q = enc.encode(qs, show_progress=False)
+    ref_scores, ref_rows = torch.topk(q @ want_p.T, 5)
+    assert torch.equal(res.rows, ref_rows)
+    torch.testing.assert_close(res.scores, ref_scores, rtol=1e-5, atol=1e-4)
+    assert res.vectors.shape == (3, 5, enc.dim)
+    torch.testing.assert_close(res.vectors, want_p[res.rows], rtol=1e-5, atol=1e-5)
+    assert res.ids == [[ps[r]["id"] for r in row] for row in res.rows.tolist()]
+    assert res.texts == [[ps[r]["text"] for r in row] for row in res.rows.tolist()]
+    assert res.titles == [[ps[r]["title"] for r in row] for row in res.rows.tolist()]
+    # Vectors in, same answer; passages() / ids() / row_of agree.
+    assert torch.equal(kb.search(q, 5).rows, res.rows)
+    titles, texts = kb.passages(torch.tensor([[3, 4], [5, 6]]))
+    assert texts == [[ps[3]["text"], ps[4]["text"]], [ps[5]["text"], ps[6]["text"]]] and titles[1][0] == ps[5]["title"]
+    assert kb.row_of("p17") == 17
+    with pytest.raises(KeyError, match="nope"):
+        kb.row_of("nope")
+    with pytest.raises(ValueError, match="k must be"):
+        kb.search(qs, len(ps) + 1)
+    with pytest.raises(ValueError, match=r"\[Q, 32\]"):
+        kb.search(torch.zeros(2, 7), 3)
+
+
+def test_bm25_mode_ranks_by_bm25s_scores(built):
+    import bm25s
+
+    ps = _passages()
+    kb = KnowledgeBase.open(built)
+    qs = ["zorvex river", "green island of umbrin"]
+    res = kb.search(qs, 4, mode="bm25")
+    ref = bm25s.BM25()
+    ref.index(bm25s.tokenize([f"{p['title']} {p['text']}" for p in ps], stopwords="en", show_progress=False),
+              show_progress=False)
+    for i, q in enumerate(qs):
+        s = torch.from_numpy(ref.get_scores(bm25s.tokenize([q], stopwords="en", return_ids=False,
+                                                            show_progress=False)[0]))
+        torch.testing.assert_close(res.scores[i], s[res.rows[i]])
+        assert float(res.scores[i, -1]) >= float(s.sort(descending=True).values[3]) - 1e-6
+    assert (built / "bm25").is_dir()  # cached for the next open
+    assert torch.equal(KnowledgeBase.open(built).search(qs, 4, mode="bm25").rows, res.rows)
+    with pytest.raises(ValueError, match="needs the question texts"):
+        kb.search(torch.zeros(1, kb.dim), 3, mode="bm25")
+
+
+def test_hybrid_is_dense_plus_weighted_bm25_over_the_union(built):
+    kb = KnowledgeBase.open(built)
+    qs = ["where did zorvex live", "the blue lake of brisa"]
+    lam = 0.5
+    res = kb.search(qs, 6, mode="hybrid", hybrid_weight=lam, candidates=8)
+    q = kb.encode_questions(qs)
+    bm = list(kb.bm25.iter_scores(qs))
+    dense_rows = kb.search(q, 8).rows
+    bm_rows = kb.search(qs, 8, mode="bm25").rows
+    for i in range(len(qs)):
+        union = sorted(set(dense_rows[i].tolist()) | set(bm_rows[i].tolist()))
+        fused = {r: float(kb.vectors(torch.tensor([r]))[0] @ q[i]) + lam * float(bm[i][r]) for r in union}
+        want = sorted(union, key=lambda r: (-fused[r], r))[:6]
+        assert res.rows[i].tolist() == want
+        torch.testing.assert_close(res.scores[i], torch.tensor([fused[r] for r in want]), rtol=1e-5, atol=1e-5)
+    # lambda = 0 is the dense ranking; a huge lambda is the BM25 ranking.
+    assert torch.equal(kb.search(qs, 6, mode="hybrid", hybrid_weight=0.0).rows, kb.search(qs, 6).rows)
+    top = kb.search(qs, 3, mode="hybrid", hybrid_weight=1e6).rows[:, 0].tolist()
+    assert [float(bm[i][r]) for i, r in enumerate(top)] == [float(b.max()) for b in bm]  # dense only breaks ties
+
+
+def test_interrupted_build_resumes_to_the_same_kb(tmp_path, enc, monkeypatch):
+    ps = _passages()
+    build_kb(ps, tmp_path / "whole", encoder=enc, shard_size=8, show_progress=False)
+
+    real_save, saved = kbmod._save_shard, []
+
+    def crash_after_two(path, vectors):
+        if len(saved) == 2:
+            raise KeyboardInterrupt("simulated interruption")
+        real_save(path, vectors)
+        saved.append(path.name)
+
+    monkeypatch.setattr(kbmod, "_save_shard", crash_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        build_kb(ps, tmp_path / "resumed", encoder=enc, shard_size=8, show_progress=False)
+    assert not (tmp_path / "resumed" / "meta.json").exists()
+    with pytest.raises(FileNotFoundError, match="unfinished build"):
+        KnowledgeBase.open(tmp_path / "resumed")
+
+    monkeypatch.setattr(kbmod, "_save_shard", real_save)
+    encoded = []
+    real_encode = Encoder.encode_passages
+
+    def counting(self, titles, texts, *a, **k):
+        encoded.append(len(texts))
+        return real_encode(self, titles, texts, *a, **k)
+
+    monkeypatch.setattr(Encoder, "encode_passages", counting)
+    kb = build_kb(ps, tmp_path / "resumed", encoder=enc, shard_size=8, show_progress=False)
+    assert sum(encoded) == len(ps) - 16  # the two finished shards were not encoded again
+    whole = KnowledgeBase.open(tmp_path / "whole")
+    assert torch.equal(kb.vectors(torch.arange(len(ps))), whole.vectors(torch.arange(len(ps))))
+    assert _table(tmp_path / "resumed") == _table(tmp_path / "whole")
+    assert kb.meta["files"] == whole.meta["files"]  # byte-identical index and passages files
+    assert not (tmp_path / "resumed" / "build").exists()
+
+    # A different input for the unfinished-build directory is refused instead of mixing shards.
+    monkeypatch.setattr(kbmod, "_save_shard", crash_after_two)
+    saved.clear()
+    with pytest.raises(KeyboardInterrupt):
+        build_kb(ps, tmp_path / "other", encoder=enc, shard_size=8, show_progress=False)
+    monkeypatch.setattr(kbmod, "_save_shard", real_save)
+    with pytest.raises(ValueError, match="unfinished build that differs in passages"):
+        build_kb(ps[:-1], tmp_path / "other", encoder=enc, shard_size=8, show_progress=False)
+
+
+def test_rebuilding_a_finished_kb_is_a_no_op(built, enc, monkeypatch):
+    before = {p.name: p.stat().st_mtime_ns for p in built.iterdir() if p.is_file()}
+
+    def no_encoding(*a, **k):
+        raise AssertionError("a finished KB must not be re-encoded")
+
+    monkeypatch.setattr(Encoder, "encode", no_encoding)
+    kb = build_kb(_passages(), built, encoder=enc, shard_size=8, show_progress=False)
+    assert len(kb) == len(_passages())
+    assert {p.name: p.stat().st_mtime_ns for p in built.iterdir() if p.is_file()} == before
+    changed = _passages()
+    changed[3]["text"] += " extra"
+    with pytest.raises(ValueError, match="differs in passages"):
+        build_kb(changed, built, encoder=enc, show_progress=False)
+
+
+def test_progress_bar_shows_rate_and_eta(tmp_path, enc, capsys):
+    build_kb(_passages(), tmp_path / "kb", encoder=enc, shard_size=8, show_progress=True)
+    err = capsys.readouterr().err
+    assert "encoding passages" in err and "37/37" in err and "passage/s" in err and "<" in err  # "elapsed<eta"
+
+
+def test_input_files_jsonl_tsv_squad(tmp_path, enc):
+    ps = _passages(12)
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps(p) + "\n" for p in ps))
+    tsv = "id\ttext\ttitle\n" + "".join(f'{p["id"]}\t"{p["text"]}, ""quoted"""\t{p["title"]}\n' for p in ps)
+    (tmp_path / "p.tsv").write_text(tsv)
+    squad = {"data": [{"title": "Zorvex_River", "paragraphs": [{"context": ps[0]["text"], "qas": []},
+                                                                {"context": ps[1]["text"], "qas": []}]},
+                      {"title": "Brisa", "paragraphs": [{"context": ps[2]["text"], "qas": []}]}]}
+    (tmp_path / "s.json").write_text(json.dumps(squad))
+    kb = build_kb(tmp_path / "p.jsonl", tmp_path / "kb1", encoder=enc, show_progress=False)
+    assert kb.ids(torch.arange(12)) == [p["id"] for p in ps]
+    kb = build_kb(tmp_path / "p.tsv", tmp_path / "kb2", encoder=enc, show_progress=False)
+    assert kb.passages(torch.tensor([5]))[1] == [ps[5]["text"] + ', "quoted"']
+    assert kb.passages(torch.tensor([5]))[0] == [ps[5]["title"]]
+    kb = build_kb(tmp_path / "s.json", tmp_path / "kb3", encoder=enc, show_progress=False)
+    assert kb.ids(torch.arange(3)) == ["Zorvex_River#0", "Zorvex_River#1", "Brisa#0"]
+    assert kb.passages(torch.tensor([1])) == (["Zorvex River"], [ps[1]["text"]])
+
+
+def test_bad_inputs_give_clear_errors(tmp_path, enc):
+    good = json.dumps(_passages(1)[0])
+    (tmp_path / "bad.jsonl").write_text(f"{good}\n\n{{\"id\": \"x\", \"text\": oops}}\n")
+    with pytest.raises(ValueError, match=r"bad\.jsonl:3: malformed JSON on line 3"):
+        build_kb(tmp_path / "bad.jsonl", tmp_path / "kb", encoder=enc, show_progress=False)
+    dup = _passages(5) + [{"id": "p2", "title": "", "text": "again"}]
+    with pytest.raises(ValueError, match=r"duplicate passage id 'p2': at passage #2 and again at passage #5"):
+        build_kb(dup, tmp_path / "kb", encoder=enc, show_progress=False)
+    with pytest.raises(ValueError, match=r"passage #1: passage 'e' has empty text"):
+        build_kb([_passages(1)[0], {"id": "e", "title": "t", "text": "  "}], tmp_path / "kb", encoder=enc,
+                 show_progress=False)
+    with pytest.raises(FileNotFoundError, match="missing.jsonl"):
+        build_kb(tmp_path / "missing.jsonl", tmp_path / "kb", encoder=enc, show_progress=False)
+    (tmp_path / "h.tsv").write_text("a\tb\n1\t2\n")
+    with pytest.raises(ValueError, match="expected DPR's TSV header"):
+        build_kb(tmp_path / "h.tsv", tmp_path / "kb", encoder=enc, show_progress=False)
+    with pytest.raises(ValueError, match="no passages"):
+        build_kb([], tmp_path / "kb", encoder=enc, show_progress=False)
+    with pytest.raises(ValueError, match="index must be"):
+        build_kb(_passages(3), tmp_path / "kb", encoder=enc, index="ivf")
+    with pytest.raises(FileNotFoundError, match="not a knowledge base"):
+        KnowledgeBase.open(tmp_path)
+
+
+def test_encoder_mismatch_is_refused(built, enc_dir, tmp_path):
+    other = tiny_encoder(tmp_path / "other", WORDS, seed=5)
+    with pytest.raises(ValueError, match="encoder mismatch"):
+        KnowledgeBase.open(built, encoder=other)
+    cls_pooled = Encoder.from_pretrained(enc_dir, pooling="cls", max_length=64)
+    with pytest.raises(ValueError, match="encoder mismatch.*pooling=cls"):
+        KnowledgeBase.open(built, encoder=cls_pooled)
+    with pytest.raises(ValueError, match="differs in passage_fingerprint"):
+        build_kb(_passages(), built, encoder=other, show_progress=False)
+    same = Encoder.from_pretrained(enc_dir, pooling="mean", max_length=64)
+    assert KnowledgeBase.open(built, encoder=same).encoder is same
+
+
+def test_corrupted_files_are_refused(tmp_path, enc):
+    build_kb(_passages(9), tmp_path / "kb", encoder=enc, show_progress=False)
+    db = tmp_path / "kb" / "passages.sqlite"
+    raw = bytearray(db.read_bytes())
+    raw[-100] ^= 0xFF
+    db.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match="checksum differs"):
+        KnowledgeBase.open(tmp_path / "kb")
+    (tmp_path / "kb" / "index.pyragidx").write_bytes(b"short")
+    with pytest.raises(ValueError, match="size 5 differs"):
+        KnowledgeBase.open(tmp_path / "kb", verify=False)
+
+
+@pytest.mark.parametrize("index,dtype,tol", [("flat", "float16", 2e-3), ("flat", "int8", 3e-2),
+                                             ("hnsw", "float32", 1e-6)])
+def test_other_index_kinds_and_dtypes(tmp_path, enc, index, dtype, tol):
+    pytest.importorskip("hnswlib") if index == "hnsw" else None
+    ps = _passages()
+    kb = build_kb(ps, tmp_path / "kb", encoder=enc, index=index, dtype=dtype, show_progress=False)
+    assert kb.meta["index"] == index and kb.meta["dtype"] == dtype
+    want = enc.encode_passages([p["title"] for p in ps], [p["text"] for p in ps], show_progress=False)
+    got = KnowledgeBase.open(tmp_path / "kb").vectors(torch.arange(len(ps)))
+    assert (got - want).abs().max() <= tol * want.abs().max()
+    res = kb.search(["where did zorvex live"], 3)
+    assert torch.equal(res.rows[0], torch.topk(enc.encode(["where did zorvex live"], show_progress=False) @ got.T,
+                                               3).indices[0])
+
+
+def test_trained_in_memory_encoder_is_saved_with_the_kb(tmp_path, enc):
+    with torch.no_grad():
+        enc.model.embeddings.word_embeddings.weight.mul_(1.5)  # now differs from its directory
+    build_kb(_passages(10), tmp_path / "kb", encoder=enc, show_progress=False)
+    kb = KnowledgeBase.open(tmp_path / "kb")
+    assert kb.meta["passage_encoder"]["path"] == "passage_encoder"
+    assert kb.encoder.fingerprint() == enc.fingerprint()
+
+
+def test_separate_encoders_record_both(tmp_path, enc_dir):
+    bi = BiEncoder.from_pretrained(enc_dir, shared=False, pooling="mean", max_length=64)
+    with torch.no_grad():
+        bi.question_encoder.model.embeddings.word_embeddings.weight.mul_(0.5)
+    build_kb(_passages(10), tmp_path / "kb", encoder=bi, show_progress=False)
+    kb = KnowledgeBase.open(tmp_path / "kb")
+    assert not kb.meta["shared_encoder"]
+    assert kb.encoder.fingerprint() == bi.question_encoder.fingerprint()
+    assert kb.passage_encoder.fingerprint() == bi.passage_encoder.fingerprint()
+    with pytest.raises(ValueError, match="encoder mismatch"):
+        KnowledgeBase.open(tmp_path / "kb", encoder=bi.question_encoder)
+    q = bi.question_encoder.encode(["zorvex river"], show_progress=False)
+    assert torch.equal(kb.search(["zorvex river"], 3).rows, kb.search(q, 3).rows)
+
+
+def test_build_and_eval_commands(tmp_path, enc_dir, capsys):
+    from pyrag.kb import build_kb_cli
+    from pyrag.metrics import eval_retriever_cli
+
+    ps = _passages(15)
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps(p) + "\n" for p in ps))
+    assert build_kb_cli([str(tmp_path / "p.jsonl"), "--out", str(tmp_path / "kb"), "--encoder", str(enc_dir),
+                         "--no-progress", "--shard-size", "4"]) == 0
+    qa = [{"question": f"{p['title']}", "answers": [p["title"].split()[0]], "gold_ids": [p["id"]]} for p in ps]
+    (tmp_path / "qa.jsonl").write_text("".join(json.dumps(q) + "\n" for q in qa))
+    capsys.readouterr()
+    assert eval_retriever_cli(["--kb", str(tmp_path / "kb"), "--qa", str(tmp_path / "qa.jsonl"), "--k", "1", "3",
+                               "--mode", "bm25", "--out", str(tmp_path / "r.json")]) == 0
+    rep = json.loads((tmp_path / "r.json").read_text())
+    kb = KnowledgeBase.open(tmp_path / "kb")
+    res = kb.search([q["question"] for q in qa], 3, mode="bm25")
+    want = sum(any(has_answer(t, q["answers"]) for t in ts[:1]) for ts, q in zip(res.texts, qa)) / len(qa)
+    assert rep["recall@1"] == pytest.approx(want) and "gold_recall@3" in rep and rep["questions"] == 15
+    assert build_kb_cli([str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "kb2")]) == 2
+    assert "not found" in capsys.readouterr().err

@@ -1,0 +1,207 @@
+"""Edge cases and input hygiene of the fused RAG losses: all-padding questions, T=1, K=1, -inf and +-1e4 logits,
+equal and -inf passage scores (finite, correct forward and gradients), and clear errors for bad arguments."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_rag_loss import LOSSES, assert_three_way, make_inputs, run
+
+from pyrag import (
+    RagSequenceLoss,
+    RagTokenLoss,
+    rag_sequence_loss,
+    rag_token_loss,
+    rag_token_marginal_logprobs,
+)
+from pyrag.ops.rag_loss import rag_marginal_nll
+
+MODES = ["sequence", "token"]
+
+
+@pytest.mark.parametrize("epsilon", [0.0, 0.1])
+@pytest.mark.parametrize("mode", MODES)
+def test_all_padding_question_contributes_zero_loss_and_gradient(mode, epsilon):
+    z, s, y = make_inputs(3, 4, 5, 64)
+    y[2] = -100
+    fn, _ = LOSSES[mode]
+    loss, gz, gs = run(fn, z, s, y, torch.ones(3), epsilon=epsilon, reduction="none")
+    # Questions 1 and 2 have no targets: LL = 0 (sequence: logsumexp_k log_prior, 0 up to fp32 rounding). With
+    # smoothing, RAG-Sequence's S = logsumexp_k(V p_k + sum over no tokens) still holds the prior (HF's definition).
+    want = torch.zeros(2)
+    if mode == "sequence" and epsilon > 0:
+        want = -(epsilon / 64) * torch.logsumexp(64 * torch.log_softmax(s[1:].double(), 1), 1).float()
+    torch.testing.assert_close(loss[1:], want, rtol=1e-5, atol=1e-6)
+    assert loss[0].item() > 0.0
+    gz = gz.view(3, 4, 5, 64)
+    assert torch.all(gz[1:] == 0)
+    if not (mode == "sequence" and epsilon > 0):
+        assert torch.all(gs[1:].abs() < 1e-7)
+    assert_three_way(mode, z, s, y, epsilon=epsilon)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("B,K,T,V", [(2, 3, 1, 50), (3, 1, 4, 50), (1, 1, 1, 7)])
+def test_single_step_and_single_passage(mode, B, K, T, V):
+    z, s, y = make_inputs(B, K, T, V, pad=False)
+    for eps in (0.0, 0.1):
+        assert_three_way(mode, z, s, y, epsilon=eps)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("mode", MODES)
+def test_negative_infinity_and_huge_logits(mode, dtype):
+    B, K, T, V = 2, 3, 5, 300
+    z, s, y = make_inputs(B, K, T, V, dtype=dtype)
+    z = z.view(B, K, T, V).clone()
+    z[..., 7] = 1e4  # a dominating class ...
+    z[:, :, 1, 7] = -1e4  # ... very unlikely at one step
+    z[:, 0, :, 11:40] = float("-inf")  # passage 0 cannot produce these classes at all
+    y[0, 2] = 7  # targets on the huge logits
+    y[1, 1] = 7
+    y[:, 3] = torch.where(y[:, 3] == -100, y[:, 3], torch.tensor(12))  # a class passage 0 gives -inf
+    z = z.view(B * K, T, V)
+    assert_three_way(mode, z, s, y, epsilon=0.0)
+    if mode == "token":  # smoothing stays finite: some passage gives every class a finite log-prob
+        assert_three_way(mode, z, s, y, epsilon=0.1)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_equal_passage_scores(mode):
+    z, s, y = make_inputs(2, 4, 5, 80)
+    assert_three_way(mode, z, torch.zeros_like(s), y, epsilon=0.1)
+
+
+@pytest.mark.parametrize("epsilon", [0.0, 0.1])
+@pytest.mark.parametrize("mode", MODES)
+def test_all_but_one_passage_score_negative_infinity(mode, epsilon):
+    B, K, T, V = 2, 4, 5, 80
+    z, _, y = make_inputs(B, K, T, V)
+    s = torch.full((B, K), float("-inf"))
+    s[:, 2] = 0.3
+    loss, gz, gs = run(LOSSES[mode][0], z, s, y, torch.ones(B), epsilon=epsilon, reduction="none")
+    assert torch.isfinite(loss).all() and torch.isfinite(gz).all() and torch.isfinite(gs).all()
+    assert torch.all(gz.view(B, K, T, V)[:, [0, 1, 3]] == 0)  # passages with zero prior get no gradient
+    # With one passage left both losses are that passage's (smoothed) token NLL.
+    only = z.view(B, K, T, V)[:, 2:3].reshape(B, T, V)
+    single = LOSSES[mode][0](only, torch.zeros(B, 1), y, epsilon=epsilon, reduction="none")
+    torch.testing.assert_close(loss, single)
+    assert_three_way(mode, z, s, y, epsilon=epsilon)
+
+
+def test_per_token_scores_with_negative_infinity_entries():
+    B, K, T, V = 2, 3, 6, 90
+    z, s, y = make_inputs(B, K, T, V, per_token=True)
+    s[:, 0, ::2] = float("-inf")  # passage 0 only available at odd steps
+    s[0, 1, 1] = float("-inf")
+    for eps in (0.0, 0.1):
+        assert_three_way("token", z, s, y, epsilon=eps)
+
+
+def test_module_twins_match_functions():
+    z, s, y = make_inputs(2, 3, 4, 20)
+    torch.testing.assert_close(RagSequenceLoss(epsilon=0.1)(z, s, y), rag_sequence_loss(z, s, y, epsilon=0.1))
+    torch.testing.assert_close(
+        RagTokenLoss(reduction="sum")(z, s, y), rag_token_loss(z, s, y, reduction="sum")
+    )
+    y2 = y.masked_fill(y == -100, 5)
+    torch.testing.assert_close(
+        RagTokenLoss(ignore_index=5)(z, s, y2), rag_token_loss(z, s, y2, ignore_index=5)
+    )
+    with pytest.raises(ValueError, match="reduction"):
+        RagTokenLoss(reduction="avg")
+
+
+# ---- bad input ----
+
+B, K, T, V = 2, 3, 4, 11
+
+
+def _good():
+    return torch.randn(B * K, T, V), torch.randn(B, K), torch.randint(0, V, (B, T))
+
+
+@pytest.mark.parametrize("fn", [rag_sequence_loss, rag_token_loss])
+def test_bad_shapes_name_the_argument(fn):
+    z, s, y = _good()
+    with pytest.raises(ValueError, match=r"logits.*\(24, 11\)"):
+        fn(z.view(-1, V), s, y)  # wrong rank
+    with pytest.raises(ValueError, match=r"doc_scores.*\(2,\)"):
+        fn(z, s[:, 0], y)
+    with pytest.raises(ValueError, match=r"not divisible by K.*|logits.shape=\(7, 4, 11\).*not divisible"):
+        fn(torch.randn(7, T, V), s, y)
+    with pytest.raises(ValueError, match=r"logits.*\(9, 4, 11\)"):
+        fn(torch.randn(9, T, V), s, y)  # divisible by K but not B*K
+    with pytest.raises(ValueError, match=r"target.*\(2, 5\)"):
+        fn(z, s, torch.zeros(B, T + 1, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"target.*\(8,\)"):
+        fn(z, s, y.view(-1))
+    with pytest.raises(ValueError, match=r"logits.*\(3, 3, 4, 11\)"):
+        fn(torch.randn(3, K, T, V), s, y)
+
+
+@pytest.mark.parametrize("fn", [rag_sequence_loss, rag_token_loss])
+def test_bad_types_values_and_devices(fn):
+    z, s, y = _good()
+    with pytest.raises(TypeError, match="logits.*int64"):
+        fn(z.long(), s, y)
+    with pytest.raises(TypeError, match="target.*float32"):
+        fn(z, s, y.float())
+    y_bad = y.clone()
+    y_bad[1, 2] = V
+    with pytest.raises(ValueError, match=r"target\[1, 2\] = 11 is outside \[0, V=11\)"):
+        fn(z, s, y_bad)
+    y_bad[1, 2] = -1
+    with pytest.raises(ValueError, match=r"target\[1, 2\] = -1"):
+        fn(z, s, y_bad)
+    y_bad[1, 2] = -100  # ignored positions may hold anything
+    fn(z, s, y_bad)
+    s_bad = s.clone()
+    s_bad[1] = float("-inf")
+    with pytest.raises(ValueError, match=r"doc_scores has no finite passage score for question/step \(1,\)"):
+        fn(z, s_bad, y)
+    with pytest.raises(ValueError, match="doc_scores is on meta"):
+        fn(z, s.to("meta"), y)
+    with pytest.raises(ValueError, match="target is on meta"):
+        fn(z, s, y.to("meta"))
+    with pytest.raises(ValueError, match="reduction.*'avg'"):
+        fn(z, s, y, reduction="avg")
+    for eps in (1.0, -0.1, float("nan")):
+        with pytest.raises(ValueError, match="epsilon"):
+            fn(z, s, y, epsilon=eps)
+
+
+def test_per_token_scores_rejected_for_sequence_loss():
+    z, s, y = _good()
+    with pytest.raises(ValueError, match=r"doc_scores.*RAG-Token only.*\(2, 3, 4\)"):
+        rag_sequence_loss(z, s[..., None].expand(B, K, T), y)
+    with pytest.raises(ValueError, match=r"doc_scores.*\(2, 3, 5\)"):
+        rag_token_loss(z, torch.randn(B, K, T + 1), y)
+
+
+def test_token_marginal_bad_inputs():
+    z, s, _ = _good()
+    with pytest.raises(ValueError, match=r"step_logits.*\(5, 11\)"):
+        rag_token_marginal_logprobs(torch.randn(5, V), s)
+    with pytest.raises(ValueError, match=r"doc_scores.*\(2, 3, 4\)"):
+        rag_token_marginal_logprobs(z[:, 0], torch.randn(B, K, T))
+    with pytest.raises(TypeError, match="step_logits"):
+        rag_token_marginal_logprobs(z[:, 0].long(), s)
+    with pytest.raises(ValueError, match="doc_scores has no finite passage score for question 0"):
+        rag_token_marginal_logprobs(z[:, 0], torch.full((B, K), float("-inf")))
+
+
+def test_op_level_errors_name_the_argument():
+    z = torch.randn(B, K, T, V)
+    lp = torch.log_softmax(torch.randn(B, K), 1)
+    y = torch.randint(0, V, (B, T))
+    m = torch.ones(B, T, dtype=torch.bool)
+    with pytest.raises(ValueError, match="mode"):
+        rag_marginal_nll(z, lp, y, m, m, mode="seq", epsilon=0.0)
+    with pytest.raises(ValueError, match=r"log_prior.*\(2, 3, 4\)"):
+        rag_marginal_nll(z, lp[..., None].expand(B, K, T), y, m, m, mode="sequence", epsilon=0.0)
+    with pytest.raises(ValueError, match=r"nll_mask.*\(2, 5\)"):
+        rag_marginal_nll(z, lp, y, torch.ones(B, T + 1, dtype=torch.bool), m, mode="token", epsilon=0.0)
+    y[0, 1] = 99
+    with pytest.raises(ValueError, match=r"target\[0, 1\] = 99"):  # checked by the CPU kernel itself
+        rag_marginal_nll(z, lp, y, m, m, mode="token", epsilon=0.0)

@@ -1,0 +1,471 @@
+"""Tests of pyrag.topk_ip (CPU kernel, CUDA kernel where a GPU exists): exact ids and scores against an fp64 brute
+force, tie order, tiling/threading/SIMD paths, bad inputs, opcheck and torch.compile."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import pyrag
+from pyrag.ops.topk_ip import best_cpu_isa, topk_ip, topk_ip_options
+from pyrag.reference import topk_ip_reference
+
+U32 = 2.0**-24  # fp32 unit roundoff
+
+
+def _make(Q, N, D, dtype, seed=0):
+    """Random queries [Q, D] fp32 and docs [N, D] stored as dtype (+ doc_scale for int8)."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(Q, D, generator=g)
+    d = torch.randn(N, D, generator=g)
+    if dtype == torch.int8:
+        scale = d.abs().amax(dim=1).clamp_min(1e-6) / 127  # symmetric per-row quantisation
+        return q, (d / scale[:, None]).round().clamp(-127, 127).to(torch.int8), scale
+    return q, d.to(dtype), None
+
+
+def _dequant64(docs, scale):
+    d = docs.double()
+    return d if scale is None else d * scale.double()[:, None]
+
+
+def _gt_topk(q64, d64, m, chunk=8192):
+    """fp64 brute force: best m per query by (score desc, id asc), chunked over docs so [Q, N] is never held."""
+    best_s = q64.new_empty((q64.shape[0], 0))
+    best_i = torch.empty((q64.shape[0], 0), dtype=torch.int64)
+    for lo in range(0, d64.shape[0], chunk):
+        s = q64 @ d64[lo : lo + chunk].T
+        i = torch.arange(lo, lo + s.shape[1]).expand_as(s)
+        s, i = torch.cat([best_s, s], 1), torch.cat([best_i, i], 1)  # earlier (lower) ids first
+        s, order = torch.sort(s, dim=1, descending=True, stable=True)
+        best_s, best_i = s[:, :m], i.gather(1, order[:, :m])
+    return best_s, best_i
+
+
+def assert_topk_exact(q, docs, k, scores, ids, doc_scale=None):
+    """Strict check against fp64 brute force on the dequantised docs.
+
+    Every score must equal the fp64 inner product of its id within the rigorous fp32 dot-product error bound
+    tol = (D + 3) u sum_j |q_j d_j| (any summation order; +1 rounding each for int8's scale and fp16 queries).
+    Ids must equal the expected ones exactly, except inside clusters of expected scores that lie within 2 tol of
+    each other (their order is decided by rounding); a cluster that ends before k must still hold exactly the
+    expected set of ids, and one reaching past k may hold any docs whose true score is that close.
+    """
+    Q, D = q.shape
+    N = docs.shape[0]
+    assert scores.shape == (Q, k) and ids.shape == (Q, k), (scores.shape, ids.shape)
+    assert scores.dtype == torch.float32 and ids.dtype == torch.int64
+    if Q == 0:
+        return
+    ids_np = ids.numpy()
+    assert ids_np.min() >= 0 and ids_np.max() < N, "ids out of range"
+    assert all(len(set(r)) == k for r in ids_np.tolist()), "duplicate ids in a row"
+    q64, d64 = q.double(), _dequant64(docs, doc_scale)
+    gt_ret = torch.einsum("qd,qkd->qk", q64, d64[ids])  # true scores of the returned ids
+    abs_ret = torch.einsum("qd,qkd->qk", q64.abs(), d64[ids].abs())
+    tol_ret = (D + 3) * U32 * abs_ret + 1e-30
+    err = (scores.double() - gt_ret).abs()
+    worst = int(torch.argmax(err - tol_ret))
+    assert bool((err <= tol_ret).all()), (
+        f"score off at [q={worst // k}, j={worst % k}]: got {scores.flatten()[worst].item()}, "
+        f"fp64 {gt_ret.flatten()[worst].item()}, tol {tol_ret.flatten()[worst].item()}"
+    )
+    s_np = scores.numpy()
+    assert (s_np[:, :-1] >= s_np[:, 1:]).all(), "scores not sorted descending"
+    eq = s_np[:, :-1] == s_np[:, 1:]
+    assert (ids_np[:, 1:][eq] > ids_np[:, :-1][eq]).all(), "equal scores not ordered by id"
+
+    m = min(k + 1, N)
+    e_s, e_i = _gt_topk(q64, d64, m)
+    e_abs = torch.einsum("qd,qkd->qk", q64.abs(), d64[e_i].abs())
+    tol_row = torch.maximum(((D + 3) * U32 * e_abs).amax(1), tol_ret.amax(1)).numpy()
+    e_s, e_i, gt_ret = e_s.numpy(), e_i.numpy(), gt_ret.numpy()
+    for r in range(Q):
+        t2 = 2 * tol_row[r]
+        gaps = e_s[r, :-1] - e_s[r, 1:]  # >= 0
+        start = 0
+        while start < k:  # clusters of near-tied expected positions [start, end]
+            end = start
+            while end + 1 < m and gaps[end] <= t2:
+                end += 1
+            if end == start:
+                assert ids_np[r, start] == e_i[r, start], (
+                    f"query {r} position {start}: id {ids_np[r, start]} (fp64 {gt_ret[r, start]}) != expected "
+                    f"{e_i[r, start]} (fp64 {e_s[r, start]})"
+                )
+            elif end < k:
+                got, want = set(ids_np[r, start : end + 1]), set(e_i[r, start : end + 1])
+                assert got == want, f"query {r} near-tie cluster {start}..{end}: ids {got} != {want}"
+            else:
+                lo_s, hi_s = e_s[r, end] - t2, e_s[r, start] + t2
+                g = gt_ret[r, start:k]
+                assert ((g >= lo_s) & (g <= hi_s)).all(), (
+                    f"query {r} cluster {start}..{k - 1}: true scores {g} outside [{lo_s}, {hi_s}]"
+                )
+            start = end + 1
+
+
+# Ragged shapes covering every Q in {1, 3, 17, 300}, N in {1, 1001, 70000}, D in {7, 128, 769}, k in {1, 10, 100, N}.
+SHAPES = [
+    (1, 1, 7, 1),
+    (3, 1001, 769, 10),
+    (17, 1001, 128, 100),
+    (300, 1001, 7, 1001),
+    (300, 1001, 128, 10),
+    (1, 70000, 128, 100),
+    (17, 70000, 7, 10),
+    (3, 70000, 769, 1),
+    (300, 70000, 128, 100),
+]
+STORAGE = [torch.float32, torch.float16, torch.bfloat16, torch.int8]
+
+
+@pytest.mark.parametrize("Q,N,D,k", SHAPES)
+def test_fp32_matches_brute_force(Q, N, D, k):
+    q, d, _ = _make(Q, N, D, torch.float32)
+    s, i = topk_ip(q, d, k)
+    assert_topk_exact(q, d, k, s, i)
+
+
+@pytest.mark.parametrize("dtype", STORAGE[1:])
+@pytest.mark.parametrize("Q,N,D,k", [SHAPES[0], SHAPES[1], SHAPES[4], SHAPES[6]])
+def test_low_precision_storage_matches_brute_force_on_dequantised(Q, N, D, k, dtype):
+    q, d, scale = _make(Q, N, D, dtype, seed=1)
+    s, i = topk_ip(q, d, k, doc_scale=scale)
+    assert_topk_exact(q, d, k, s, i, scale)
+
+
+@pytest.mark.parametrize("qdtype", [torch.float16, torch.bfloat16])
+def test_half_queries_are_searched_exactly(qdtype):
+    q, d, _ = _make(17, 1001, 128, torch.float16, seed=2)
+    q = q.to(qdtype)
+    s, i = topk_ip(q, d, 10)
+    assert_topk_exact(q, d, 10, s, i)
+
+
+ISAS = list(range(best_cpu_isa() + 1))
+
+
+@pytest.mark.parametrize("isa", ISAS, ids=lambda v: ["scalar", "avx2", "avx512"][v])
+@pytest.mark.parametrize("dtype", STORAGE)
+def test_every_simd_path_matches_brute_force(isa, dtype):
+    q, d, scale = _make(5, 3001, 133, dtype, seed=3)
+    with topk_ip_options(path="fused", isa=isa):
+        s, i = topk_ip(q, d, 37, doc_scale=scale)
+    assert_topk_exact(q, d, 37, s, i, scale)
+
+
+def test_cpu_reports_a_simd_level():
+    assert best_cpu_isa() in (0, 1, 2)
+
+
+@pytest.mark.parametrize(
+    "opts",
+    [
+        dict(tile_n=7, split=1, parts=5, threads=2),  # small tiles + merging 5 doc partitions on 2 threads
+        dict(tile_n=1, split=1, parts=13, threads=2),
+        dict(tile_n=3, split=2, threads=2),  # threads over queries
+        dict(split=1, threads=1, parts=3),
+        dict(split=2, threads=1),
+        dict(threads=2),
+    ],
+    ids=str,
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.int8])
+def test_forced_tiles_partitions_and_threads(opts, dtype):
+    q, d, scale = _make(11, 997, 29, dtype, seed=4)
+    with topk_ip_options(path="fused", **opts):
+        s, i = topk_ip(q, d, 50, doc_scale=scale)
+    assert_topk_exact(q, d, 50, s, i, scale)
+
+
+def test_partitions_smaller_than_k_merge_to_exact_result():
+    # 40 partitions of ~25 docs each, k=100: every partition returns all its docs, the merge picks the best.
+    q, d, _ = _make(4, 1001, 16, torch.float32, seed=5)
+    with topk_ip_options(path="fused", split=1, parts=40, threads=2, tile_n=5):
+        s, i = topk_ip(q, d, 100)
+    assert_topk_exact(q, d, 100, s, i)
+
+
+def test_small_and_large_q_paths_agree_exactly():
+    q, d, _ = _make(64, 5000, 96, torch.float32, seed=6)
+    with topk_ip_options(path="fused", split=1, threads=2):
+        a = topk_ip(q, d, 20)
+    with topk_ip_options(path="fused", split=2, threads=2):
+        b = topk_ip(q, d, 20)
+    with topk_ip_options(path="prefilter", threads=2):
+        c = topk_ip(q, d, 20)
+    # Same SIMD dot kernel, same per-doc summation order: identical bits whatever the thread split or path.
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert torch.equal(a[0], c[0]) and torch.equal(a[1], c[1])
+    assert_topk_exact(q, d, 20, *a)
+
+
+def _adversarial_docs(kind, dtype, g):
+    """Docs that stress the prefilter's error bound: near-duplicates (many scores tie within the bf16 error),
+    huge and tiny magnitudes, non-finite rows, zero rows."""
+    n, dim = 3000, 65
+    if kind == "near_duplicates":
+        base = torch.randn(1, dim, generator=g)
+        d = base + 1e-3 * torch.randn(n, dim, generator=g)  # all scores within ~0.1% of each other
+    elif kind == "magnitudes":
+        d = torch.randn(n, dim, generator=g) * torch.logspace(-30, 30, n)[torch.randperm(n, generator=g), None]
+        if dtype == torch.float16:
+            d = d.clamp(-6e4, 6e4)
+    elif kind == "nonfinite":
+        d = torch.randn(n, dim, generator=g)
+        d[::97, 3] = float("nan")
+        d[5::101, 7] = float("inf")
+        d[11::103, 1] = float("-inf")
+    else:  # zeros and exact duplicates
+        d = torch.randn(n, dim, generator=g)
+        d[::7] = 0
+        d[1::7] = d[2::7]
+    if dtype == torch.int8:
+        scale = d.nan_to_num(0, 0, 0).abs().amax(1).clamp_min(1e-30) / 127
+        q8 = (d.nan_to_num(0, 0, 0) / scale[:, None]).round().clamp(-127, 127).to(torch.int8)
+        return q8, scale
+    return d.to(dtype), None
+
+
+@pytest.mark.parametrize("kind", ["near_duplicates", "magnitudes", "nonfinite", "zeros_and_copies"])
+@pytest.mark.parametrize("dtype", STORAGE)
+def test_prefilter_path_is_bit_identical_to_fused_on_adversarial_data(kind, dtype):
+    g = torch.Generator().manual_seed(16)
+    d, scale = _adversarial_docs(kind, dtype, g)
+    q = torch.randn(40, d.shape[1], generator=g)
+    q[0] *= 1e-20  # a tiny query and a huge one
+    q[1] *= 1e20
+    with topk_ip_options(path="fused"):
+        a = topk_ip(q, d, 70, doc_scale=scale)
+    with topk_ip_options(path="prefilter", prefilter_tile_n=257):
+        b = topk_ip(q, d, 70, doc_scale=scale)
+    assert torch.equal(a[1], b[1]), f"ids differ in rows {torch.nonzero((a[1] != b[1]).any(1)).flatten().tolist()}"
+    assert torch.equal(a[0].nan_to_num(), b[0].nan_to_num())
+    if kind != "nonfinite":
+        assert_topk_exact(q[2:], d, 70, a[0][2:], a[1][2:], scale)
+
+
+@pytest.mark.parametrize("isa", ISAS, ids=lambda v: ["scalar", "avx2", "avx512"][v])
+@pytest.mark.parametrize("dtype", STORAGE)
+def test_prefilter_path_matches_brute_force_on_every_simd_path(isa, dtype):
+    q, d, scale = _make(33, 2500, 100, dtype, seed=17)
+    with topk_ip_options(path="prefilter", isa=isa, prefilter_tile_n=300):
+        s, i = topk_ip(q, d, 25, doc_scale=scale)
+    assert_topk_exact(q, d, 25, s, i, scale)
+
+
+@pytest.mark.parametrize("path", ["fused", "prefilter"])
+@pytest.mark.parametrize("Q,N,D,k", [SHAPES[3], SHAPES[4], SHAPES[8]])
+def test_large_q_paths_match_brute_force(Q, N, D, k, path):
+    q, d, _ = _make(Q, N, D, torch.float32, seed=18)
+    with topk_ip_options(path=path):
+        s, i = topk_ip(q, d, k)
+    assert_topk_exact(q, d, k, s, i)
+
+
+@pytest.mark.parametrize("isa", ISAS, ids=lambda v: ["scalar", "avx2", "avx512"][v])
+@pytest.mark.parametrize("dtype", STORAGE)
+def test_duplicate_docs_tie_to_lower_id(isa, dtype):
+    g = torch.Generator().manual_seed(7)
+    D, groups, copies = 37, 40, 5
+    base = torch.randn(groups, D, generator=g)
+    if dtype == torch.int8:
+        base = (base * 40).round().clamp(-127, 127)
+    owner = torch.randperm(groups * copies, generator=g) % groups  # doc id -> which base vector
+    docs = base[owner].to(dtype)
+    scale = torch.full((groups * copies,), 0.25) if dtype == torch.int8 else None
+    q = torch.randn(6, D, generator=g)
+    k = 23  # cuts through a group of 5 copies
+    with topk_ip_options(isa=isa, tile_n=9):
+        s, i = topk_ip(q, docs, k, doc_scale=scale)
+    # Expected: groups by fp64 score (they are far apart), ids ascending within a group, cut at k.
+    b64 = _dequant64(base.to(dtype), None if scale is None else scale[:groups])
+    g64 = q.double() @ b64.T
+    tol = (D + 3) * U32 * float((q.double().abs() @ b64.abs().T).max())  # fp32 error bound of any score
+    for r in range(q.shape[0]):
+        order = torch.argsort(g64[r], descending=True)
+        assert (g64[r][order][:-1] - g64[r][order][1:]).min() > 2 * tol, "test data must keep groups apart"
+        want = torch.cat([torch.nonzero(owner == grp).flatten() for grp in order])[:k]  # nonzero is ascending
+        assert i[r].tolist() == want.tolist(), f"query {r}: {i[r].tolist()} != {want.tolist()}"
+        same = owner[i[r]][1:] == owner[i[r]][:-1]
+        assert torch.equal(s[r][1:][same], s[r][:-1][same]), "copies of one doc must score identically"
+
+
+def test_all_equal_scores_return_lowest_ids():
+    q = torch.zeros(2, 8)
+    d = torch.randn(300, 8)
+    s, i = topk_ip(q, d, 17)
+    assert i.tolist() == [list(range(17))] * 2 and bool((s == 0).all())
+
+
+def test_nan_and_inf_doc_scores_rank_as_minus_infinity():
+    d = torch.randn(6, 4)
+    d[1] = float("nan")
+    d[4, 0] = float("inf")  # q . d = +inf or -inf depending on the sign of q[0]
+    q = torch.tensor([[-1.0, 0.5, 0.25, 0.0]])
+    s, i = topk_ip(q, d, 6)
+    ref_s, ref_i = topk_ip_reference(q, d, 6)
+    assert torch.isneginf(s[0, -2:]).all() and torch.isfinite(s[0, :-2]).all()
+    assert i[0, -2:].tolist() == [1, 4], "NaN (id 1) and -inf (id 4) tie at -inf: lower id first"
+    assert torch.equal(i, ref_i)
+
+
+def test_k_equals_n_returns_a_full_permutation():
+    q, d, _ = _make(3, 257, 11, torch.float32, seed=8)
+    s, i = topk_ip(q, d, 257)
+    assert all(sorted(r) == list(range(257)) for r in i.tolist())
+    assert_topk_exact(q, d, 257, s, i)
+
+
+def test_empty_queries_give_empty_results():
+    s, i = topk_ip(torch.empty(0, 16), torch.randn(10, 16), 4)
+    assert s.shape == (0, 4) and i.shape == (0, 4) and s.dtype == torch.float32 and i.dtype == torch.int64
+
+
+def test_non_contiguous_inputs_give_the_contiguous_result():
+    q, d, _ = _make(9, 1001, 64, torch.float32, seed=9)
+    q_nc = q.T.contiguous().T  # same values, column-major strides
+    d_wide = torch.randn(1001, 128)
+    d_wide[:, ::2] = d
+    d_nc = d_wide[:, ::2]
+    assert not q_nc.is_contiguous() and not d_nc.is_contiguous()
+    a, b = topk_ip(q, d, 10), topk_ip(q_nc, d_nc, 10)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_matches_reference_twin():
+    q, d, scale = _make(7, 2000, 48, torch.int8, seed=10)
+    s, i = topk_ip(q, d, 15, doc_scale=scale)
+    rs, ri = topk_ip_reference(q, d, 15, doc_scale=scale)
+    torch.testing.assert_close(s, rs, rtol=1e-5, atol=1e-4)
+    assert_topk_exact(q, d, 15, rs, ri, scale)  # the twin passes the same strict check
+
+
+@pytest.mark.parametrize("dtype", STORAGE)
+def test_chunked_torch_fallback_matches_brute_force(dtype):
+    # The path for devices without a pyrag kernel and for sizes the CUDA kernel does not take (k > 4096).
+    from pyrag.ops.topk_ip import _topk_ip_torch_chunked
+
+    q, d, scale = _make(5, 70000, 24, dtype, seed=15)
+    s, i = _topk_ip_torch_chunked(q, d, 4500, scale)
+    assert_topk_exact(q, d, 4500, s, i, scale)
+
+
+def test_gradients_are_not_tracked():
+    q = torch.randn(2, 8, requires_grad=True)
+    s, i = topk_ip(q, torch.randn(20, 8), 3)
+    assert not s.requires_grad and not i.requires_grad
+
+
+# ---- bad input: a clear error naming the argument ----
+BAD = [
+    (lambda: topk_ip(torch.randn(2, 8), torch.randn(10, 9), 3), ValueError, r"same D"),
+    (lambda: topk_ip(torch.randn(2, 8), torch.randn(10, 8), 0), ValueError, r"k must be >= 1, got k=0"),
+    (lambda: topk_ip(torch.randn(2, 8), torch.randn(10, 8), -2), ValueError, r"k=-2"),
+    (lambda: topk_ip(torch.randn(2, 8), torch.randn(10, 8), 11), ValueError, r"k=11 exceeds the number of docs N=10"),
+    (lambda: topk_ip(torch.randn(2, 8), torch.randn(10, 8), 2.0), TypeError, r"k must be an int"),
+    (lambda: topk_ip(torch.randn(2, 8), torch.randn(10, 8), True), TypeError, r"k must be an int"),
+    (lambda: topk_ip(torch.randn(2, 8), torch.randn(0, 8), 1), ValueError, r"docs is empty"),
+    (lambda: topk_ip(torch.randn(8), torch.randn(10, 8), 1), ValueError, r"queries must be 2-D"),
+    (lambda: topk_ip(torch.randn(2, 8), torch.randn(1, 10, 8), 1), ValueError, r"docs must be 2-D"),
+    (lambda: topk_ip(torch.randn(2, 0), torch.randn(10, 0), 1), ValueError, r"D must be >= 1"),
+    (lambda: topk_ip(torch.ones(2, 8, dtype=torch.int32), torch.randn(10, 8), 1), TypeError, r"queries must be"),
+    (lambda: topk_ip(torch.randn(2, 8), torch.randn(10, 8).double(), 1), TypeError, r"docs must be"),
+    (lambda: topk_ip([[1.0]], torch.randn(10, 1), 1), TypeError, r"queries must be a torch.Tensor"),
+    (lambda: topk_ip(torch.randn(2, 8), torch.ones(10, 8, dtype=torch.int8), 1), ValueError, r"int8 docs need doc_scale"),
+    (
+        lambda: topk_ip(torch.randn(2, 8), torch.randn(10, 8), 1, doc_scale=torch.ones(10)),
+        ValueError,
+        r"doc_scale is only for int8",
+    ),
+    (
+        lambda: topk_ip(torch.randn(2, 8), torch.ones(10, 8, dtype=torch.int8), 1, doc_scale=torch.ones(9)),
+        ValueError,
+        r"doc_scale must be \[N\]",
+    ),
+    (
+        lambda: topk_ip(torch.randn(2, 8), torch.ones(10, 8, dtype=torch.int8), 1, doc_scale=torch.ones(10, dtype=torch.int64)),
+        TypeError,
+        r"doc_scale must be a float",
+    ),
+    (lambda: topk_ip(torch.randn(2, 8), torch.randn(10, 8, device="meta"), 1), ValueError, r"one device"),
+    (
+        lambda: topk_ip(torch.tensor([[0.0, float("nan")], [1.0, 2.0]]), torch.randn(5, 2), 1),
+        ValueError,
+        r"queries contain NaN or inf \(first in row 0",
+    ),
+    (
+        lambda: topk_ip(torch.tensor([[0.0, 1.0], [1.0, float("-inf")]]), torch.randn(5, 2), 1),
+        ValueError,
+        r"queries contain NaN or inf \(first in row 1",
+    ),
+]
+
+
+@pytest.mark.parametrize("call,exc,match", BAD, ids=[b[2] for b in BAD])
+def test_bad_input_raises_clear_error(call, exc, match):
+    with pytest.raises(exc, match=match):
+        call()
+
+
+def test_bad_options_are_refused():
+    with pytest.raises(ValueError, match="unknown topk_ip option"):
+        with topk_ip_options(tiles=3):
+            pass
+    with pytest.raises(ValueError, match="path must be"):
+        with topk_ip_options(path="mm"):
+            pass
+    if best_cpu_isa() < 2:
+        with topk_ip_options(isa=2), pytest.raises(ValueError, match="not supported by this CPU"):
+            topk_ip(torch.randn(1, 4), torch.randn(4, 4), 1)
+
+
+# ---- torch integration ----
+@pytest.mark.parametrize("dtype", [torch.float32, torch.int8])
+def test_opcheck(dtype):
+    q, d, scale = _make(3, 50, 16, dtype, seed=11)
+    torch.library.opcheck(torch.ops.pyrag.topk_ip.default, (q, d, 5, scale))
+
+
+def test_torch_compile_fullgraph():
+    def f(q, d):
+        s, i = pyrag.topk_ip(q, d, 5)
+        return s * 2, i + 1
+
+    q, d, _ = _make(4, 300, 24, torch.float32, seed=12)
+    cs, ci = torch.compile(f, fullgraph=True)(q, d)
+    s, i = topk_ip(q, d, 5)
+    assert torch.equal(cs, s * 2) and torch.equal(ci, i + 1)
+
+
+# ---- CUDA ----
+cuda = pytest.mark.skipif(not pyrag.has_cuda_kernels(), reason="needs a GPU and pyrag's CUDA kernels")
+
+
+@cuda
+@pytest.mark.parametrize("dtype", STORAGE)
+@pytest.mark.parametrize("Q,N,D,k", [(1, 1, 7, 1), (3, 1001, 769, 10), (17, 70000, 128, 100), (300, 1001, 7, 1001)])
+def test_cuda_matches_brute_force_on_a_side_stream(Q, N, D, k, dtype):
+    q, d, scale = _make(Q, N, D, dtype, seed=13)
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        s, i = topk_ip(q.cuda(), d.cuda(), k, doc_scale=None if scale is None else scale.cuda())
+    stream.synchronize()
+    assert s.device.type == "cuda"
+    assert_topk_exact(q, d, k, s.cpu(), i.cpu(), scale)
+
+
+@cuda
+def test_cuda_large_k_and_duplicates():
+    g = torch.Generator().manual_seed(14)
+    base = torch.randn(600, 64, generator=g)
+    owner = torch.randperm(3000, generator=g) % 600
+    d = base[owner].half()
+    q = torch.randn(5, 64, generator=g)
+    s, i = topk_ip(q.cuda(), d.cuda(), 2048)
+    s, i = s.cpu(), i.cpu()
+    assert_topk_exact(q, d, 2048, s, i)
+    same = owner[i][:, 1:] == owner[i][:, :-1]  # neighbours that are copies of one doc
+    assert torch.equal(s[:, 1:][same], s[:, :-1][same]) and bool((i[:, 1:][same] > i[:, :-1][same]).all())
