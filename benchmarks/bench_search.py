@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import peak_extra_memory, print_table, time_fn, write_results  # noqa: E402
+from common import peak_extra_memory, print_table, time_fn, write_results
 
-import pyrag  # noqa: E402
+import pyrag
 
 
 def _ints(s: str) -> list[int]:
@@ -63,23 +63,43 @@ def bench_cpu(args) -> list[dict]:
         ref_ids = pyrag.topk_ip(q, docs, args.k)[1]
         block = []
         for name, fn in {**peers, **ours}.items():
-            t = time_fn(lambda: fn(q), warmup=1, repeat=args.repeat)
-            mem = peak_extra_memory(lambda: fn(q))
+            t = time_fn(lambda fn=fn, q=q: fn(q), warmup=1, repeat=args.repeat)
+            mem = peak_extra_memory(lambda fn=fn, q=q: fn(q))
             ids = fn(q)[1]
             ids = torch.as_tensor(ids)
             storage = name.split()[-1] if name.startswith("pyrag") else "fp32"
             block.append(
-                dict(section="cpu", method=name, storage=storage, Q=nq, N=args.n, D=args.d, k=args.k,
-                     threads=args.threads, **t, peak_extra_mb=mem / 2**20,
-                     id_overlap_vs_pyrag_fp32=_overlap(ids, ref_ids))
+                dict(
+                    section="cpu",
+                    method=name,
+                    storage=storage,
+                    Q=nq,
+                    N=args.n,
+                    D=args.d,
+                    k=args.k,
+                    threads=args.threads,
+                    **t,
+                    peak_extra_mb=mem / 2**20,
+                    id_overlap_vs_pyrag_fp32=_overlap(ids, ref_ids),
+                )
             )
         best = min((r for r in block if r["method"] in peers), key=lambda r: r["median_ms"])
         for r in block:
             r["best_peer"] = best["method"]
             r["speedup_vs_best_peer"] = best["median_ms"] / r["median_ms"]
         rows += block
-        print_table(block, ["method", "Q", "median_ms", "iqr_ms", "peak_extra_mb", "speedup_vs_best_peer",
-                            "id_overlap_vs_pyrag_fp32"])
+        print_table(
+            block,
+            [
+                "method",
+                "Q",
+                "median_ms",
+                "iqr_ms",
+                "peak_extra_mb",
+                "speedup_vs_best_peer",
+                "id_overlap_vs_pyrag_fp32",
+            ],
+        )
         print(flush=True)
     return rows
 
@@ -96,8 +116,8 @@ def bench_cuda(args) -> list[dict]:
     for nq in args.cuda_q:
         q = torch.randn(nq, args.d, generator=g, device=dev)
         fns = {
-            "torch.topk(q @ d.T) fp16": lambda: torch.topk(q.half() @ docs.T, args.k),
-            "pyrag fp16": lambda: pyrag.topk_ip(q, docs, args.k),
+            "torch.topk(q @ d.T) fp16": lambda q=q: torch.topk(q.half() @ docs.T, args.k),
+            "pyrag fp16": lambda q=q: pyrag.topk_ip(q, docs, args.k),
         }
         block = []
         for name, fn in fns.items():
@@ -108,8 +128,19 @@ def bench_cuda(args) -> list[dict]:
                 print(f"{name}: out of GPU memory at Q={nq}")
                 torch.cuda.empty_cache()
                 continue
-            block.append(dict(section="cuda", method=name, storage="fp16", Q=nq, N=args.cuda_n, D=args.d, k=args.k,
-                              **t, peak_extra_mb=mem / 2**20))
+            block.append(
+                dict(
+                    section="cuda",
+                    method=name,
+                    storage="fp16",
+                    Q=nq,
+                    N=args.cuda_n,
+                    D=args.d,
+                    k=args.k,
+                    **t,
+                    peak_extra_mb=mem / 2**20,
+                )
+            )
         peers = [r for r in block if r["method"].startswith("torch")]
         for r in block:
             if peers:
@@ -135,8 +166,12 @@ def main(argv=None) -> int:
     ap.add_argument("--no-cuda", action="store_true")
     ap.add_argument("--cuda-n", type=int, default=8_000_000)
     ap.add_argument("--cuda-q", type=_ints, default=[1, 64, 1024])
-    ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/search_cpu.json, or "
-                                                "search_cuda.json for a CUDA-only run)")
+    ap.add_argument(
+        "--out",
+        default=None,
+        help="JSON path (default benchmarks/results/search_cpu.json, or "
+        "search_cuda.json for a CUDA-only run)",
+    )
     args = ap.parse_args(argv)
     rows = []
     if not args.no_cpu:

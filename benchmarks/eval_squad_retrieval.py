@@ -26,6 +26,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import print_table, write_results
 
+try:
+    import pyrag  # noqa: F401
+except ImportError:  # a source checkout built in place (not pip-installed)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pyrag.kb import DEFAULT_HYBRID_WEIGHT, KnowledgeBase, build_kb
 from pyrag.kb_io import read_squad
 from pyrag.metrics import retrieval_report

@@ -94,11 +94,12 @@ PYBIND11_MODULE(_C, m) {
     namespace tk = pyrag::topk;
     m.def("topk_ip_best_isa", [] { return static_cast<int>(tk::best_cpu_isa()); },
           "Best CPU kernel available here: 0 scalar, 1 AVX2, 2 AVX-512.");
+    m.def("topk_ip_has_amx", [] { return tk::amx_usable(); }, "Whether the AMX bf16 prefilter path can run here.");
     m.def(
         "topk_ip",
         [](int dtype, P queries, P docs, P scale, int64_t nq, int64_t nb, int64_t dim, int64_t k, P scores, P ids,
-           int threads, int64_t tile_n, int split, int parts, int isa) {
-          const tk::CpuOptions opt{threads, tile_n, split, parts, isa};
+           int threads, int64_t tile_n, int split, int parts, int isa, int path) {
+          const tk::CpuOptions opt{threads, tile_n, split, parts, isa, path};
           const auto* q = reinterpret_cast<const float*>(queries);
           const auto* s = reinterpret_cast<const float*>(scale);
           auto* os = reinterpret_cast<float*>(scores);
@@ -117,79 +118,6 @@ PYBIND11_MODULE(_C, m) {
         },
         py::call_guard<py::gil_scoped_release>(),
         "Top-k inner products: queries [nq,dim] fp32, docs [nb,dim] (dtype code), scale [nb] or 0 -> scores, ids.");
-    m.def(
-        "topk_select_init",
-        [](P hits, P count, P thr, int64_t nq, int64_t k, int64_t cap) {
-          tk::select_init({reinterpret_cast<tk::Hit*>(hits), reinterpret_cast<int64_t*>(count),
-                           reinterpret_cast<float*>(thr), nq, k, cap});
-        },
-        py::call_guard<py::gil_scoped_release>(), "Reset a streaming top-k state (hits [nq,cap,2] int64).");
-    m.def(
-        "topk_select_tile",
-        [](P hits, P count, P thr, int64_t nq, int64_t k, int64_t cap, P tile, int64_t tn, int64_t ld, int64_t id0,
-           int threads, int isa) {
-          tk::select_tile({reinterpret_cast<tk::Hit*>(hits), reinterpret_cast<int64_t*>(count),
-                           reinterpret_cast<float*>(thr), nq, k, cap},
-                          reinterpret_cast<const float*>(tile), tn, ld, id0, threads, isa);
-        },
-        py::call_guard<py::gil_scoped_release>(), "Feed a [nq, tn] fp32 score tile (row stride ld) for docs id0...");
-    m.def(
-        "topk_select_finish",
-        [](P hits, P count, P thr, int64_t nq, int64_t k, int64_t cap, int64_t nb, P scores, P ids, int threads) {
-          tk::select_finish({reinterpret_cast<tk::Hit*>(hits), reinterpret_cast<int64_t*>(count),
-                             reinterpret_cast<float*>(thr), nq, k, cap},
-                            nb, reinterpret_cast<float*>(scores), reinterpret_cast<int64_t*>(ids), threads);
-        },
-        py::call_guard<py::gil_scoped_release>(), "Write the sorted [nq, k] results of a streaming top-k state.");
-    m.def(
-        "topk_prefilter_convert",
-        [](int dtype, P docs, int64_t n, int64_t dim, P dst, P dnorm, P scale, int threads, int isa) {
-          auto* o = reinterpret_cast<uint16_t*>(dst);
-          auto* dn = reinterpret_cast<float*>(dnorm);
-          const auto* s = reinterpret_cast<const float*>(scale);
-          switch (static_cast<pyrag::DType>(dtype)) {
-            case pyrag::DType::f32:
-              return tk::prefilter_convert(reinterpret_cast<const float*>(docs), n, dim, o, dn, s, threads, isa);
-            case pyrag::DType::f16:
-              return tk::prefilter_convert(reinterpret_cast<const pyrag::half_t*>(docs), n, dim, o, dn, s, threads, isa);
-            case pyrag::DType::bf16:
-              return tk::prefilter_convert(reinterpret_cast<const pyrag::bf16_t*>(docs), n, dim, o, dn, s, threads, isa);
-            case pyrag::DType::i8:
-              return tk::prefilter_convert(reinterpret_cast<const int8_t*>(docs), n, dim, o, dn, s, threads, isa);
-          }
-          throw std::invalid_argument("topk_prefilter_convert: unknown dtype code " + std::to_string(dtype));
-        },
-        py::call_guard<py::gil_scoped_release>(), "Doc rows -> bf16 bits (dst may be 0 for bf16) + row norms.");
-    m.def(
-        "topk_prefilter_select",
-        [](int dtype, P hits, P count, P thr, int64_t nq, int64_t k, int64_t cap, P approx, int64_t ld, int64_t tn,
-           int64_t id0, P queries, P docs, P scale, int64_t dim, P qc, P e0, P dlim, P dnorm, int threads, int isa) {
-          const tk::SelectState st{reinterpret_cast<tk::Hit*>(hits), reinterpret_cast<int64_t*>(count),
-                                   reinterpret_cast<float*>(thr), nq, k, cap};
-          const auto* a = reinterpret_cast<const uint16_t*>(approx);
-          const auto* q = reinterpret_cast<const float*>(queries);
-          const auto* s = reinterpret_cast<const float*>(scale);
-          const auto* c = reinterpret_cast<const float*>(qc);
-          const auto* e = reinterpret_cast<const float*>(e0);
-          const auto* dl = reinterpret_cast<const float*>(dlim);
-          const auto* dn = reinterpret_cast<const float*>(dnorm);
-          switch (static_cast<pyrag::DType>(dtype)) {
-            case pyrag::DType::f32:
-              return tk::prefilter_select(st, a, ld, tn, id0, q, reinterpret_cast<const float*>(docs), s, dim, c, e,
-                                          dl, dn, threads, isa);
-            case pyrag::DType::f16:
-              return tk::prefilter_select(st, a, ld, tn, id0, q, reinterpret_cast<const pyrag::half_t*>(docs), s,
-                                          dim, c, e, dl, dn, threads, isa);
-            case pyrag::DType::bf16:
-              return tk::prefilter_select(st, a, ld, tn, id0, q, reinterpret_cast<const pyrag::bf16_t*>(docs), s,
-                                          dim, c, e, dl, dn, threads, isa);
-            case pyrag::DType::i8:
-              return tk::prefilter_select(st, a, ld, tn, id0, q, reinterpret_cast<const int8_t*>(docs), s, dim, c,
-                                          e, dl, dn, threads, isa);
-          }
-          throw std::invalid_argument("topk_prefilter_select: unknown dtype code " + std::to_string(dtype));
-        },
-        py::call_guard<py::gil_scoped_release>(), "Exact rescoring of the docs a bf16 score tile cannot rule out.");
   }
   // ---- end topk_ip ----
 }

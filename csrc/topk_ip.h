@@ -28,52 +28,20 @@ struct CpuOptions {
   int split = 0;        // 0: auto, 1: threads split the docs (then merge), 2: threads split the queries
   int parts = 0;        // with split 1: number of doc partitions (0: one per thread); tests force more
   int isa = -1;         // -1: best available; otherwise an Isa value no higher than best_cpu_isa()
+  int path = 0;         // 0: auto, 1: fused SIMD dot products, 2: AMX bf16 prefilter + exact fp32 rescoring
 };
 
+// Whether the AMX prefilter can run here (AMX-TILE + AMX-BF16, AVX-512, Linux granted the tile state).
+bool amx_usable();
+
 // Fused search: tiled dot products + per-query threshold-filtered top-k buffers; never builds [nq, nb].
-// scores [nq, k] fp32 and ids [nq, k] int64 are written in full. Throws std::invalid_argument on bad options.
+// With many queries on an AMX CPU (path 0 from nq >= 32, or path 2) the dot products first run in bf16 on AMX
+// and only docs that a rigorous error bound cannot rule out get their exact fp32 score -- the same bits as the
+// fused path. scores [nq, k] fp32 and ids [nq, k] int64 are written in full. Throws std::invalid_argument on bad
+// options. Extra memory: O(threads * nq * k) candidates plus per-thread tiles.
 template <class T>
 void topk_ip_cpu(const float* queries, const T* docs, const float* scale, int64_t nq, int64_t nb, int64_t dim,
                  int64_t k, float* scores, int64_t* ids, const CpuOptions& opt);
-
-// One candidate of a running top-k (16 bytes; the Python op allocates arrays of them as int64 [.., 2]).
-struct Hit {
-  float score;
-  int64_t id;
-};
-static_assert(sizeof(Hit) == 16, "Hit must be 16 bytes: Python allocates it as two int64");
-
-// Streaming selection over score tiles computed elsewhere (the large-Q path: torch.mm fills a [nq, tn] tile, these
-// functions keep the running top-k). State lives in caller-owned memory (torch.empty):
-//   hits [nq, cap] Hit, count [nq] int64, thr [nq] fp32, with cap >= k + 1.
-// select_init resets it; select_tile feeds tile[q * ld + j] as the score of doc id0 + j (j < tn) and must see
-// increasing id0 (ties -> lower id relies on it); select_finish writes sorted [nq, k] results, nb being the number
-// of docs fed in all (docs whose score was NaN or -inf fill any missing places as -inf, lowest ids first).
-struct SelectState {
-  Hit* hits;
-  int64_t* count;
-  float* thr;
-  int64_t nq, k, cap;
-};
-void select_init(const SelectState& st);
-void select_tile(const SelectState& st, const float* tile, int64_t tn, int64_t ld, int64_t id0, int threads,
-                 int isa = -1);
-void select_finish(const SelectState& st, int64_t nb, float* scores, int64_t* ids, int threads);
-
-// bf16 prefilter (the large-Q path on CPUs with AMX; pyrag/ops/topk_ip.py drives it tile by tile):
-// prefilter_convert turns doc rows [n, dim] into bf16 bits (dst; null for bf16 docs) and writes dnorm[i] >= the L2
-// norm of dequantised row i; torch.mm(queries_bf16, tile^T) then gives approximate scores (bf16) and
-// prefilter_select recomputes the exact fp32 score (same kernel as topk_ip_cpu) only for docs whose approximate
-// score + qc[q] * dnorm[j] + e0[q] reaches the query's current k-th exact score, or dnorm[j] > dlim[q] (where
-// overflow could void the bound), feeding them to the selection state.
-// docs / scale are the whole arrays (row id0 + j); approx is [nq, ld] bf16 bits, dnorm [tn].
-template <class T>
-void prefilter_convert(const T* docs, int64_t n, int64_t dim, uint16_t* dst, float* dnorm, const float* scale,
-                       int threads, int isa = -1);
-template <class T>
-void prefilter_select(const SelectState& st, const uint16_t* approx, int64_t ld, int64_t tn, int64_t id0,
-                      const float* queries, const T* docs, const float* scale, int64_t dim, const float* qc,
-                      const float* e0, const float* dlim, const float* dnorm, int threads, int isa = -1);
 
 // The CUDA entry points are declared in csrc/topk_ip_cuda.h (it needs cuda_runtime.h for cudaStream_t).
 

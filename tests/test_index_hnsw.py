@@ -1,15 +1,17 @@
-"""HNSWIndex: recall against brute force on non-normalised data (and against raw hnswlib space="ip"), exact
-inner-product scores, labels, the growing-norm rebuild, save/load, thread safety and bad inputs."""
+"""HNSWIndex in both graph spaces ("augmented", "ip"): recall against brute force on non-normalised data (and
+against raw hnswlib space="ip"), exact inner-product scores, labels, the growing-norm rebuild, save/load (the space
+round-trips; old files load as "augmented"), thread safety and bad inputs."""
 
 from __future__ import annotations
 
 import threading
+import warnings
 
 import numpy as np
 import pytest
 import torch
 
-from pyrag.index import HNSWIndex, load_index
+from pyrag.index import HNSWIndex, _format, load_index
 
 hnswlib = pytest.importorskip("hnswlib")  # a hard dependency of pyrag; present wherever the package is installed
 
@@ -69,12 +71,106 @@ def test_hnsw_recall_beats_raw_inner_product_graph_on_non_normalised_embeddings(
     raw.set_ef(ef)
     raw_recall = recall_at_k(raw.knn_query(q, k=k)[0], true)
 
-    msg = f"recall@10: HNSWIndex (DPR augmentation) {ours:.3f}, raw hnswlib space='ip' {raw_recall:.3f}"
+    ip_index = HNSWIndex(x.shape[1], M=M, ef_construction=ef_c, ef_search=ef, space="ip")
+    ip_index.add(x, show_progress=False)
+    # the ip graph is so badly linked here that its search reaches fewer than ef_search points: a warning, and
+    # those queries are rescored over what it found
+    with pytest.warns(UserWarning, match="graph reached fewer than max"):
+        ip_scores, ip_ids = ip_index.search(q, k)
+    ours_ip = recall_at_k(ip_ids.numpy(), true)
+    assert all(len(set(row)) == k for row in ip_ids.tolist())
+    ip_exact = np.take_along_axis(q.astype(np.float64) @ x.astype(np.float64).T, ip_ids.numpy(), axis=1)
+    np.testing.assert_allclose(ip_scores.numpy(), ip_exact, rtol=1e-5, atol=1e-5)
+
+    msg = (f"recall@10: HNSWIndex (DPR augmentation) {ours:.3f}, raw hnswlib space='ip' {raw_recall:.3f}, "
+           f"HNSWIndex(space='ip') {ours_ip:.3f}")
     assert ours >= 0.95, msg
     assert raw_recall <= ours - 0.2, msg
+    assert ours_ip <= ours - 0.2, msg  # exact rescoring of ef candidates cannot rescue a misled graph
     # reported scores are the true inner products of the returned ids
     exact = np.take_along_axis(q.astype(np.float64) @ x.astype(np.float64).T, ids.numpy(), axis=1)
     np.testing.assert_allclose(scores.numpy(), exact, rtol=1e-5, atol=1e-5)
+
+
+def lognormal_norms(n=3000, d=32, nq=200, seed=0):
+    """Isotropic Gaussian directions with log-normal norms (sigma 0.5): non-normalised but without hubs."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, d)) * np.exp(rng.normal(0, 0.5, (n, 1)))
+    return x.astype(np.float32), rng.standard_normal((nq, d)).astype(np.float32)
+
+
+def test_hnsw_ip_space_beats_augmentation_on_random_lognormal_norms():
+    # The opposite case (Morozov & Babenko, 2018): with no hubs, the augmentation puts every query far from all
+    # augmented points and the L2 graph search gets lost, while the raw inner-product graph navigates well.
+    x, q = lognormal_norms()
+    true = brute_force_ids(q, x, 10)
+    got = {}
+    for space in ("ip", "augmented"):
+        index = HNSWIndex(x.shape[1], M=16, ef_construction=100, ef_search=64, space=space)
+        index.add(x, show_progress=False)
+        scores, ids = index.search(q, 10)
+        got[space] = recall_at_k(ids.numpy(), true)
+        exact = np.take_along_axis(q.astype(np.float64) @ x.astype(np.float64).T, ids.numpy(), axis=1)
+        np.testing.assert_allclose(scores.numpy(), exact, rtol=1e-5, atol=1e-5)  # true inner products, both spaces
+        assert bool((scores[:, :-1] >= scores[:, 1:]).all())
+    assert index.space == "augmented" and index.phi is not None
+    msg = f"recall@10: space='ip' {got['ip']:.3f}, space='augmented' {got['augmented']:.3f}"
+    assert got["ip"] >= 0.95, msg
+    assert got["augmented"] <= got["ip"] - 0.3, msg
+
+
+def test_hnsw_ip_space_stores_raw_vectors_and_never_rebuilds():
+    x = torch.from_numpy(lognormal_norms(1500, 16)[0])
+    big = torch.from_numpy(lognormal_norms(300, 16, seed=1)[0]) * 3  # larger norms: "augmented" would rebuild
+    index = HNSWIndex(16, M=16, ef_construction=100, ef_search=64, space="ip")
+    index.add(x, show_progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        index.add(big, ids=torch.arange(5000, 5300), show_progress=False)
+    assert index.phi is None and index.rebuilds == 0 and "space='ip'" in repr(index)
+    everything = torch.cat([x, big])
+    graph = torch.from_numpy(np.asarray(index._graph.get_items(list(range(len(everything))))))
+    assert graph.shape == (1800, 16)  # no extra coordinate
+    torch.testing.assert_close(graph, everything)
+    q = torch.randn(50, 16, generator=torch.Generator().manual_seed(2))
+    _, ids = index.search(q, 10)
+    rows = torch.where(ids >= 5000, ids - 5000 + 1500, ids)
+    assert recall_at_k(rows.numpy(), brute_force_ids(q.numpy(), everything.numpy(), 10)) >= 0.95
+    assert torch.equal(index.reconstruct(torch.tensor([0, 5299])), everything[[0, 1799]])
+
+
+class _ShortGraph:
+    """Wraps an hnswlib index so that queries with q[0] > 0 reach only `limit` points, like a poorly connected
+    graph: hnswlib then refuses the whole batch (RuntimeError) when k > limit, as the real library does."""
+
+    def __init__(self, graph, limit: int):
+        self.graph, self.limit = graph, limit
+
+    def knn_query(self, q, k, num_threads=1):
+        if k > self.limit and bool((q[:, 0] > 0).any()):
+            raise RuntimeError("Cannot return the results in a contiguous 2D array. Probably ef or M is too small")
+        return self.graph.knn_query(q, k=k, num_threads=num_threads)
+
+
+@pytest.mark.parametrize("space", ["augmented", "ip"])
+def test_hnsw_search_degrades_gracefully_when_the_graph_reaches_fewer_than_ef(space):
+    x, q = _small(1000), _small(40, seed=1)
+    index = HNSWIndex(16, M=12, ef_construction=60, ef_search=100, space=space)
+    index.add(x, show_progress=False)
+    full_scores, full_ids = index.search(q, 10)
+    index._graph = _ShortGraph(index._graph, limit=30)
+    short = q[:, 0] > 0
+    assert 0 < int(short.sum()) < len(q)
+    with pytest.warns(UserWarning, match=rf"fewer than max\(k, ef_search\)=100 vectors for {int(short.sum())} of 40"):
+        scores, ids = index.search(q, 10)
+    # full-candidate queries are unchanged; short ones get k distinct ids with exact scores, best first
+    assert torch.equal(ids[~short], full_ids[~short]) and torch.equal(scores[~short], full_scores[~short])
+    assert all(len(set(row)) == 10 for row in ids.tolist())
+    torch.testing.assert_close(scores, torch.einsum("qd,qkd->qk", q, index.reconstruct(ids)), rtol=1e-5, atol=1e-5)
+    assert bool((scores[:, :-1] >= scores[:, 1:]).all())
+    hint = "space='augmented' avoids this" if space == "ip" else "raise M"
+    with pytest.raises(ValueError, match=rf"fewer than k=31 neighbours for query \d+ .*{hint}"):
+        index.search(q, 31)
 
 
 def _small(n=2000, d=16, seed=0):
@@ -180,6 +276,45 @@ def test_hnsw_save_load_gives_identical_results(tmp_path, mmap):
         load_index(path)
 
 
+def test_hnsw_ip_space_round_trips_through_save_load(tmp_path):
+    x, q = _small(1000), _small(15, seed=1)
+    index = HNSWIndex(16, M=12, ef_construction=60, ef_search=40, space="ip")
+    index.add(x, show_progress=False)
+    path = tmp_path / "ip.idx"
+    index.save(path)
+    for loaded in (HNSWIndex.load(path), load_index(path)):
+        assert loaded.space == "ip" and loaded.phi is None and loaded._graph.space == "ip"
+        for a, b in zip(index.search(q, 10), loaded.search(q, 10)):
+            assert torch.equal(a, b)
+    loaded.add(x[:10] * 5, show_progress=False)  # grows in the ip space, no rebuild
+    assert len(loaded) == 1010 and loaded.rebuilds == 0
+
+
+def test_hnsw_file_without_space_loads_as_augmented(tmp_path):
+    # Files written before the `space` option existed: same container, no "space" key in the metadata.
+    x, q = _small(500), _small(10, seed=1)
+    index = HNSWIndex(16, M=12, ef_construction=60, ef_search=40)
+    index.add(x, show_progress=False)
+    path = tmp_path / "new.idx"
+    index.save(path)
+    c = _format.load_container(path, kind="hnsw", mmap=False)
+    assert c.meta["space"] == "augmented"
+    meta = {key: v for key, v in c.meta.items() if key != "space"}
+    sections = {name: c.section(name) for name in ("vectors", "labels", "graph") if c.has(name)}
+    assert "graph" in sections
+    old = tmp_path / "old.idx"
+    _format.save_container(old, kind="hnsw", dim=c.dim, dtype=c.dtype, count=c.count, meta=meta, sections=sections)
+    loaded = HNSWIndex.load(old)
+    assert loaded.space == "augmented" and loaded.phi == index.phi and loaded._graph.space == "l2"
+    for a, b in zip(index.search(q, 10), loaded.search(q, 10)):
+        assert torch.equal(a, b)
+    # a bad space in the file is refused with the file's name
+    meta["space"] = "cosine"
+    _format.save_container(old, kind="hnsw", dim=c.dim, dtype=c.dtype, count=c.count, meta=meta, sections=sections)
+    with pytest.raises(ValueError, match=r"old.idx: HNSW index metadata .*'cosine'"):
+        HNSWIndex.load(old)
+
+
 def test_hnsw_empty_round_trip_and_errors(tmp_path):
     index = HNSWIndex(8)
     with pytest.raises(ValueError, match="empty index"):
@@ -201,6 +336,9 @@ def test_hnsw_empty_round_trip_and_errors(tmp_path):
         HNSWIndex(8, M=1)
     with pytest.raises(ValueError, match="norm_headroom"):
         HNSWIndex(8, norm_headroom=0.5)
+    for bad_space in ("cosine", "IP", "l2", None):
+        with pytest.raises(ValueError, match=rf"space must be one of \('augmented', 'ip'\), got {bad_space!r}"):
+            HNSWIndex(8, space=bad_space)
     index.ef_search = 7
     assert index.ef_search == 7 and index.search(torch.randn(2, 8), 3)[0].shape == (2, 3)
     assert index.to("cpu") is index

@@ -7,18 +7,24 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import (BartConfig, BartForConditionalGeneration, DPRConfig, DPRQuestionEncoder, RagConfig,
-                          RagSequenceForGeneration, RagTokenForGeneration)
+from test_rag_model import bart_tokenizer, bert_tokenizer
+from transformers import (
+    BartConfig,
+    BartForConditionalGeneration,
+    DPRConfig,
+    DPRQuestionEncoder,
+    RagConfig,
+    RagSequenceForGeneration,
+    RagTokenForGeneration,
+)
 
 from pyrag.models.encoders import Encoder
 from pyrag.models.generator import Seq2SeqGenerator
 from pyrag.models.rag import RagSequence, RagToken
 
-from test_rag_model import bart_tokenizer, bert_tokenizer
-
 B, K, D = 8, 3, 16
 BOS, PAD, EOS = 0, 1, 2
-GEN = dict(bos_token_id=BOS, pad_token_id=PAD, eos_token_id=EOS, decoder_start_token_id=EOS)
+GEN = {"bos_token_id": BOS, "pad_token_id": PAD, "eos_token_id": EOS, "decoder_start_token_id": EOS}
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -41,7 +47,7 @@ def _modules(seed=0):
         **GEN)).eval()
     with torch.no_grad():  # make </s> likely enough that hypotheses end at different lengths
         bart.final_logits_bias[0, EOS] = 3.0
-    qtok = bert_tokenizer(["w%d" % i for i in range(40)])
+    qtok = bert_tokenizer([f"w{i}" for i in range(40)])
     dpr = DPRQuestionEncoder(DPRConfig(vocab_size=len(qtok), hidden_size=D, num_hidden_layers=2,
                                        num_attention_heads=2, intermediate_size=32, max_position_embeddings=64,
                                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
@@ -94,11 +100,11 @@ def _rel_err(a: dict, b: dict) -> float:
     assert a.keys() == b.keys()
     total = torch.sqrt(sum(g.norm() ** 2 for g in b.values()))
     errs = []
-    for n in a:
+    for n, ga in a.items():
         if n.endswith(("k_proj.bias", "key.bias")):
-            assert max(a[n].norm(), b[n].norm()) <= 1e-6 * total, n
+            assert max(ga.norm(), b[n].norm()) <= 1e-6 * total, n
         else:
-            errs.append(float((a[n] - b[n]).norm() / b[n].norm().clamp_min(1e-30)))
+            errs.append(float((ga - b[n]).norm() / b[n].norm().clamp_min(1e-30)))
     return max(errs)
 
 
@@ -154,8 +160,8 @@ def _hf_padded(out: torch.Tensor) -> list[list[int]]:
     return rows
 
 
-SETTINGS = dict(forced_bos_token_id=BOS, forced_eos_token_id=EOS, length_penalty=1.0, early_stopping=False,
-                no_repeat_ngram_size=0)
+SETTINGS = {"forced_bos_token_id": BOS, "forced_eos_token_id": EOS, "length_penalty": 1.0, "early_stopping": False,
+                "no_repeat_ngram_size": 0}
 
 
 @pytest.mark.parametrize("num_beams,extra", [(1, {}), (4, {}),

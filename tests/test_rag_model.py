@@ -101,11 +101,11 @@ def tiny_bart(tok, d: int = 32, layers: int = 1, seed: int = 0, **kw):
     from transformers import BartConfig, BartForConditionalGeneration
 
     torch.manual_seed(seed)
-    cfg = dict(vocab_size=len(tok), d_model=d, encoder_layers=layers, decoder_layers=layers,
-               encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=2 * d, decoder_ffn_dim=2 * d,
-               max_position_embeddings=128, bos_token_id=0, pad_token_id=1, eos_token_id=2,
-               decoder_start_token_id=2, forced_bos_token_id=0, forced_eos_token_id=2, dropout=0.0,
-               attention_dropout=0.0)
+    cfg = {"vocab_size": len(tok), "d_model": d, "encoder_layers": layers, "decoder_layers": layers,
+               "encoder_attention_heads": 2, "decoder_attention_heads": 2, "encoder_ffn_dim": 2 * d, "decoder_ffn_dim": 2 * d,
+               "max_position_embeddings": 128, "bos_token_id": 0, "pad_token_id": 1, "eos_token_id": 2,
+               "decoder_start_token_id": 2, "forced_bos_token_id": 0, "forced_eos_token_id": 2, "dropout": 0.0,
+               "attention_dropout": 0.0}
     cfg.update(kw)
     return BartForConditionalGeneration(BartConfig(**cfg))
 
@@ -244,7 +244,7 @@ def test_forward_scores_passages_by_q_dot_d_and_matches_reference_loss(small, mo
 
 
 def test_n_docs_at_generation_may_differ_from_training(small):
-    model, _, qa, kb = small
+    model, _, qa, _kb = small
     qs = [r["question"] for r in qa[:3]]
     for k in (1, 2, 5):
         g = model.generate(qs, n_docs=k, num_beams=2, max_new_tokens=4)
@@ -290,15 +290,13 @@ def test_decoder_only_generator_marginalises_answer_tokens_only(small):
     bt = bart_tokenizer([p["title"] + " / " + p["text"] for p in passages] + [q["question"] for q in qa])
     vocab = {k: v for k, v in bt.get_vocab().items() if k not in ("<s>", "<pad>", "</s>", "<unk>", "<mask>")}
     vocab = {k: i for i, k in enumerate(["<|endoftext|>"] + sorted(vocab, key=vocab.get))}
-    merges = [tuple(m.split(" ")) for m in bt.backend_tokenizer.to_str() and
-              __import__("json").loads(bt.backend_tokenizer.to_str())["model"]["merges"]] if False else []
-    tok = GPT2Tokenizer(vocab=vocab, merges=merges)
+    tok = GPT2Tokenizer(vocab=vocab, merges=[])  # byte-level symbols only
     torch.manual_seed(0)
     lm = GPT2LMHeadModel(GPT2Config(vocab_size=len(vocab), n_positions=512, n_embd=32, n_layer=1, n_head=2,
                                     bos_token_id=0, eos_token_id=0)).eval()
     qs, ans = [r["question"] for r in qa[:3]], [r["answers"][0] for r in qa[:3]]
     for cls in (RagSequence, RagToken):
-        model = cls.from_parts(base.question_encoder, lm, kb, n_docs=2, tokenizer=tok)
+        model = cls.from_parts(base.question_encoder, lm, kb, n_docs=2, tokenizer=tok).eval()  # no dropout
         assert model.generator.kind == "causal"
         out = model(qs, ans, reduction="none")
         # reference: each prompt + answer run alone (no padding), log p of the answer tokens and </s> only
@@ -325,7 +323,7 @@ def test_decoder_only_generator_marginalises_answer_tokens_only(small):
 def test_bad_input_gives_clear_errors(small, tmp_path):
     from pyrag.models.rag import RagToken
 
-    model, _, qa, kb = small
+    model, _, _qa, kb = small
     with pytest.raises(ValueError, match=r"questions\[1\] is empty"):
         model(["where ?", "  "], ["a", "b"])
     with pytest.raises(ValueError, match=r"questions\[0\] is empty"):
@@ -338,8 +336,8 @@ def test_bad_input_gives_clear_errors(small, tmp_path):
         model(["where ?"], ["x"], n_docs=49)
     with pytest.raises(ValueError, match="n_docs=99 is larger"):
         model.generate(["where ?"], n_docs=99)
-    short = RagToken.from_parts(model.question_encoder, tmp_path / ".." / "generator" if False else
-                                model.generator.model, kb, tokenizer=model.generator.tokenizer, max_answer_length=4)
+    short = RagToken.from_parts(model.question_encoder, model.generator.model, kb,
+                                tokenizer=model.generator.tokenizer, max_answer_length=4)
     with pytest.raises(ValueError, match=r"answers\[0\] is \d+ tokens long, more than the generator's limit"):
         short(["where ?"], ["paris lima oslo kyoto cairo"])
     # a question encoder whose vectors do not fit the KB

@@ -8,11 +8,10 @@ import json
 
 import pytest
 import torch
+from test_rag_model import tiny_setup
 
 from pyrag.models.rag import RagModel
 from pyrag.train.rag import ask_cli, eval_cli, evaluate_rag, train_cli, train_rag
-
-from test_rag_model import tiny_setup
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -25,15 +24,15 @@ def _one_thread():
 
 
 def _train_kwargs(**kw):
-    base = dict(batch_size=8, lr_generator=3e-3, lr_question_encoder=1e-3, warmup_steps=10,
-                warmup_steps_question_encoder=60, show_progress=False)
+    base = {"batch_size": 8, "lr_generator": 3e-3, "lr_question_encoder": 1e-3, "warmup_steps": 10,
+                "warmup_steps_question_encoder": 60, "show_progress": False}
     base.update(kw)
     return base
 
 
 @pytest.mark.parametrize("seed", [0, 1])
 def test_training_raises_answer_em_and_gold_passage_recall(tmp_path, seed):
-    model, passages, qa, kb = tiny_setup(tmp_path, n=64, n_docs=3, seed=seed)
+    model, _passages, qa, kb = tiny_setup(tmp_path, n=64, n_docs=3, seed=seed)
     dev = qa[:40]
     before = evaluate_rag(model, dev, ks=(1, 3))
     # the bag-of-words retriever ranks two distractors above every gold passage, but keeps it in the top 3
@@ -110,7 +109,7 @@ def _write_jsonl(path, rows):
 
 
 def test_cli_train_ask_eval(tmp_path, capsys):
-    _, passages, qa, kb = tiny_setup(tmp_path, n=32)
+    _, _passages, qa, kb = tiny_setup(tmp_path, n=32)
     _write_jsonl(tmp_path / "train.jsonl", qa)
     _write_jsonl(tmp_path / "dev.jsonl", qa[:8])
     out = tmp_path / "out"

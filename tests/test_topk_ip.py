@@ -3,12 +3,11 @@ force, tie order, tiling/threading/SIMD paths, bad inputs, opcheck and torch.com
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
 import pyrag
-from pyrag.ops.topk_ip import best_cpu_isa, topk_ip, topk_ip_options
+from pyrag.ops.topk_ip import best_cpu_isa, cpu_has_amx, topk_ip, topk_ip_options
 from pyrag.reference import topk_ip_reference
 
 U32 = 2.0**-24  # fp32 unit roundoff
@@ -36,8 +35,11 @@ def _gt_topk(q64, d64, m, chunk=8192):
     best_i = torch.empty((q64.shape[0], 0), dtype=torch.int64)
     for lo in range(0, d64.shape[0], chunk):
         s = q64 @ d64[lo : lo + chunk].T
-        i = torch.arange(lo, lo + s.shape[1]).expand_as(s)
-        s, i = torch.cat([best_s, s], 1), torch.cat([best_i, i], 1)  # earlier (lower) ids first
+        s, i = torch.sort(s, dim=1, descending=True, stable=True)
+        s, i = (
+            torch.cat([best_s, s[:, :m]], 1),
+            torch.cat([best_i, i[:, :m] + lo], 1),
+        )  # earlier (lower) ids first
         s, order = torch.sort(s, dim=1, descending=True, stable=True)
         best_s, best_i = s[:, :m], i.gather(1, order[:, :m])
     return best_s, best_i
@@ -163,12 +165,17 @@ def test_cpu_reports_a_simd_level():
 @pytest.mark.parametrize(
     "opts",
     [
-        dict(tile_n=7, split=1, parts=5, threads=2),  # small tiles + merging 5 doc partitions on 2 threads
-        dict(tile_n=1, split=1, parts=13, threads=2),
-        dict(tile_n=3, split=2, threads=2),  # threads over queries
-        dict(split=1, threads=1, parts=3),
-        dict(split=2, threads=1),
-        dict(threads=2),
+        {
+            "tile_n": 7,
+            "split": 1,
+            "parts": 5,
+            "threads": 2,
+        },  # small tiles + merging 5 doc partitions, 2 threads
+        {"tile_n": 1, "split": 1, "parts": 13, "threads": 2},
+        {"tile_n": 3, "split": 2, "threads": 2},  # threads over queries
+        {"split": 1, "threads": 1, "parts": 3},
+        {"split": 2, "threads": 1},
+        {"threads": 2},
     ],
     ids=str,
 )
@@ -188,17 +195,32 @@ def test_partitions_smaller_than_k_merge_to_exact_result():
     assert_topk_exact(q, d, 100, s, i)
 
 
+# The AMX prefilter path exists only on CPUs with AMX; elsewhere forcing it must be refused clearly.
+HAS_AMX = cpu_has_amx()
+PATHS = ["fused", "prefilter"] if HAS_AMX else ["fused"]
+
+
+def _prefilter(q, d, k, scale=None, **opts):
+    """topk_ip on the forced prefilter path, or None after checking the clear refusal where there is no AMX."""
+    with topk_ip_options(path="prefilter", **opts):
+        if HAS_AMX:
+            return topk_ip(q, d, k, doc_scale=scale)
+        with pytest.raises(ValueError, match="needs AMX"):
+            topk_ip(q, d, k, doc_scale=scale)
+    return None
+
+
 def test_small_and_large_q_paths_agree_exactly():
     q, d, _ = _make(64, 5000, 96, torch.float32, seed=6)
     with topk_ip_options(path="fused", split=1, threads=2):
         a = topk_ip(q, d, 20)
     with topk_ip_options(path="fused", split=2, threads=2):
         b = topk_ip(q, d, 20)
-    with topk_ip_options(path="prefilter", threads=2):
-        c = topk_ip(q, d, 20)
+    c = _prefilter(q, d, 20, threads=2)
     # Same SIMD dot kernel, same per-doc summation order: identical bits whatever the thread split or path.
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
-    assert torch.equal(a[0], c[0]) and torch.equal(a[1], c[1])
+    if c is not None:
+        assert torch.equal(a[0], c[0]) and torch.equal(a[1], c[1])
     assert_topk_exact(q, d, 20, *a)
 
 
@@ -210,7 +232,10 @@ def _adversarial_docs(kind, dtype, g):
         base = torch.randn(1, dim, generator=g)
         d = base + 1e-3 * torch.randn(n, dim, generator=g)  # all scores within ~0.1% of each other
     elif kind == "magnitudes":
-        d = torch.randn(n, dim, generator=g) * torch.logspace(-30, 30, n)[torch.randperm(n, generator=g), None]
+        d = (
+            torch.randn(n, dim, generator=g)
+            * torch.logspace(-30, 30, n)[torch.randperm(n, generator=g), None]
+        )
         if dtype == torch.float16:
             d = d.clamp(-6e4, 6e4)
     elif kind == "nonfinite":
@@ -239,25 +264,31 @@ def test_prefilter_path_is_bit_identical_to_fused_on_adversarial_data(kind, dtyp
     q[1] *= 1e20
     with topk_ip_options(path="fused"):
         a = topk_ip(q, d, 70, doc_scale=scale)
-    with topk_ip_options(path="prefilter", prefilter_tile_n=257):
-        b = topk_ip(q, d, 70, doc_scale=scale)
-    assert torch.equal(a[1], b[1]), f"ids differ in rows {torch.nonzero((a[1] != b[1]).any(1)).flatten().tolist()}"
-    assert torch.equal(a[0].nan_to_num(), b[0].nan_to_num())
+    b = _prefilter(q, d, 70, scale, tile_n=64)
     if kind != "nonfinite":
         assert_topk_exact(q[2:], d, 70, a[0][2:], a[1][2:], scale)
+    if b is None:
+        return
+    assert torch.equal(a[1], b[1]), (
+        f"ids differ in rows {torch.nonzero((a[1] != b[1]).any(1)).flatten().tolist()}"
+    )
+    assert torch.equal(a[0].nan_to_num(), b[0].nan_to_num())
 
 
 @pytest.mark.parametrize("isa", ISAS, ids=lambda v: ["scalar", "avx2", "avx512"][v])
 @pytest.mark.parametrize("dtype", STORAGE)
 def test_prefilter_path_matches_brute_force_on_every_simd_path(isa, dtype):
     q, d, scale = _make(33, 2500, 100, dtype, seed=17)
-    with topk_ip_options(path="prefilter", isa=isa, prefilter_tile_n=300):
-        s, i = topk_ip(q, d, 25, doc_scale=scale)
-    assert_topk_exact(q, d, 25, s, i, scale)
+    out = _prefilter(q, d, 25, scale, isa=isa, tile_n=96)
+    if out is not None:
+        assert_topk_exact(q, d, 25, *out, scale)
+        with topk_ip_options(path="fused", isa=isa):
+            fused = topk_ip(q, d, 25, doc_scale=scale)
+        assert torch.equal(out[0], fused[0]) and torch.equal(out[1], fused[1])
 
 
-@pytest.mark.parametrize("path", ["fused", "prefilter"])
-@pytest.mark.parametrize("Q,N,D,k", [SHAPES[3], SHAPES[4], SHAPES[8]])
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("Q,N,D,k", [SHAPES[3], SHAPES[4], (300, 9000, 128, 100)])
 def test_large_q_paths_match_brute_force(Q, N, D, k, path):
     q, d, _ = _make(Q, N, D, torch.float32, seed=18)
     with topk_ip_options(path=path):
@@ -306,7 +337,7 @@ def test_nan_and_inf_doc_scores_rank_as_minus_infinity():
     d[4, 0] = float("inf")  # q . d = +inf or -inf depending on the sign of q[0]
     q = torch.tensor([[-1.0, 0.5, 0.25, 0.0]])
     s, i = topk_ip(q, d, 6)
-    ref_s, ref_i = topk_ip_reference(q, d, 6)
+    _, ref_i = topk_ip_reference(q, d, 6)
     assert torch.isneginf(s[0, -2:]).all() and torch.isfinite(s[0, :-2]).all()
     assert i[0, -2:].tolist() == [1, 4], "NaN (id 1) and -inf (id 4) tie at -inf: lower id first"
     assert torch.equal(i, ref_i)
@@ -340,6 +371,7 @@ def test_matches_reference_twin():
     s, i = topk_ip(q, d, 15, doc_scale=scale)
     rs, ri = topk_ip_reference(q, d, 15, doc_scale=scale)
     torch.testing.assert_close(s, rs, rtol=1e-5, atol=1e-4)
+    assert_topk_exact(q, d, 15, s, i, scale)
     assert_topk_exact(q, d, 15, rs, ri, scale)  # the twin passes the same strict check
 
 
@@ -348,8 +380,8 @@ def test_chunked_torch_fallback_matches_brute_force(dtype):
     # The path for devices without a pyrag kernel and for sizes the CUDA kernel does not take (k > 4096).
     from pyrag.ops.topk_ip import _topk_ip_torch_chunked
 
-    q, d, scale = _make(5, 70000, 24, dtype, seed=15)
-    s, i = _topk_ip_torch_chunked(q, d, 4500, scale)
+    q, d, scale = _make(3, 9000, 24, dtype, seed=15)
+    s, i = _topk_ip_torch_chunked(q, d, 4500, scale, chunk=2000)  # 5 chunks merged
     assert_topk_exact(q, d, 4500, s, i, scale)
 
 
@@ -364,17 +396,29 @@ BAD = [
     (lambda: topk_ip(torch.randn(2, 8), torch.randn(10, 9), 3), ValueError, r"same D"),
     (lambda: topk_ip(torch.randn(2, 8), torch.randn(10, 8), 0), ValueError, r"k must be >= 1, got k=0"),
     (lambda: topk_ip(torch.randn(2, 8), torch.randn(10, 8), -2), ValueError, r"k=-2"),
-    (lambda: topk_ip(torch.randn(2, 8), torch.randn(10, 8), 11), ValueError, r"k=11 exceeds the number of docs N=10"),
+    (
+        lambda: topk_ip(torch.randn(2, 8), torch.randn(10, 8), 11),
+        ValueError,
+        r"k=11 exceeds the number of docs N=10",
+    ),
     (lambda: topk_ip(torch.randn(2, 8), torch.randn(10, 8), 2.0), TypeError, r"k must be an int"),
     (lambda: topk_ip(torch.randn(2, 8), torch.randn(10, 8), True), TypeError, r"k must be an int"),
     (lambda: topk_ip(torch.randn(2, 8), torch.randn(0, 8), 1), ValueError, r"docs is empty"),
     (lambda: topk_ip(torch.randn(8), torch.randn(10, 8), 1), ValueError, r"queries must be 2-D"),
     (lambda: topk_ip(torch.randn(2, 8), torch.randn(1, 10, 8), 1), ValueError, r"docs must be 2-D"),
     (lambda: topk_ip(torch.randn(2, 0), torch.randn(10, 0), 1), ValueError, r"D must be >= 1"),
-    (lambda: topk_ip(torch.ones(2, 8, dtype=torch.int32), torch.randn(10, 8), 1), TypeError, r"queries must be"),
+    (
+        lambda: topk_ip(torch.ones(2, 8, dtype=torch.int32), torch.randn(10, 8), 1),
+        TypeError,
+        r"queries must be",
+    ),
     (lambda: topk_ip(torch.randn(2, 8), torch.randn(10, 8).double(), 1), TypeError, r"docs must be"),
     (lambda: topk_ip([[1.0]], torch.randn(10, 1), 1), TypeError, r"queries must be a torch.Tensor"),
-    (lambda: topk_ip(torch.randn(2, 8), torch.ones(10, 8, dtype=torch.int8), 1), ValueError, r"int8 docs need doc_scale"),
+    (
+        lambda: topk_ip(torch.randn(2, 8), torch.ones(10, 8, dtype=torch.int8), 1),
+        ValueError,
+        r"int8 docs need doc_scale",
+    ),
     (
         lambda: topk_ip(torch.randn(2, 8), torch.randn(10, 8), 1, doc_scale=torch.ones(10)),
         ValueError,
@@ -386,7 +430,12 @@ BAD = [
         r"doc_scale must be \[N\]",
     ),
     (
-        lambda: topk_ip(torch.randn(2, 8), torch.ones(10, 8, dtype=torch.int8), 1, doc_scale=torch.ones(10, dtype=torch.int64)),
+        lambda: topk_ip(
+            torch.randn(2, 8),
+            torch.ones(10, 8, dtype=torch.int8),
+            1,
+            doc_scale=torch.ones(10, dtype=torch.int64),
+        ),
         TypeError,
         r"doc_scale must be a float",
     ),
@@ -411,12 +460,10 @@ def test_bad_input_raises_clear_error(call, exc, match):
 
 
 def test_bad_options_are_refused():
-    with pytest.raises(ValueError, match="unknown topk_ip option"):
-        with topk_ip_options(tiles=3):
-            pass
-    with pytest.raises(ValueError, match="path must be"):
-        with topk_ip_options(path="mm"):
-            pass
+    with pytest.raises(ValueError, match="unknown topk_ip option"), topk_ip_options(tiles=3):
+        pass
+    with pytest.raises(ValueError, match="path must be"), topk_ip_options(path="mm"):
+        pass
     if best_cpu_isa() < 2:
         with topk_ip_options(isa=2), pytest.raises(ValueError, match="not supported by this CPU"):
             topk_ip(torch.randn(1, 4), torch.randn(4, 4), 1)
@@ -446,7 +493,9 @@ cuda = pytest.mark.skipif(not pyrag.has_cuda_kernels(), reason="needs a GPU and 
 
 @cuda
 @pytest.mark.parametrize("dtype", STORAGE)
-@pytest.mark.parametrize("Q,N,D,k", [(1, 1, 7, 1), (3, 1001, 769, 10), (17, 70000, 128, 100), (300, 1001, 7, 1001)])
+@pytest.mark.parametrize(
+    "Q,N,D,k", [(1, 1, 7, 1), (3, 1001, 769, 10), (17, 70000, 128, 100), (300, 1001, 7, 1001)]
+)
 def test_cuda_matches_brute_force_on_a_side_stream(Q, N, D, k, dtype):
     q, d, scale = _make(Q, N, D, dtype, seed=13)
     stream = torch.cuda.Stream()

@@ -1,5 +1,5 @@
-"""HNSWIndex: approximate maximum-inner-product search on an hnswlib L2 graph, made exact-order by DPR's
-inner-product -> L2 augmentation; reported scores are the true inner products recomputed from stored vectors."""
+"""HNSWIndex: approximate maximum-inner-product search on an hnswlib graph, either an L2 graph made exact-order by
+DPR's inner-product -> L2 augmentation or a raw inner-product graph; scores are exact fp32 inner products."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from . import _format
 from ._util import LabelMap, RowBuffer, RWLock, check_dim, check_ids_arg, check_k, check_matrix
 
 _RESCORE_CHUNK = 64  # queries rescored per step: bounds the [chunk, candidates, D] gather (~25 MB at D=768)
+SPACES = ("augmented", "ip")
 
 
 def _hnswlib():
@@ -32,23 +33,33 @@ def _check_int(name: str, value, lo: int) -> int:
 
 
 class HNSWIndex:
-    """Graph index (hnswlib) for maximum inner product, with DPR's augmentation.
+    """Graph index (hnswlib) for maximum inner product; two graph spaces, chosen by `space`.
 
-    Inner-product search is not a metric search: a vector with a large norm can be the best match of almost every
-    query while being nobody's near neighbour, and graphs built on raw inner products navigate poorly on data whose
-    norms vary. DPR (Karpukhin et al., 2020) maps it to exact L2 search: each stored vector d gets an extra
-    coordinate sqrt(phi - |d|^2), with phi >= max |d|^2, and each query q gets 0, so
-    |q' - d'|^2 = |q|^2 + phi - 2 q.d: L2 order equals inner-product order.
+    space="augmented" (default; DPR's method, Karpukhin et al., 2020): the graph is an exact L2 graph. Each stored
+    vector d gets an extra coordinate sqrt(phi - |d|^2), with phi >= max |d|^2, and each query q gets 0, so
+    |q' - d'|^2 = |q|^2 + phi - 2 q.d: L2 order equals inner-product order. phi is fixed by the first add() as
+    max |d|^2 * norm_headroom. A later add() whose largest |d|^2 exceeds phi cannot be augmented consistently, so
+    the graph is rebuilt from all stored vectors with a new phi (a full build; a UserWarning says so). Streams of
+    batches avoid rebuilds with norm_headroom > 1 (e.g. 1.2), at a small recall cost.
 
-    phi is fixed by the first add() as max |d|^2 * norm_headroom. A later add() whose largest |d|^2 exceeds phi
-    cannot be augmented consistently, so the graph is rebuilt from all stored vectors with a new phi (a full
-    build; a UserWarning says so). Streams of batches avoid rebuilds with norm_headroom > 1 (e.g. 1.2), at a
-    small recall cost: the extra coordinate then carries less of the norm information.
+    space="ip": hnswlib's own inner-product graph on the raw vectors (no extra coordinate, no phi, never a
+    rebuild; norm_headroom is unused).
+
+    Which to choose (recall@10 at equal M / ef, measured with benchmarks/bench_hnsw.py): on ordinary embeddings
+    "ip" is clearly better. The augmentation pushes every query far from all augmented points (the extra
+    coordinate is large for most passages), which hurts graph navigation (Morozov & Babenko, NeurIPS 2018): on
+    real MiniLM embeddings of SQuAD at ef_search=32, 0.92 augmented vs 0.99 ip; on random vectors with
+    log-normal norms at ef_search=128, 0.16 vs 0.998. "augmented" wins only on data where a few large-norm
+    "hub" vectors dominate the raw inner product without being any query's answer (tests/test_index_hnsw.py
+    builds such data): there the ip graph links passages mainly to hubs and its search gets stuck
+    (0.998 augmented vs 0.000 ip at ef_search=128). Measure recall on a sample of your own queries (FlatIndex gives the truth)
+    when in doubt.
 
     Results: the graph search collects max(k, ef_search) candidates; their inner products with the query are
     recomputed exactly in fp32 from the stored vectors and the best k returned (ties -> earlier row). So
     scores are true inner products (not L2 distances), and float32 rounding in the augmented distances
-    cannot reorder the results.
+    cannot reorder the results. Where a poorly linked graph reaches fewer than max(k, ef_search) points for a
+    query, that query is rescored over the (>= k) candidates found, with a UserWarning.
 
     The graph and the stored vectors live in CPU memory; `.to(device)` only chooses where results and
     reconstructed vectors are returned. Searches may run concurrently from several threads; add(), `ef_search`
@@ -58,15 +69,19 @@ class HNSWIndex:
         dim: vector dimension D.
         M: graph degree (hnswlib M). ef_construction: build-time beam width. ef_search: query-time beam width
             (settable later through the `ef_search` attribute).
-        norm_headroom: phi = headroom * max |d|^2 of the first batch (>= 1).
+        space: "augmented" (DPR's L2 augmentation) or "ip" (raw inner-product graph); saved with the index.
+        norm_headroom: phi = headroom * max |d|^2 of the first batch (>= 1); "augmented" only.
         seed: hnswlib's random seed for level assignment.
     """
 
     kind = "hnsw"
 
     def __init__(self, dim: int, M: int = 32, ef_construction: int = 200, ef_search: int = 128, *,
-                 norm_headroom: float = 1.0, seed: int = 100):
+                 space: str = "augmented", norm_headroom: float = 1.0, seed: int = 100):
         self._dim = check_dim(dim)
+        if not isinstance(space, str) or space not in SPACES:
+            raise ValueError(f"space must be one of {SPACES}, got {space!r}")
+        self.space = space
         self.M = _check_int("M", M, 2)
         self.ef_construction = _check_int("ef_construction", ef_construction, 1)
         self._ef_search = _check_int("ef_search", ef_search, 1)
@@ -74,7 +89,7 @@ class HNSWIndex:
             raise ValueError(f"norm_headroom must be a finite float >= 1, got {norm_headroom!r}")
         self.norm_headroom = float(norm_headroom)
         self.seed = _check_int("seed", seed, 0)
-        self.phi: float | None = None  # the augmentation constant (set by the first add)
+        self.phi: float | None = None  # the augmentation constant (set by the first add; None for space="ip")
         self.rebuilds = 0  # how many times a larger-norm batch forced a rebuild
         self.extra_meta: dict = {}
         self._vectors = RowBuffer(torch.empty(0, self._dim, dtype=torch.float32))
@@ -97,7 +112,7 @@ class HNSWIndex:
 
     def __repr__(self) -> str:
         return (f"HNSWIndex(dim={self._dim}, M={self.M}, ef_construction={self.ef_construction}, "
-                f"ef_search={self._ef_search}, len={len(self)})")
+                f"ef_search={self._ef_search}, space={self.space!r}, len={len(self)})")
 
     @property
     def ef_search(self) -> int:
@@ -118,8 +133,24 @@ class HNSWIndex:
         extra = torch.sqrt(torch.clamp(self.phi - norms2, min=0.0)).to(torch.float32)
         return torch.cat([x, extra[:, None]], dim=1).numpy()
 
+    def _graph_points(self, x: torch.Tensor) -> np.ndarray:
+        """x [N, D] fp32 -> what the graph stores: [N, D+1] augmented, or x itself for space="ip"."""
+        return self._augment(x) if self.space == "augmented" else x.numpy()
+
+    def _graph_queries(self, q: np.ndarray) -> np.ndarray:
+        """q [Q, D] fp32 -> [Q, D+1] with a 0 extra coordinate (augmented), or q itself for space="ip"."""
+        if self.space == "ip":
+            return q
+        return np.concatenate([q, np.zeros((q.shape[0], 1), dtype=np.float32)], axis=1)
+
+    @staticmethod
+    def _empty_graph(space: str, dim: int):
+        if space == "ip":
+            return _hnswlib().Index(space="ip", dim=dim)
+        return _hnswlib().Index(space="l2", dim=dim + 1)
+
     def _new_graph(self, capacity: int):
-        g = _hnswlib().Index(space="l2", dim=self._dim + 1)
+        g = self._empty_graph(self.space, self._dim)
         g.init_index(max_elements=max(capacity, 1), M=self.M, ef_construction=self.ef_construction,
                      random_seed=self.seed)
         g.set_ef(self._ef_search)
@@ -140,7 +171,7 @@ class HNSWIndex:
             chunks = tqdm(chunks, desc="hnsw add", unit="chunk")
         for i in chunks:
             part = x[i:i + step]
-            self._graph.add_items(self._augment(part), np.arange(first_row + i, first_row + i + part.shape[0]),
+            self._graph.add_items(self._graph_points(part), np.arange(first_row + i, first_row + i + part.shape[0]),
                                   num_threads=threads)
 
     def add(self, embeddings, ids=None, *, show_progress: bool = True) -> None:
@@ -151,9 +182,9 @@ class HNSWIndex:
             return
         with self._lock.write():
             labels = self._labels.prepare(ids, x.shape[0])
-            top = float((x.double() ** 2).sum(dim=1).max())
+            top = float((x.double() ** 2).sum(dim=1).max()) if self.space == "augmented" else 0.0
             n_old = len(self)
-            if self.phi is None or top > self.phi:
+            if self.space == "augmented" and (self.phi is None or top > self.phi):
                 if self.phi is not None:
                     warnings.warn(f"HNSWIndex.add: a vector with squared norm {top:.4g} exceeds the augmentation "
                                   f"constant phi={self.phi:.4g} fixed by earlier batches; rebuilding the graph "
@@ -191,29 +222,69 @@ class HNSWIndex:
                 return (torch.empty(0, k, dtype=torch.float32, device=self._device),
                         torch.empty(0, k, dtype=torch.int64, device=self._device))
             fetch = min(n, max(k, self._ef_search))
-            aug = np.concatenate([q, np.zeros((nq, 1), dtype=np.float32)], axis=1)
-            threads = max(1, torch.get_num_threads())
-            try:
-                cand, _ = self._graph.knn_query(aug, k=fetch, num_threads=threads)
-            except RuntimeError as e:
-                # hnswlib cannot fill `fetch` results when ef is too small for a sparse/disconnected graph.
-                raise ValueError(f"hnswlib found fewer than {fetch} neighbours ({e}); raise ef_search "
-                                 f"(now {self._ef_search}) or M") from e
+            cand = self._candidates(q, k, fetch)
             # Exact rescoring in numpy (single-threaded: this step is small, and torch's OpenMP pool stalls on
             # tiny ops when the cores are shared). Candidates sorted by row first, so the stable sort by score
-            # breaks ties toward the lower row.
-            cand = np.sort(cand.astype(np.int64), axis=1)
+            # breaks ties toward the lower row; -1 pads (queries that got fewer candidates) sort first and score
+            # -inf, so they are never among the k returned.
+            cand = np.sort(cand, axis=1)
+            padded = bool(cand[:, 0].min() < 0)
             docs = self._vectors.view().numpy()
             scores = np.empty((nq, k), dtype=np.float32)
             rows = np.empty((nq, k), dtype=np.int64)
             for i in range(0, nq, _RESCORE_CHUNK):
                 c = cand[i:i + _RESCORE_CHUNK]
+                if padded:
+                    pad = c < 0
+                    c = np.where(pad, 0, c)
                 s = np.einsum("qkd,qd->qk", docs[c], q[i:i + _RESCORE_CHUNK])
+                if padded:
+                    s[pad] = -np.inf
                 order = np.argsort(-s, axis=1, kind="stable")[:, :k]
                 scores[i:i + _RESCORE_CHUNK] = np.take_along_axis(s, order, axis=1)
                 rows[i:i + _RESCORE_CHUNK] = np.take_along_axis(c, order, axis=1)
             ids = self._labels.to_labels(torch.from_numpy(rows))
             return torch.from_numpy(scores).to(self._device), ids.to(self._device)
+
+    def _candidates(self, q: np.ndarray, k: int, fetch: int) -> np.ndarray:
+        """Graph candidates [Q, fetch] int64 (rows) for queries q [Q, D]; -1 pads where the graph yields fewer.
+
+        hnswlib refuses a whole batch when any query reaches fewer than `fetch` vectors (a poorly connected
+        graph: e.g. an inner-product graph on hub data reaches only ~100 of 20,000 points). Those queries are then
+        retried one by one with fewer candidates (fetch/2, fetch/4, ..., k), with a warning; a query that cannot
+        get k is a ValueError."""
+        threads = max(1, torch.get_num_threads())
+        gq = self._graph_queries(q)
+        try:
+            return self._graph.knn_query(gq, k=fetch, num_threads=threads)[0].astype(np.int64)
+        except RuntimeError:
+            pass
+        cand = np.full((q.shape[0], fetch), -1, dtype=np.int64)
+        short = 0
+        for i in range(q.shape[0]):
+            want = fetch
+            while True:
+                try:
+                    cand[i, :want] = self._graph.knn_query(gq[i:i + 1], k=want, num_threads=1)[0]
+                    break
+                except RuntimeError as e:
+                    if want == k:
+                        raise ValueError(
+                            f"hnswlib found fewer than k={k} neighbours for query {i} ({e}); the graph is poorly "
+                            f"connected for this data: {self._connectivity_hint()}") from e
+                    want = max(k, want // 2)
+            short += want < fetch
+        if short:
+            warnings.warn(f"HNSWIndex.search: the graph reached fewer than max(k, ef_search)={fetch} vectors for "
+                          f"{short} of {q.shape[0]} queries; they were rescored over the (>= k) candidates it "
+                          f"found, so their recall may be low: {self._connectivity_hint()}", stacklevel=3)
+        return cand
+
+    def _connectivity_hint(self) -> str:
+        if self.space == "ip":
+            return ("large-norm 'hub' vectors mislead an inner-product graph; space='augmented' avoids this "
+                    "(see the HNSWIndex docstring)")
+        return f"raise M (now {self.M}) or ef_construction (now {self.ef_construction})"
 
     def reconstruct(self, ids) -> torch.Tensor:
         """The stored vectors (fp32) of labels `ids` of any shape S -> [*S, D] on the index's device;
@@ -246,7 +317,7 @@ class HNSWIndex:
                 sections["graph"] = torch.frombuffer(graph, dtype=torch.int8) if graph else torch.empty(
                     0, dtype=torch.int8)
             meta = {"M": self.M, "ef_construction": self.ef_construction, "ef_search": self._ef_search,
-                    "norm_headroom": self.norm_headroom, "seed": self.seed, "phi": self.phi,
+                    "space": self.space, "norm_headroom": self.norm_headroom, "seed": self.seed, "phi": self.phi,
                     "rebuilds": self.rebuilds, "extra": self.extra_meta}
             _format.save_container(path, kind=self.kind, dim=self._dim, dtype="float32", count=len(self),
                                    meta=meta, sections=sections)
@@ -263,10 +334,11 @@ class HNSWIndex:
     def _from_container(cls, c: _format.Container) -> HNSWIndex:
         m = c.meta
         try:
+            # Files written before `space` existed hold DPR-augmented graphs.
             self = cls(c.dim, M=m["M"], ef_construction=m["ef_construction"], ef_search=m["ef_search"],
-                       norm_headroom=m["norm_headroom"], seed=m["seed"])
+                       space=m.get("space", "augmented"), norm_headroom=m["norm_headroom"], seed=m["seed"])
             self.phi, self.rebuilds, self.extra_meta = m["phi"], m["rebuilds"], m.get("extra", {})
-        except (KeyError, TypeError) as e:
+        except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"{c.path}: HNSW index metadata is incomplete or malformed ({e!r})") from e
         vectors = c.section("vectors")
         if tuple(vectors.shape) != (c.count, c.dim) or vectors.dtype != torch.float32:
@@ -284,7 +356,7 @@ class HNSWIndex:
             try:
                 with os.fdopen(fd, "wb") as f:
                     f.write(c.raw_bytes("graph"))
-                g = _hnswlib().Index(space="l2", dim=c.dim + 1)
+                g = self._empty_graph(self.space, c.dim)
                 try:
                     g.load_index(tmp, max_elements=c.count)
                 except RuntimeError as e:

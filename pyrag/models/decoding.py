@@ -274,19 +274,22 @@ def rag_sequence_decode(gen, input_ids: torch.Tensor, attention_mask: torch.Tens
         cands.append(list(seen))
 
     if decoding == "fast":
-        best_seq, best_score = [], []
+        best_seq, best_score, all_scores, in_beam = [], [], [], []
+        prior = log_prior.cpu()
         for b in range(B):
-            where: dict[tuple[int, ...], list[float]] = {}
+            lp = torch.full((len(cands[b]), K), -math.inf)  # log p(y|x,z_k) from the beams, -inf = not in beam k
+            row = {c: i for i, c in enumerate(cands[b])}
             for j in range(K * R):
-                key = tuple(seqs[b, j, : lens[b][j]].tolist())
-                k = j // R
-                where.setdefault(key, [-math.inf] * K)
-                where[key][k] = max(where[key][k], float(sums[b, k, j % R]))
-            scores = [torch.logsumexp(log_prior[b].cpu() + torch.tensor(where[c]), 0).item() for c in cands[b]]
-            i = max(range(len(scores)), key=lambda t: (scores[t], -t))
+                i, k = row[tuple(seqs[b, j, : lens[b][j]].tolist())], j // R
+                lp[i, k] = max(float(lp[i, k]), float(sums[b, k, j % R]))
+            scores = torch.logsumexp(prior[b][None, :] + lp, dim=1)
+            i = int(torch.argmax(scores))
             best_seq.append(cands[b][i])
-            best_score.append(scores[i])
-        return _pack(best_seq, best_score, s.pad_token_id, dev, {"candidates": cands})
+            best_score.append(float(scores[i]))
+            all_scores.append(scores)
+            in_beam.append(lp > -math.inf)
+        return _pack(best_seq, best_score, s.pad_token_id, dev,
+                     {"candidates": cands, "candidate_scores": all_scores, "in_beam": in_beam})
 
     scores = _score_candidates(gen, state, cands, log_prior, s, max_logits_bytes)
     best_seq, best_score = [], []

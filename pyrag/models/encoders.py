@@ -3,6 +3,7 @@ packaged MiniLM): CLS or mean pooling, optional L2 normalisation, batched length
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -40,6 +41,21 @@ def format_passage(title: str, text: str, sep: str = "[SEP]") -> str:
     """The string a passage is encoded from: DPR's `title [SEP] text` (one segment, as DPR's own training
     feeds passages with all-zero segment ids); just `text` when the title is empty."""
     return f"{title} {sep} {text}" if title else text
+
+
+@contextlib.contextmanager
+def _quiet_hf_progress():
+    """transformers draws a "Loading weights" / "Writing model shards" bar per call; a small encoder loads in
+    milliseconds, and pyrag shows its own bars for the long work."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
 
 
 def _read_json(path: Path) -> dict | list | None:
@@ -129,18 +145,19 @@ class Encoder(nn.Module):
         st_modules = _read_json(path / "modules.json") or []
         st_cfg = _read_json(path / "sentence_bert_config.json") or {}
 
-        if config.model_type == "dpr":
-            import transformers
+        with _quiet_hf_progress():
+            if config.model_type == "dpr":
+                import transformers
 
-            archs = list(getattr(config, "architectures", None) or [])
-            kind = next((a for a in archs if a in _DPR_KINDS), None)
-            if kind is None:
-                kind = _dpr_kind_from_weights(path)
-            model = getattr(transformers, kind).from_pretrained(path)
-            auto_pool = "cls"
-        else:
-            model = AutoModel.from_pretrained(path)
-            auto_pool = "cls" if st_pool.get("pooling_mode_cls_token") else "mean"
+                archs = list(getattr(config, "architectures", None) or [])
+                kind = next((a for a in archs if a in _DPR_KINDS), None)
+                if kind is None:
+                    kind = _dpr_kind_from_weights(path)
+                model = getattr(transformers, kind).from_pretrained(path)
+                auto_pool = "cls"
+            else:
+                model = AutoModel.from_pretrained(path)
+                auto_pool = "cls" if st_pool.get("pooling_mode_cls_token") else "mean"
         model = model.float().eval()
         tokenizer = AutoTokenizer.from_pretrained(path)
 
@@ -164,8 +181,9 @@ class Encoder(nn.Module):
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
         try:
-            self.model.save_pretrained(tmp)
-            self.tokenizer.save_pretrained(tmp)
+            with _quiet_hf_progress():
+                self.model.save_pretrained(tmp)
+                self.tokenizer.save_pretrained(tmp)
             (tmp / CONFIG_NAME).write_text(json.dumps(self.config_dict(), indent=2) + "\n")
             _replace_dir(tmp, path)
         except BaseException:

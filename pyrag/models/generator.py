@@ -181,6 +181,8 @@ class Seq2SeqGenerator(nn.Module):
 
     def __init__(self, model: nn.Module, tokenizer, fmt: InputFormat | None = None, *,
                  max_answer_length: int | None = None, bucket_overhead: int | None = None):
+        """bucket_overhead: the cost of one extra encoder call, in tokens, when grouping rows by length (None:
+        64 on CPU, no grouping on GPU)."""
         super().__init__()
         if tokenizer is None:
             raise ValueError("the generator has no tokenizer: pass tokenizer=..., or a directory that holds one")
@@ -252,8 +254,9 @@ class Seq2SeqGenerator(nn.Module):
         lengths = attention_mask.sum(1).tolist()
         overhead = self.bucket_overhead
         if overhead is None:  # small groups cost little on CPU; on GPU one big call beats several small ones
-            overhead = 64 if input_ids.device.type == "cpu" else 1 << 30
-        groups = _bucket_rows(lengths, overhead) if len(lengths) > 1 else [[0]]
+            overhead = 64 if input_ids.device.type == "cpu" else None
+        one = overhead is None or len(lengths) < 2 or max(lengths) == min(lengths)
+        groups = [list(range(len(lengths)))] if one else _bucket_rows(lengths, overhead)
         if len(groups) == 1:
             return encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         L = input_ids.shape[1]
@@ -467,6 +470,10 @@ class CausalGenerator(nn.Module):
         self.tokenizer.save_pretrained(path)
 
 
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "merges.txt",
+                    "spiece.model", "tokenizer.model", "sentencepiece.bpe.model")
+
+
 def load_generator(generator, tokenizer=None, fmt: InputFormat | None = None, kind: str | None = None, **kw):
     """A Seq2SeqGenerator / CausalGenerator from a local HF directory or a model object (+ tokenizer).
 
@@ -484,6 +491,10 @@ def load_generator(generator, tokenizer=None, fmt: InputFormat | None = None, ki
         auto = AutoModelForSeq2SeqLM if kind == "seq2seq" else AutoModelForCausalLM
         model = auto.from_pretrained(path)
         if tokenizer is None:
+            # transformers 5 builds an empty tokenizer from config.json alone, so look for the files themselves
+            if not any((path / f).is_file() for f in _TOKENIZER_FILES):
+                raise ValueError(f"generator directory {str(path)!r} has no usable tokenizer (none of "
+                                 f"{', '.join(_TOKENIZER_FILES)}); save one there or pass tokenizer=...")
             try:
                 tokenizer = AutoTokenizer.from_pretrained(path)
             except Exception as e:  # any failure here means: no usable tokenizer in that directory

@@ -46,12 +46,13 @@ class RagOutput:
 
 @dataclass
 class RagGeneration:
-    """answers (decoded text), sequences [B, L] token ids (decoder prompt included, pad-padded), scores [B]
-    (log p(answer | question), marginal over the passages), doc_scores / doc_prior [B, K] (p(z|x)), and the
-    passages used: rows [B, K], ids, titles, texts."""
+    """answers (decoded text), sequences [B, L] token ids (decoder prompt included, pad-padded), lengths [B],
+    scores [B] (log p(answer | question), marginal over the passages), doc_scores / doc_prior [B, K] (p(z|x)), and
+    the passages used: rows [B, K], ids, titles, texts."""
 
     answers: list[str]
     sequences: torch.Tensor
+    lengths: torch.Tensor
     scores: torch.Tensor
     doc_scores: torch.Tensor
     doc_prior: torch.Tensor
@@ -123,16 +124,11 @@ class RagModel(nn.Module):
             if kb is None:
                 raise ValueError("question_encoder=None needs a kb to copy the encoder from")
             question_encoder = copy.deepcopy(kb.encoder)
-        gen_obj = generator.model if isinstance(generator, (Seq2SeqGenerator, CausalGenerator)) else generator
-        if prefix is None and isinstance(gen_obj, nn.Module):
-            prefix = getattr(gen_obj.config, "prefix", None)
         fmt = InputFormat(title_sep=title_sep, doc_sep=doc_sep, prefix=prefix,
                           max_combined_length=max_combined_length, answer_prompt=answer_prompt)
-        if isinstance(generator, (str, os.PathLike)) and prefix is None:
-            from transformers import AutoConfig
-
-            fmt.prefix = getattr(AutoConfig.from_pretrained(generator), "prefix", None)
         gen = load_generator(generator, tokenizer, fmt, generator_kind, max_answer_length=max_answer_length)
+        if prefix is None:  # as HF's retriever: the generator config's prefix (T5 task prefixes)
+            gen.fmt.prefix = getattr(gen.model.config, "prefix", None)
         return cls(question_encoder, gen, kb, n_docs=n_docs, **kwargs)
 
     def set_kb(self, kb) -> None:
@@ -176,7 +172,8 @@ class RagModel(nn.Module):
             dev = getattr(self.kb.index, "device", q.device)
             res = self.kb.search(q.detach().to(dev), K)
         vecs = res.vectors.to(device=q.device, dtype=torch.float32)  # [B, K, D]
-        doc_scores = torch.einsum("bd,bkd->bk", q, vecs)
+        with torch.autocast(q.device.type, enabled=False):  # scores in fp32 even under bf16 autocast
+            doc_scores = torch.einsum("bd,bkd->bk", q, vecs)
         return _Retrieved(q, doc_scores, res.rows.to(q.device), res.ids, res.titles, res.texts)
 
     # ---- training forward ----
@@ -184,7 +181,7 @@ class RagModel(nn.Module):
                 context_input_ids: torch.Tensor | None = None, context_attention_mask: torch.Tensor | None = None,
                 doc_scores: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 n_docs: int | None = None, epsilon: float | None = None, exclude_bos_score: bool | None = None,
-                reduction: str = "mean", return_posterior: bool = True) -> RagOutput:
+                reduction: str = "mean", return_posterior: bool = True, inplace_backward: bool = False) -> RagOutput:
         """Marginal negative log-likelihood of the answers.
 
         Text path: forward(questions [B], answers [B]) retrieves K passages per question, builds the B*K
@@ -194,7 +191,9 @@ class RagModel(nn.Module):
         context_input_ids): context_input_ids / context_attention_mask [B*K, L], doc_scores [B, K] (with grad),
         labels [B, T] = HF's decoder inputs (they start with the decoder start token; targets are labels shifted
         left, pad masked) — same loss as HF's get_nll, including its exclude_bos_score rule (sequence mode).
-        epsilon: label smoothing (default: the model's); reduction: "mean" | "sum" | "none" (over questions)."""
+        epsilon: label smoothing (default: the model's); reduction: "mean" | "sum" | "none" (over questions).
+        inplace_backward=True lets the fused loss write its gradient into the logits' buffer during backward (one
+        [B*K, T, V] allocation less; RagOutput.logits is garbage after backward then)."""
         if reduction not in _REDUCTIONS:
             raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction=!r}")
         eps = self.label_smoothing if epsilon is None else float(epsilon)
@@ -202,7 +201,7 @@ class RagModel(nn.Module):
         gen = self.generator
         if context_input_ids is not None or labels is not None or doc_scores is not None:
             return self._forward_precomputed(context_input_ids, context_attention_mask, doc_scores, labels, eps,
-                                             excl, reduction, return_posterior)
+                                             excl, reduction, return_posterior, inplace_backward)
         if questions is None or answers is None:
             raise ValueError("forward needs questions and answers (or context_input_ids, doc_scores and labels)")
         questions = _check_texts("questions", questions)
@@ -219,12 +218,14 @@ class RagModel(nn.Module):
         if excl and gen.bos_token_id is not None:
             nll_mask[:, 0] &= target[:, 0] != gen.bos_token_id
         log_prior = torch.log_softmax(r.doc_scores, dim=1)
-        out = self._loss(logits, log_prior, target.clamp(min=0), nll_mask, valid, eps, reduction, return_posterior)
+        out = self._loss(logits, log_prior, target.clamp(min=0), nll_mask, valid, eps, reduction, return_posterior,
+                         inplace_backward)
         out.doc_scores = r.doc_scores
         out.rows, out.ids, out.titles, out.texts = r.rows, r.ids, r.titles, r.texts
         return out
 
-    def _forward_precomputed(self, ctx_ids, ctx_mask, doc_scores, labels, eps, excl, reduction, posterior):
+    def _forward_precomputed(self, ctx_ids, ctx_mask, doc_scores, labels, eps, excl, reduction, posterior,
+                             inplace_backward=False):
         if ctx_ids is None or ctx_mask is None or doc_scores is None or labels is None:
             raise ValueError("the precomputed path needs context_input_ids, context_attention_mask, doc_scores and "
                              "labels together")
@@ -239,6 +240,8 @@ class RagModel(nn.Module):
                              f"{ctx_ids.shape=} {ctx_mask.shape=}")
         if labels.dim() != 2 or labels.shape[0] != B:
             raise ValueError(f"labels must be [B, T] with B={B}, got {labels.shape=}")
+        if bool((labels < 0).any()):
+            raise ValueError("labels are HF's decoder inputs: token ids padded with the pad token, not -100")
         pad = gen.pad_token_id
         logits = gen(ctx_ids, ctx_mask.bool(), labels.repeat_interleave(K, dim=0))
         target = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], pad)], 1)
@@ -254,18 +257,19 @@ class RagModel(nn.Module):
             log_prior = torch.where(has_prior, log_prior, torch.zeros_like(log_prior))
         elif excl and gen.bos_token_id is not None:
             nll_mask[:, 0] &= target[:, 0] != gen.bos_token_id
-        out = self._loss(logits, log_prior, target, nll_mask, valid, eps, reduction, posterior)
+        out = self._loss(logits, log_prior, target, nll_mask, valid, eps, reduction, posterior, inplace_backward)
         out.doc_scores = doc_scores
         return out
 
-    def _loss(self, logits, log_prior, target, nll_mask, smooth_mask, eps, reduction, posterior) -> RagOutput:
+    def _loss(self, logits, log_prior, target, nll_mask, smooth_mask, eps, reduction, posterior,
+              inplace_backward=False) -> RagOutput:
         from ..ops.rag_loss import rag_marginal_nll
 
         B, K = log_prior.shape
         T = target.shape[1]
         z = logits.reshape(B, K, T, logits.shape[-1])
         per_q = rag_marginal_nll(z, log_prior.contiguous(), target, nll_mask, smooth_mask, mode=self.mode,
-                                 epsilon=eps)
+                                 epsilon=eps, inplace_backward=inplace_backward)
         loss = per_q if reduction == "none" else (per_q.sum() if reduction == "sum" else per_q.mean())
         post = _sequence_posterior(logits, target, nll_mask, log_prior) if posterior else None
         return RagOutput(loss=loss, per_question_loss=per_q, doc_scores=log_prior, doc_posterior=post,
@@ -345,8 +349,8 @@ class RagModel(nn.Module):
             self.train(was)
         tok = self.generator.tokenizer
         answers = [a.strip() for a in tok.batch_decode(res.sequences, skip_special_tokens=True)]
-        out = RagGeneration(answers=answers, sequences=res.sequences, scores=res.scores, doc_scores=scores,
-                            doc_prior=torch.softmax(scores.float(), dim=1), extra=res.extra)
+        out = RagGeneration(answers=answers, sequences=res.sequences, lengths=res.lengths, scores=res.scores,
+                            doc_scores=scores, doc_prior=torch.softmax(scores.float(), dim=1), extra=res.extra)
         if r is not None:
             out.rows, out.ids, out.titles, out.texts = r.rows, r.ids, r.titles, r.texts
         return out

@@ -239,7 +239,7 @@ def train_rag(model, train_data, dev_data=None, *, steps: int, batch_size: int =
                 pos += batch_size
                 with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
                     o = model([r["question"] for r in batch], [r["answers"][0] for r in batch], n_docs=n_docs,
-                              epsilon=epsilon, reduction="mean", return_posterior=False)
+                              epsilon=epsilon, reduction="mean", return_posterior=False, inplace_backward=True)
                 loss = o.loss / grad_accum
                 if not torch.isfinite(loss):
                     bad("loss", loss.item())
