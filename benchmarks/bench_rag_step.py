@@ -27,7 +27,7 @@ from types import SimpleNamespace
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import peak_extra_memory, print_table, sync, time_fn, write_results  # noqa: E402
+from common import peak_extra_memory, print_table, sync, time_fn, write_results
 
 try:
     import pyrag  # noqa: F401
@@ -82,8 +82,16 @@ def _data(path: str, B: int, K: int, seed: int, target_length: int | None):
 
 
 def build(args):
-    from transformers import (AutoTokenizer, BartConfig, BartForConditionalGeneration, DPRConfig, DPRQuestionEncoder,
-                              RagConfig, RagSequenceForGeneration, RagTokenForGeneration)
+    from transformers import (
+        AutoTokenizer,
+        BartConfig,
+        BartForConditionalGeneration,
+        DPRConfig,
+        DPRQuestionEncoder,
+        RagConfig,
+        RagSequenceForGeneration,
+        RagTokenForGeneration,
+    )
 
     from pyrag.models.encoders import Encoder, default_encoder_path
     from pyrag.models.generator import InputFormat, Seq2SeqGenerator
@@ -283,7 +291,7 @@ def main(argv=None) -> int:
                 r["memory_ratio_hf_over_pyrag"] = b["peak_extra_MiB"] / max(r["peak_extra_MiB"], 1e-9)
     print_table(rows, ["what", "system", "ms", "q_per_s", "peak_extra_MiB", "speedup_vs_hf",
                        "memory_ratio_hf_over_pyrag"])
-    extra = {"config": {k: v for k, v in vars(args).items()}, "contexts": ctx,
+    extra = {"config": dict(vars(args)), "contexts": ctx,
              "note": ("HF pads every passage+question row to max_combined_length (or gets the same N-token rows with "
                       "--equal-length); pyrag pads to the batch's longest row and groups rows by length in the "
                       "encoder. Retrieval excluded for both. HF's RAG-Sequence generate drops the attention mask "

@@ -116,7 +116,7 @@ def _run(args, work: Path) -> int:
     frozen = args.mode == "question"
     model = BiEncoder.from_pretrained(default_encoder_path(), shared=not frozen)
     t0 = time.time()
-    res = train_retriever(model, examples, out_dir=work / "train", steps=steps, batch_size=args.batch_size,
+    res = train_retriever(model, examples, out_dir=work / f"train_{args.mode}", steps=steps, batch_size=args.batch_size,
                           hard_negatives=args.hard_negatives, lr=args.lr, temperature=args.temperature,
                           grad_cache_chunk=args.grad_cache_chunk, checkpoint_every=50, seed=args.seed,
                           kb=zs_kb if frozen else None, freeze_passages=frozen)

@@ -35,7 +35,7 @@ struct CpuOptions {
 bool amx_usable();
 
 // Fused search: tiled dot products + per-query threshold-filtered top-k buffers; never builds [nq, nb].
-// With many queries on an AMX CPU (path 0 from nq >= 32, or path 2) the dot products first run in bf16 on AMX
+// With many queries on an AMX CPU (path 0 from nq >= 48, or path 2) the dot products first run in bf16 on AMX
 // and only docs that a rigorous error bound cannot rule out get their exact fp32 score -- the same bits as the
 // fused path. scores [nq, k] fp32 and ids [nq, k] int64 are written in full. Throws std::invalid_argument on bad
 // options. Extra memory: O(threads * nq * k) candidates plus per-thread tiles.

@@ -86,15 +86,18 @@ struct Selector {
   }
 };
 
-// Capacity of a selector that will see `len` docs: 2k amortises compaction to O(1) per admitted doc; a stream no
-// longer than the buffer never compacts (cap = len + 1 keeps the `++count == cap` test from firing).
-inline int64_t selector_cap(int64_t k, int64_t len) { return std::min(std::max(2 * k, k + 64), len + 1); }
+// Capacity of a selector that will see `len` docs is min(k + slack, len + 1): a stream no longer than the buffer
+// never compacts (len + 1 keeps the `++count == cap` test from firing). The fused path takes slack = max(k, 64),
+// amortising compaction to O(1) per admitted doc; the AMX path, where every admission costs an exact dot product,
+// takes a smaller slack so that the threshold follows the true k-th score more closely.
+inline int64_t fused_slack(int64_t k) { return std::max(k, int64_t{64}); }
+inline int64_t amx_slack(int64_t k) { return std::max(k / 4, int64_t{16}); }
 
 template <class T>
 using TilePassFn = void (*)(const float*, int64_t, int64_t, const T*, const float*, int64_t, int64_t, int64_t, float*,
                             float*, Selector*);
 template <class T>
-using Exact1Fn = float (*)(const float*, const T*, int64_t);
+using ExactFn = void (*)(const float* const*, const T* const*, int, int64_t, float*);
 
 // ---- one copy of the SIMD part per instruction set ----
 #if defined(PYRAG_X86)
@@ -157,7 +160,7 @@ TilePassFn<T> tile_kernel(Isa isa) {
 }
 
 template <class T>
-Exact1Fn<T> exact_kernel(Isa isa) {
+ExactFn<T> exact_kernel(Isa isa) {
   switch (isa) {
 #if defined(PYRAG_X86)
     case Isa::avx512: return avx512::Kernels::exact<T>();
@@ -169,22 +172,31 @@ Exact1Fn<T> exact_kernel(Isa isa) {
 
 // ---- the AMX bf16 prefilter (large Q on CPUs with AMX) ----
 // Exact fp32 search at large Q is a GEMM at the FMA peak (~32 FMA/cycle/core); FAISS and torch already run there,
-// so no fp32 kernel can beat them by much. AMX multiplies bf16 tiles ~8-16x faster. This path scores every doc
+// so no fp32 kernel can beat them by much. AMX multiplies bf16 tiles many times faster. This path scores every doc
 // with AMX (queries and docs rounded to bf16, fp32 accumulation), bounds the gap to the exact fp32 score
-// rigorously, and computes the exact score -- with the fused path's own dot kernel -- only for docs whose
+// rigorously, and computes the exact score -- with the fused path's own dot arithmetic -- only for docs whose
 // approximate score + bound reaches the query's current k-th exact score. Every other doc provably cannot enter
-// the top k, so the result is bit-identical to the fused path. On typical data a few hundred docs per query are
-// rescored; where many docs tie within the bound (near-duplicate corpora) it degrades towards the fused cost.
-// Bound, with u = 2^-24, r = 2^-8 (bf16 rounding), g = D u / (1 - D u), by Cauchy-Schwarz:
-//   |q'.d' - q.d| <= r |q||d| (2 + r)   (r |q||d| when docs are bf16 or int8: bf16 holds them exactly)
-//   AMX accumulation <= 2 g (1+r)^2 |q||d| (twice the fp32 bound), the fp32 kernel's own error <= g |q||d|;
-//   all times 1.01, plus 2^-100 (D + sqrt(D) (|q| + |d|)) for denormals the AMX unit flushes to zero.
-// The analysis assumes no overflow, which |q||d| <= 2^126 guarantees for every partial sum in any order; docs
-// beyond that are always rescored.
-constexpr int64_t kAmxMinQ = 32;    // measured crossover: below it the fused kernel is memory bound and wins
-constexpr int64_t kAmxTile = 128;   // docs per tile: 192 KiB of bf16 rows at D = 768, L2-resident
+// the top k, so the result is bit-identical to the fused path. On typical data a few hundred to a few thousand
+// docs per query are rescored; where many docs tie within the bound (near-duplicate corpora) it degrades towards
+// the fused cost. The bound, with q' and d' the bf16 roundings, u = 2^-24, g = D u / (1 - D u):
+//   |q'.d' - q.d| = |(q' - q).d' + q.(d' - d)| <= |q' - q| (|d| + |d' - d|) + |q| |d' - d|     (Cauchy-Schwarz)
+//   AMX's fp32 accumulation <= 2 g (1 + 2^-8)^2 |q||d|, the fp32 kernel's own error <= g |q||d|,
+// with the residual norms |q' - q|, |d' - d| measured (not the worst case 2^-8 |q|), all rounded up, times 1.01,
+// plus 8 u |q||d| for the fp32 evaluation of the test itself and int8's scale products, plus
+// 2^-100 (D + sqrt(D) (|q| + |d|)) for denormals the AMX unit flushes to zero. The analysis assumes no overflow,
+// which |q||d| <= 2^126 guarantees for every partial sum in any order; docs beyond that are always rescored.
+// Measured crossover (fused ahead at 32 queries, AMX at 64): below it the fused kernel is memory bound and the
+// conversion to bf16 only adds work.
+constexpr int64_t kAmxMinQ = 48;
+constexpr int64_t kAmxTile = 128;  // docs per tile: 192 KiB of bf16 rows at D = 768, L2-resident
 
 bool amx_usable_impl();
+
+// fp32 >= x.
+inline float round_up(double x) {
+  const float f = static_cast<float>(x);
+  return static_cast<double>(f) >= x ? f : std::nextafter(f, std::numeric_limits<float>::infinity());
+}
 
 #if defined(PYRAG_X86) && defined(__linux__)
 #if defined(__clang__)
@@ -204,10 +216,22 @@ struct alignas(64) TileConfig {
   uint8_t rows[16];
 };
 
+// GCC's _tile_loadconfig tells the compiler it reads 8 bytes of the config, so the stores of the rest can be
+// dropped as dead (they were, at -O3); this asm reads the whole object.
+inline void load_tile_config(const TileConfig& cfg) { __asm__ volatile("ldtilecfg %0" : : "m"(cfg)); }
+// GCC's _tile_loadd does not declare that it reads memory: make earlier stores (the converted tile) visible.
+inline void compiler_barrier() { __asm__ volatile("" : : : "memory"); }
+
 inline uint16_t bf16_bits(float f) {
   bf16_t b;
   from_float(f, &b);
   return b.bits;
+}
+inline float bf16_value(uint16_t bits) {
+  const uint32_t u = static_cast<uint32_t>(bits) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
 }
 
 // Queries as AMX B tiles (VNNI layout), 16 queries per block, 32 dims per tile:
@@ -223,57 +247,68 @@ void pack_queries(const float* q, int64_t nq, int64_t dim, int64_t blocks, int64
           }
 }
 
-// Doc rows [0, n) -> bf16 rows of stride dp (zero padded, rows up to n32 zeroed) and dnorm[i] >= the L2 norm of
-// the dequantised row: accumulated in fp64 (no overflow/underflow for finite fp32 data), rounded up to fp32.
+// Doc rows [0, n) -> bf16 rows of stride dp (zero padded; rows n..n32 zeroed), dnorm[i] >= |d_i| and
+// dres[i] >= |d_i - bf16(d_i)| (both of the dequantised row, i.e. times |scale[i]| for int8): sums of squares in
+// fp64 (no overflow or underflow for finite fp32 data; x - bf16(x) is exact in fp32), rounded up to fp32.
 template <class T>
 void convert_tile(const T* src, int64_t n, int64_t n32, int64_t dim, int64_t dp, uint16_t* dst, float* dnorm,
-                  const float* scale) {
+                  float* dres, const float* scale) {
   for (int64_t r = 0; r < n; ++r) {
     const T* x = src + r * dim;
     uint16_t* y = dst + r * dp;
-    __m512d acc0 = _mm512_setzero_pd(), acc1 = _mm512_setzero_pd();
+    __m512d nn0 = _mm512_setzero_pd(), nn1 = _mm512_setzero_pd(), rr0 = _mm512_setzero_pd(),
+            rr1 = _mm512_setzero_pd();
     int64_t i = 0;
     for (; i + 16 <= dim; i += 16) {
       const __m512 v = avx512::vload(x + i);
-      const __m512d lo = _mm512_cvtps_pd(_mm512_castps512_ps256(v)), hi = _mm512_cvtps_pd(avx512::high256(v));
-      acc0 = _mm512_fmadd_pd(lo, lo, acc0);
-      acc1 = _mm512_fmadd_pd(hi, hi, acc1);
       // Round to nearest even on the bits (a signalling NaN may turn into inf; the NaN norm flags the row anyway).
       const __m512i u = _mm512_castps_si512(v);
       const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-      const __m512i rr = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + i), _mm512_cvtepi32_epi16(rr));
+      const __m512i hi16 =
+          _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + i), _mm512_cvtepi32_epi16(hi16));
+      const __m512 res = _mm512_sub_ps(v, _mm512_castsi512_ps(_mm512_slli_epi32(hi16, 16)));
+      const __m512d v0 = _mm512_cvtps_pd(_mm512_castps512_ps256(v)), v1 = _mm512_cvtps_pd(avx512::high256(v));
+      const __m512d e0 = _mm512_cvtps_pd(_mm512_castps512_ps256(res)), e1 = _mm512_cvtps_pd(avx512::high256(res));
+      nn0 = _mm512_fmadd_pd(v0, v0, nn0);
+      nn1 = _mm512_fmadd_pd(v1, v1, nn1);
+      rr0 = _mm512_fmadd_pd(e0, e0, rr0);
+      rr1 = _mm512_fmadd_pd(e1, e1, rr1);
     }
-    double ss = _mm512_reduce_add_pd(_mm512_add_pd(acc0, acc1));
+    double ss = _mm512_reduce_add_pd(_mm512_add_pd(nn0, nn1)), rs = _mm512_reduce_add_pd(_mm512_add_pd(rr0, rr1));
     for (; i < dim; ++i) {
       float f;
       if constexpr (std::is_same<T, int8_t>::value) f = static_cast<float>(x[i]);
       else f = to_float(x[i]);
-      ss += static_cast<double>(f) * f;
       y[i] = bf16_bits(f);
+      const double e = static_cast<double>(f) - bf16_value(y[i]);
+      ss += static_cast<double>(f) * f;
+      rs += e * e;
     }
     std::memset(y + dim, 0, sizeof(uint16_t) * (dp - dim));
-    double nrm = std::sqrt(ss) * (1.0 + 1e-12);  // covers the fp64 rounding of the sum and the sqrt
-    if (scale != nullptr) nrm *= std::fabs(static_cast<double>(scale[r]));
-    const float f = static_cast<float>(nrm);
-    dnorm[r] = static_cast<double>(f) >= nrm ? f : std::nextafter(f, std::numeric_limits<float>::infinity());
+    const double sc = scale != nullptr ? std::fabs(static_cast<double>(scale[r])) : 1.0;
+    dnorm[r] = round_up(std::sqrt(ss) * (1.0 + 1e-12) * sc);  // 1e-12 covers the fp64 rounding
+    dres[r] = round_up(std::sqrt(rs) * (1.0 + 1e-12) * sc);
   }
   for (int64_t r = n; r < n32; ++r) {
     std::memset(dst + r * dp, 0, sizeof(uint16_t) * dp);
     dnorm[r] = 0.0f;
+    dres[r] = 0.0f;
   }
 }
 
-// Read-only inputs shared by the threads.
+// Read-only inputs shared by the threads; per-query arrays are padded to qpairs * 32.
 template <class T>
 struct Shared {
   const float* queries;
   const T* docs;
   const float* scale;
   int64_t nq, dim, dp, kbs, qpairs;
-  const uint16_t* qv;                     // packed queries
-  const float *qc, *e0, *dlim;            // per query, padded to qpairs * 32
-  Exact1Fn<T> exact;
+  const uint16_t* qv;  // packed queries
+  // bound(q, d) = ca * dnorm + cb * dres + e0 (ca = qres + qg, cb = qres + qnorm, see topk_ip_cpu); a doc is
+  // always a candidate if dnorm > dlim.
+  const float *ca, *cb, *e0, *dlim;
+  ExactFn<T> exact;
 };
 
 // One thread's pass over doc tiles, for all queries: convert the tile, 2 x 2 blocks of 16 x 16 AMX tiles
@@ -283,7 +318,8 @@ class Pass {
  public:
   Pass(const Shared<T>& sh, int64_t tile_n)
       : sh_(sh), abuf_(static_cast<size_t>(tile_n * sh.dp)), dnorm_(static_cast<size_t>(tile_n)),
-        thr_(static_cast<size_t>(sh.qpairs * 32), kNegInf) {
+        dres_(static_cast<size_t>(tile_n)), thr_(static_cast<size_t>(sh.qpairs * 32), kNegInf),
+        cpart_(static_cast<size_t>(tile_n * 32)) {
     TileConfig cfg;
     std::memset(&cfg, 0, sizeof cfg);
     cfg.palette = 1;
@@ -291,83 +327,129 @@ class Pass {
       cfg.colsb[t] = 64;
       cfg.rows[t] = 16;
     }
-    _tile_loadconfig(&cfg);
+    load_tile_config(cfg);
   }
   ~Pass() { _tile_release(); }
   Pass(const Pass&) = delete;
   Pass& operator=(const Pass&) = delete;
 
   void operator()(int64_t t0, int64_t t1, Selector* sels) {
-    const int64_t n = t1 - t0, n32 = (n + 31) / 32 * 32, dp = sh_.dp;
-    convert_tile(sh_.docs + t0 * sh_.dim, n, n32, sh_.dim, dp, abuf_.data(), dnorm_.data(),
+    const int64_t n = t1 - t0, n32 = (n + 31) / 32 * 32, dp = sh_.dp, blocks = n32 / 32;
+    convert_tile(sh_.docs + t0 * sh_.dim, n, n32, sh_.dim, dp, abuf_.data(), dnorm_.data(), dres_.data(),
                  sh_.scale != nullptr ? sh_.scale + t0 : nullptr);
+    compiler_barrier();
+    // While AMX works on this tile, pull the next one (the next rows of this thread's range) towards L2: the
+    // conversion above is then served from cache instead of waiting on DRAM.
+    const char* next = reinterpret_cast<const char*>(sh_.docs + t1 * sh_.dim);
+    const int64_t next_bytes = n * sh_.dim * static_cast<int64_t>(sizeof(T));
+    const int64_t steps = sh_.qpairs * ((sh_.kbs + kKChunk - 1) / kKChunk) * blocks;
+    const int64_t per_step = (next_bytes / 64 + steps - 1) / steps;
+    int64_t line = 0;
     const int stride = static_cast<int>(dp * 2);
     for (int64_t qp = 0; qp < sh_.qpairs; ++qp) {
       const uint16_t* b0 = sh_.qv + (2 * qp) * sh_.kbs * 512;
       const uint16_t* b1 = b0 + sh_.kbs * 512;
-      for (int64_t j0 = 0; j0 < n; j0 += 32) {
-        const uint16_t* a0 = abuf_.data() + j0 * dp;
-        const uint16_t* a1 = a0 + 16 * dp;
-        _tile_zero(0);
-        _tile_zero(1);
-        _tile_zero(2);
-        _tile_zero(3);
-        for (int64_t kb = 0; kb < sh_.kbs; ++kb) {
-          _tile_loadd(4, a0 + kb * 32, stride);
-          _tile_loadd(5, a1 + kb * 32, stride);
-          _tile_loadd(6, b0 + kb * 512, 64);
-          _tile_loadd(7, b1 + kb * 512, 64);
-          _tile_dpbf16ps(0, 4, 6);
-          _tile_dpbf16ps(1, 4, 7);
-          _tile_dpbf16ps(2, 5, 6);
-          _tile_dpbf16ps(3, 5, 7);
+      // K in chunks of kKChunk x 32 dims: the chunk of the 32 queries' tiles (16 KiB) stays in L1 while every doc
+      // block of the tile streams past it from L2; partial sums wait in cpart_ between chunks.
+      for (int64_t kc = 0; kc < sh_.kbs; kc += kKChunk) {
+        const int64_t kend = std::min(sh_.kbs, kc + kKChunk);
+        for (int64_t blk = 0; blk < blocks; ++blk) {
+          float* c = cpart_.data() + blk * 1024;  // [32 docs][32 queries]
+          if (kc == 0) {
+            _tile_zero(0);
+            _tile_zero(1);
+            _tile_zero(2);
+            _tile_zero(3);
+          } else {
+            _tile_loadd(0, c, 128);
+            _tile_loadd(1, c + 16, 128);
+            _tile_loadd(2, c + 512, 128);
+            _tile_loadd(3, c + 528, 128);
+          }
+          const uint16_t* a0 = abuf_.data() + blk * 32 * dp;
+          const uint16_t* a1 = a0 + 16 * dp;
+          for (int64_t kb = kc; kb < kend; ++kb) {
+            _tile_loadd(4, a0 + kb * 32, stride);
+            _tile_loadd(5, a1 + kb * 32, stride);
+            _tile_loadd(6, b0 + kb * 512, 64);
+            _tile_loadd(7, b1 + kb * 512, 64);
+            _tile_dpbf16ps(0, 4, 6);
+            _tile_dpbf16ps(1, 4, 7);
+            _tile_dpbf16ps(2, 5, 6);
+            _tile_dpbf16ps(3, 5, 7);
+          }
+          _tile_stored(0, c, 128);
+          _tile_stored(1, c + 16, 128);
+          _tile_stored(2, c + 512, 128);
+          _tile_stored(3, c + 528, 128);
+          for (int64_t e = 0; e < per_step && line * 64 < next_bytes; ++e, ++line)
+            _mm_prefetch(next + line * 64, _MM_HINT_T1);
         }
-        _tile_stored(0, cbuf_, 128);  // cbuf_[doc][query]: 32 x 32 fp32
-        _tile_stored(1, cbuf_ + 16, 128);
-        _tile_stored(2, cbuf_ + 512, 128);
-        _tile_stored(3, cbuf_ + 528, 128);
-        select(t0 + j0, std::min<int64_t>(32, n - j0), qp, j0, sels);
       }
+      for (int64_t blk = 0; blk < blocks; ++blk)
+        select(cpart_.data() + blk * 1024, t0 + blk * 32, std::min<int64_t>(32, n - blk * 32), qp, blk * 32, sels);
     }
   }
 
  private:
-  // Docs id0 + r (r < rows, ascending, as the selectors need) against queries qp * 32 + [0, 32).
-  void select(int64_t id0, int64_t rows, int64_t qp, int64_t j0, Selector* sels) {
-    for (int64_t r = 0; r < rows; ++r) {
-      const int64_t doc = id0 + r;
-      const float dn = dnorm_[j0 + r];
-      const float sc = sh_.scale != nullptr ? sh_.scale[doc] : 1.0f;
-      const __m512 vdn = _mm512_set1_ps(dn);
-      for (int h = 0; h < 2; ++h) {
-        const int64_t qb = qp * 32 + h * 16;
-        if (qb >= sh_.nq) break;
-        __m512 a = _mm512_loadu_ps(cbuf_ + r * 32 + h * 16);
-        if (sh_.scale != nullptr) a = _mm512_mul_ps(a, _mm512_set1_ps(sc));
-        const __m512 ub = _mm512_add_ps(a, _mm512_fmadd_ps(_mm512_loadu_ps(sh_.qc + qb), vdn, _mm512_loadu_ps(sh_.e0 + qb)));
-        unsigned m = _mm512_cmp_ps_mask(ub, _mm512_loadu_ps(thr_.data() + qb), _CMP_NLT_UQ) |
-                     _mm512_cmp_ps_mask(vdn, _mm512_loadu_ps(sh_.dlim + qb), _CMP_NLE_UQ);
-        if (sh_.nq - qb < 16) m &= (1u << (sh_.nq - qb)) - 1u;
+  static constexpr int64_t kKChunk = 8;
+
+  // Docs id0 + r (r < rows) against queries qp * 32 + [0, 32), approximate scores c[r][query]: first every
+  // (doc, query) pair the bound cannot rule out (thresholds as they stand), then their exact scores in one batch
+  // (independent FMA chains), then the selectors see them in doc order -- each still applies its own current
+  // threshold, so the result is the same as testing one pair at a time.
+  void select(const float* c, int64_t id0, int64_t rows, int64_t qp, int64_t j0, Selector* sels) {
+    int npairs = 0;
+    for (int h = 0; h < 2; ++h) {
+      const int64_t qb = qp * 32 + h * 16;
+      if (qb >= sh_.nq) break;
+      const unsigned lanes = sh_.nq - qb < 16 ? (1u << (sh_.nq - qb)) - 1u : 0xffffu;
+      const __m512 ca = _mm512_loadu_ps(sh_.ca + qb), cb = _mm512_loadu_ps(sh_.cb + qb);
+      const __m512 e0 = _mm512_loadu_ps(sh_.e0 + qb), lim = _mm512_loadu_ps(sh_.dlim + qb);
+      const __m512 thr = _mm512_loadu_ps(thr_.data() + qb);
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t doc = id0 + r;
+        const __m512 dn = _mm512_set1_ps(dnorm_[j0 + r]), dr = _mm512_set1_ps(dres_[j0 + r]);
+        __m512 a = _mm512_loadu_ps(c + r * 32 + h * 16);
+        if (sh_.scale != nullptr) a = _mm512_mul_ps(a, _mm512_set1_ps(sh_.scale[doc]));
+        const __m512 ub = _mm512_add_ps(a, _mm512_fmadd_ps(ca, dn, _mm512_fmadd_ps(cb, dr, e0)));
+        unsigned m = (_mm512_cmp_ps_mask(ub, thr, _CMP_NLT_UQ) | _mm512_cmp_ps_mask(dn, lim, _CMP_NLE_UQ)) & lanes;
         while (m) {
-          const int64_t q = qb + __builtin_ctz(m);
+          const int q = static_cast<int>(qb) + __builtin_ctz(m);
           m &= m - 1;
-          float s = sh_.exact(sh_.queries + q * sh_.dim, sh_.docs + doc * sh_.dim, sh_.dim);
-          if (sh_.scale != nullptr) s *= sc;
-          Selector& sel = sels[q];
-          if (s > sel.thr) {
-            sel.push(s, doc);
-            thr_[q] = sel.thr;
-          }
+          pq_[npairs] = q;
+          pdoc_[npairs] = doc;
+          qp_[npairs] = sh_.queries + q * sh_.dim;
+          dp_[npairs++] = sh_.docs + doc * sh_.dim;
         }
+      }
+    }
+    if (npairs == 0) return;
+    // Pairs were collected half by half; the selectors need each query's docs in increasing order, which holds
+    // within a half (rows ascending) and the halves hold different queries.
+    sh_.exact(qp_, dp_, npairs, sh_.dim, ps_);
+    for (int i = 0; i < npairs; ++i) {
+      const int64_t doc = pdoc_[i];
+      const float s = sh_.scale != nullptr ? ps_[i] * sh_.scale[doc] : ps_[i];
+      Selector& sel = sels[pq_[i]];
+      if (s > sel.thr) {
+        sel.push(s, doc);
+        thr_[pq_[i]] = sel.thr;
       }
     }
   }
 
   const Shared<T>& sh_;
   std::vector<uint16_t> abuf_;
-  std::vector<float> dnorm_;
-  std::vector<float> thr_;  // mirror of the selectors' thresholds, vector-loadable
-  alignas(64) float cbuf_[32 * 32];
+  std::vector<float> dnorm_, dres_;
+  std::vector<float> thr_;    // mirror of the selectors' thresholds, vector-loadable
+  std::vector<float> cpart_;  // [tile blocks][32 docs][32 queries] partial / final approximate scores
+  // Candidate pairs of one 32 x 32 block.
+  int pq_[32 * 32];
+  int64_t pdoc_[32 * 32];
+  const float* qp_[32 * 32];
+  const T* dp_[32 * 32];
+  float ps_[32 * 32];
 };
 
 }  // namespace amx
@@ -415,8 +497,9 @@ class ErrorSink {
 // the selectors -- and hands each query's sorted best min(k, hi - lo) to emit(q, hits, m).
 // Memory: (qb - qa) selectors of selector_cap Hits, plus the pass's scratch.
 template <class Pass, class Emit>
-void search_range(Pass& pass, int64_t qa, int64_t qb, int64_t lo, int64_t hi, int64_t k, int64_t tile_n, Emit&& emit) {
-  const int64_t nq = qb - qa, cap = selector_cap(k, hi - lo);
+void search_range(Pass& pass, int64_t qa, int64_t qb, int64_t lo, int64_t hi, int64_t k, int64_t tile_n,
+                  int64_t slack, Emit&& emit) {
+  const int64_t nq = qb - qa, cap = std::min(k + slack, hi - lo + 1);
   std::vector<Hit> store(static_cast<size_t>(nq * cap));
   std::vector<Selector> sels(static_cast<size_t>(nq));
   for (int64_t i = 0; i < nq; ++i) sels[i] = Selector{store.data() + i * cap, 0, cap, k, kNegInf};
@@ -438,8 +521,8 @@ inline void write_row(const Hit* hits, int64_t m, float* scores, int64_t* ids) {
 // Threads over queries (split 2) or over doc partitions merged per query at the end (split 1).
 // make_pass(qa, qb) builds a thread's pass (with its scratch) inside the thread that runs it.
 template <class MakePass>
-void drive(int64_t nq, int64_t nb, int64_t k, int threads, int split, int64_t parts, int64_t tile_n, float* scores,
-           int64_t* ids, MakePass&& make_pass) {
+void drive(int64_t nq, int64_t nb, int64_t k, int threads, int split, int64_t parts, int64_t tile_n, int64_t slack,
+           float* scores, int64_t* ids, MakePass&& make_pass) {
   ErrorSink errors;
   if (split == 2) {
     const int64_t chunks = std::min<int64_t>(threads, nq);
@@ -448,7 +531,7 @@ void drive(int64_t nq, int64_t nb, int64_t k, int threads, int split, int64_t pa
       errors.run([&] {
         const int64_t qa = nq * c / chunks, qb = nq * (c + 1) / chunks;
         auto pass = make_pass(qa, qb);
-        search_range(*pass, qa, qb, 0, nb, k, tile_n,
+        search_range(*pass, qa, qb, 0, nb, k, tile_n, slack,
                      [&](int64_t q, const Hit* hits, int64_t m) { write_row(hits, m, scores + q * k, ids + q * k); });
       });
     }
@@ -464,13 +547,16 @@ void drive(int64_t nq, int64_t nb, int64_t k, int threads, int split, int64_t pa
       const int64_t lo = nb * p / parts, hi = nb * (p + 1) / parts;
       plen[p] = std::min(k, hi - lo);
       auto pass = make_pass(0, nq);
-      search_range(*pass, 0, nq, lo, hi, k, tile_n, [&](int64_t q, const Hit* hits, int64_t m) {
+      search_range(*pass, 0, nq, lo, hi, k, tile_n, slack, [&](int64_t q, const Hit* hits, int64_t m) {
         std::copy(hits, hits + m, partial.data() + (p * nq + q) * k);
       });
     });
   }
   errors.rethrow();
-#pragma omp parallel for num_threads(threads) schedule(static)
+  // Merging is cheap (a partial sort of parts * k hits per query); below ~a million hits it runs on this thread,
+  // sparing a second parallel region -- whose start-up can cost milliseconds on a busy machine.
+  const bool serial_merge = nq * parts * k <= (int64_t{1} << 20);
+#pragma omp parallel for num_threads(threads) schedule(static) if (!serial_merge)
   for (int64_t q = 0; q < nq; ++q) {
     errors.run([&] {
       std::vector<Hit> all;
@@ -553,31 +639,36 @@ void topk_ip_cpu(const float* queries, const T* docs, const float* scale, int64_
     const int64_t dp = (dim + 31) / 32 * 32, kbs = dp / 32, qpairs = (nq + 31) / 32;
     std::vector<uint16_t> qv(static_cast<size_t>(qpairs * 2 * kbs * 512));
     amx::pack_queries(queries, nq, dim, qpairs * 2, kbs, qv.data());
-    std::vector<float> qc(static_cast<size_t>(qpairs * 32), 0.0f), e0(qc.size(), 0.0f), dlim(qc.size(), 0.0f);
+    const size_t padded = static_cast<size_t>(qpairs * 32);
+    std::vector<float> ca(padded, 0.0f), cb(padded, 0.0f), e0(padded, 0.0f), dlim(padded, 0.0f);
     double smax = 1.0;
     if (scale != nullptr)
       for (int64_t i = 0; i < nb; ++i) smax = std::max(smax, std::fabs(static_cast<double>(scale[i])));
     const double u = std::ldexp(1.0, -24), r = std::ldexp(1.0, -8), tiny = std::ldexp(1.0, -100);
     const double g = dim * u / (1 - dim * u), sd = std::sqrt(static_cast<double>(dim));
-    const bool exact_docs = std::is_same<T, bf16_t>::value || std::is_same<T, int8_t>::value;
-    const double c = 1.01 * ((exact_docs ? r : r * (2 + r)) + 2 * g * (1 + r) * (1 + r) + g + 4 * u);
-    const auto up = [](double x) {  // fp32 >= x
-      const float f = static_cast<float>(x);
-      return static_cast<double>(f) >= x ? f : std::nextafter(f, std::numeric_limits<float>::infinity());
-    };
+    const double up = 1.01 * (1 + 1e-6);  // 1.01 margin; 1e-6 covers the fp32 evaluation of the bound
+    const double coef_g = up * (2 * g * (1 + r) * (1 + r) + g) + 8 * u;
     for (int64_t i = 0; i < nq; ++i) {
-      double ss = 0.0;
-      for (int64_t j = 0; j < dim; ++j) ss += static_cast<double>(queries[i * dim + j]) * queries[i * dim + j];
-      const double qn = std::sqrt(ss) * (1.0 + 1e-12);
-      qc[i] = up(c * qn + tiny * sd);
-      e0[i] = up(tiny * (dim + sd * qn) * smax);
-      const float lim = static_cast<float>(std::ldexp(1.0, 126) / std::max(qn, 1e-300) * (1.0 - 1e-6));
-      dlim[i] = lim;  // rounding may go up by half an ulp; the 1e-6 margin keeps it below 2^126 / |q|
+      double ss = 0.0, rs = 0.0;
+      for (int64_t j = 0; j < dim; ++j) {
+        const float x = queries[i * dim + j];
+        const double e = static_cast<double>(x) - amx::bf16_value(amx::bf16_bits(x));
+        ss += static_cast<double>(x) * x;
+        rs += e * e;
+      }
+      const double qn = std::sqrt(ss) * (1.0 + 1e-12), qr = std::sqrt(rs) * (1.0 + 1e-12);
+      // bound = qr (|d| + |d - d'|) + qn |d - d'| + (coef_g qn + tiny sqrt(D)) |d| + e0
+      //       = (qr + coef_g qn + tiny sqrt(D)) |d| + (qr + qn) |d - d'| + e0.
+      ca[i] = round_up(up * qr + coef_g * qn + tiny * sd);
+      cb[i] = round_up(up * (qr + qn));
+      e0[i] = round_up(tiny * (dim + sd * qn) * smax);
+      // 2^126 / |q|, rounded down (the 1e-6 margin), so docs within it cannot overflow any partial sum.
+      dlim[i] = static_cast<float>(std::ldexp(1.0, 126) / std::max(qn, 1e-300) * (1.0 - 1e-6));
     }
-    const amx::Shared<T> sh{queries, docs, scale, nq, dim, dp, kbs, qpairs, qv.data(), qc.data(), e0.data(),
-                            dlim.data(), exact_kernel<T>(isa)};
+    const amx::Shared<T> sh{queries,   docs,      scale,     nq,          dim, dp, kbs, qpairs, qv.data(), ca.data(),
+                            cb.data(), e0.data(), dlim.data(), exact_kernel<T>(isa)};
     const int64_t tile_n = opt.tile_n > 0 ? (opt.tile_n + 31) / 32 * 32 : kAmxTile;
-    drive(nq, nb, k, threads, 1, opt.parts, tile_n, scores, ids,
+    drive(nq, nb, k, threads, 1, opt.parts, tile_n, amx_slack(k), scores, ids,
           [&](int64_t, int64_t) { return std::make_unique<amx::Pass<T>>(sh, tile_n); });
     return;
   }
@@ -595,7 +686,7 @@ void topk_ip_cpu(const float* queries, const T* docs, const float* scale, int64_
     // corpora where a doc slice per thread would be too short to amortise the per-thread setup.
     split = (threads == 1 || nq >= 32 * threads || nb < 4096 * threads) ? 2 : 1;
   }
-  drive(nq, nb, k, threads, split, opt.parts, tile_n, scores, ids, [&](int64_t qa, int64_t qb) {
+  drive(nq, nb, k, threads, split, opt.parts, tile_n, fused_slack(k), scores, ids, [&](int64_t qa, int64_t qb) {
     return std::make_unique<FusedPass<T>>(fn, queries, qa, qb, docs, scale, dim, tile_n);
   });
 }

@@ -7,6 +7,7 @@ import argparse
 import datetime
 import hashlib
 import json
+import operator
 import os
 import shutil
 import sqlite3
@@ -573,7 +574,11 @@ class KnowledgeBase:
         Ties are broken by the lower row. Tensors come back on the index's device."""
         if mode not in ("dense", "bm25", "hybrid"):
             raise ValueError(f"mode must be 'dense', 'bm25' or 'hybrid', got {mode!r}")
-        if not isinstance(k, int) or not 1 <= k <= len(self):
+        try:
+            k = operator.index(k)
+        except TypeError:
+            raise TypeError(f"k must be an int, got {type(k).__name__}: {k!r}") from None
+        if not 1 <= k <= len(self):
             raise ValueError(f"k must be an int in [1, {len(self)}] (the KB size), got {k=}")
         is_vec = isinstance(questions, torch.Tensor)
         if not is_vec and (isinstance(questions, str) or not all(isinstance(q, str) for q in questions)):

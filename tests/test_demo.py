@@ -63,7 +63,7 @@ def test_quick_demo_keeps_models_that_load_and_answer(quick_run):
 
 
 def test_stopped_run_resumes_without_redoing_finished_stages(quick_run):
-    out, first, final = quick_run
+    _, first, final = quick_run
     assert list(first) == ["corpus", "kb", "retriever"]
     assert list(final) == list(STAGES)
     for name in first:  # recorded once, never redone: the records are the very same
@@ -88,7 +88,7 @@ def test_other_settings_on_the_same_out_are_refused(quick_run, capsys):
 
 
 def test_ctrl_c_stops_cleanly_with_exit_130_and_keeps_state(tmp_path, monkeypatch, capsys):
-    import pyrag.demo.run as run
+    from pyrag.demo import run
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt

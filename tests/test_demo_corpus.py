@@ -68,8 +68,8 @@ def test_corpus_contains_look_alike_distractors(corpus):
     assert max(surnames.values()) >= 4  # two passages each for at least two people with the same surname
 
 
-@pytest.mark.parametrize("kwargs", [dict(n_people=2), dict(n_orgs="5"), dict(test_fraction=0.0),
-                                    dict(dev_fraction=0.5, test_fraction=0.6)])
+@pytest.mark.parametrize("kwargs", [{"n_people": 2}, {"n_orgs": "5"}, {"test_fraction": 0.0},
+                                    {"dev_fraction": 0.5, "test_fraction": 0.6}])
 def test_bad_arguments_raise_value_error_naming_them(kwargs):
     with pytest.raises(ValueError, match=next(iter(kwargs))):
         generate_corpus(**kwargs)

@@ -323,3 +323,13 @@ def test_build_and_eval_commands(tmp_path, enc_dir, capsys):
     assert rep["recall@1"] == pytest.approx(want) and "gold_recall@3" in rep and rep["questions"] == 15
     assert build_kb_cli([str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "kb2")]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+def test_command_help_exits_cleanly(capsys):
+    from pyrag.kb import build_kb_cli
+    from pyrag.train.retriever import train_retriever_cli
+
+    for fn, word in ((build_kb_cli, "resume"), (train_retriever_cli, "hard negatives")):
+        with pytest.raises(SystemExit) as e:
+            fn(["--help"])
+        assert e.value.code == 0 and word in capsys.readouterr().out

@@ -66,6 +66,8 @@ class NoCache:
         return st
 
     def step(self, st, tokens):
+        if tokens is None:  # the first step: the decoder start token
+            tokens = torch.full((st.hidden.shape[0],), self.gen.decoder_start_token_id)
         st.hist = tokens[:, None] if st.hist is None else torch.cat([st.hist, tokens[:, None]], 1)
         return self.gen.forward(None, st.mask, st.hist, encoder_hidden=st.hidden)[:, -1].float()
 

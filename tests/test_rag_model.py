@@ -364,3 +364,61 @@ def test_bad_input_gives_clear_errors(small, tmp_path):
         model.generate(["where ?"], decoding="fast")
     with pytest.raises(ValueError, match="n_docs must be a positive int"):
         model(["where ?"], ["x"], n_docs=0)
+
+
+@pytest.mark.parametrize("mode", ["token", "sequence"])
+def test_chunked_vocabulary_projection_equals_full_logits(small, mode):
+    """Past head_chunk_bytes the loss projects a few questions at a time (recomputed in backward): same loss,
+    posterior and gradients as with the whole [B*K, T, V] logits."""
+    from pyrag.models.rag import RagSequence, RagToken
+
+    base, _, qa, kb = small
+    model = (RagToken if mode == "token" else RagSequence)(base.question_encoder, base.generator, kb, n_docs=3)
+    model.eval()
+    qs, ans = [r["question"] for r in qa[:5]], [r["answers"][0] for r in qa[:5]]
+    results = []
+    for chunk_bytes in (1 << 40, 1):  # whole logits; one question per chunk
+        model.head_chunk_bytes = chunk_bytes
+        model.zero_grad(set_to_none=True)
+        out = model(qs, ans, epsilon=0.1, reduction="sum")
+        out.loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((out, grads))
+    (full, g_full), (chunked, g_chunked) = results
+    assert full.logits is not None and chunked.logits is None
+    torch.testing.assert_close(chunked.loss, full.loss, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(chunked.doc_posterior, full.doc_posterior, rtol=1e-5, atol=1e-6)
+    assert g_full.keys() == g_chunked.keys()
+    for n in g_full:
+        torch.testing.assert_close(g_chunked[n], g_full[n], rtol=1e-4, atol=1e-6)
+    model.zero_grad(set_to_none=True)
+
+
+def test_t5_generator_trains_decodes_and_splits_its_output_layer(small):
+    """T5 (no BOS, relative positions, a rescaled tied output layer) as the generator: the loss matches the
+    reference, the chunked vocabulary projection matches the full logits, and decoding works."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    from pyrag.models.rag import RagSequence
+    from pyrag.reference import rag_sequence_loss_reference
+
+    base, _, qa, kb = small
+    tok = base.generator.tokenizer
+    torch.manual_seed(0)
+    t5 = T5ForConditionalGeneration(T5Config(vocab_size=len(tok), d_model=32, d_ff=64, num_layers=1, num_heads=2,
+                                             d_kv=16, pad_token_id=1, eos_token_id=2, decoder_start_token_id=1,
+                                             dropout_rate=0.0))
+    model = RagSequence.from_parts(base.question_encoder, t5, kb, n_docs=3, tokenizer=tok).eval()
+    assert model.generator.bos_token_id is None and model.generator.decoder_start_token_id == 1
+    qs, ans = [r["question"] for r in qa[:4]], [r["answers"][0] for r in qa[:4]]
+    out = model(qs, ans, reduction="none", exclude_bos_score=True)  # no BOS: nothing to exclude
+    _, target = model.generator.encode_answers(ans)
+    torch.testing.assert_close(out.per_question_loss,
+                               rag_sequence_loss_reference(out.logits, out.doc_scores, target, reduction="none"),
+                               rtol=1e-5, atol=1e-5)
+    model.head_chunk_bytes = 1
+    chunked = model(qs, ans, reduction="none")
+    assert chunked.logits is None
+    torch.testing.assert_close(chunked.per_question_loss, out.per_question_loss, rtol=1e-5, atol=1e-5)
+    g = model.generate(qs, num_beams=2, max_new_tokens=4)
+    assert (g.sequences[:, 0] == 1).all() and g.sequences.shape[1] <= 5

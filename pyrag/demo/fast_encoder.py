@@ -31,7 +31,7 @@ class CachedLowerEncoder(Encoder):
     Use `CachedLowerEncoder.convert(encoder, train_layers)`; `save_pretrained` writes a plain Encoder."""
 
     @classmethod
-    def convert(cls, enc: Encoder, train_layers: int) -> "CachedLowerEncoder":
+    def convert(cls, enc: Encoder, train_layers: int) -> CachedLowerEncoder:
         backbone = enc._backbone
         layers = getattr(getattr(backbone, "encoder", None), "layer", None)
         if not isinstance(layers, nn.ModuleList) or not hasattr(backbone, "embeddings"):

@@ -1,10 +1,8 @@
 """The demo's small generator: a WordPiece tokenizer cut down from MiniLM's to the corpus' pieces, a BART initialised
-from a config, and the closed-book baseline's resumable training loop (question -> answer, no retrieval)."""
+from a config, and a resumable seq2seq training loop for its denoising pre-training and the closed-book baseline."""
 
 from __future__ import annotations
 
-import json
-import math
 import os
 import random
 import time
@@ -35,14 +33,20 @@ def build_tokenizer(texts: list[str], base_dir):
     return BertTokenizer(vocab={w: i for i, w in enumerate(keep)}, do_lower_case=True, model_max_length=512)
 
 
-def init_generator(tokenizer, *, d_model: int, layers: int, ffn: int, heads: int, max_positions: int, seed: int):
+def init_generator(tokenizer, *, d_model: int, layers: int, ffn: int, heads: int, max_positions: int, seed: int,
+                   init_std: float | None = None):
     """A BART with random weights (seeded) over `tokenizer`, BART's conventions mapped onto BERT's specials:
-    targets are "[CLS] answer [SEP]" and decoding starts from [SEP] (as BART starts from </s>)."""
+    targets are "[CLS] answer [SEP]" and decoding starts from [SEP] (as BART starts from </s>).
+
+    init_std (default 1/sqrt(d_model)): BART's own 0.02 suits d_model 1024; at d_model ~200 it leaves attention
+    logits so flat that learning to point at (copy) an input token takes thousands of steps instead of
+    hundreds."""
     from transformers import BartConfig, BartForConditionalGeneration
 
     cfg = BartConfig(vocab_size=len(tokenizer), d_model=d_model, encoder_layers=layers, decoder_layers=layers,
                      encoder_attention_heads=heads, decoder_attention_heads=heads, encoder_ffn_dim=ffn,
                      decoder_ffn_dim=ffn, max_position_embeddings=max_positions,
+                     init_std=init_std if init_std is not None else d_model ** -0.5,
                      # a few hundred steps from scratch: regularisation only slows the fit down
                      dropout=0.0, attention_dropout=0.0, activation_dropout=0.0,
                      pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.cls_token_id,
@@ -77,77 +81,96 @@ def _set_rng_state(st: dict) -> None:
         torch.cuda.set_rng_state_all(st["cuda"])
 
 
-def closed_book_inputs(gen, questions: list[str]):
-    """(input_ids [B, L], attention_mask [B, L]) of the bare questions: the closed-book generator's input."""
-    enc = gen.tokenizer(questions, padding=True, return_tensors="pt", return_token_type_ids=False)
+def source_inputs(gen, sources: list[str]):
+    """(input_ids [B, L], attention_mask [B, L] bool) of plain source texts (no passages), padded to the longest."""
+    enc = gen.tokenizer(sources, padding=True, truncation=True, max_length=gen.fmt.max_combined_length,
+                        return_tensors="pt", return_token_type_ids=False)
     return enc["input_ids"].to(gen.device), enc["attention_mask"].bool().to(gen.device)
 
 
-def train_closed_book(gen, train: list[dict], *, out_dir, steps: int, batch_size: int, lr: float,
-                      warmup_steps: int, seed: int, checkpoint_every: int = 50,
-                      show_progress: bool = True) -> dict:
-    """Train a pyrag Seq2SeqGenerator `gen` on question -> answer (no passages): token cross-entropy, AdamW with
-    linear warm-up and decay, batches of a seeded per-epoch shuffle (the RAG trainings see the same budget).
+def denoising_pairs(passages: list[dict], seed: int, copies: int = 2) -> list[tuple[str, str]]:
+    """BART's text infilling on "title / text" strings: one span of 1-3 words replaced by a single [MASK]; the
+    target is the uncorrupted string. `copies` corruptions per passage, fixed by `seed`."""
+    rng = random.Random(seed)
+    pairs = []
+    for _ in range(copies):
+        for p in passages:
+            words = f"{p['title']} / {p['text']}".split(" ")
+            i, n = rng.randrange(len(words)), rng.randint(1, 3)
+            pairs.append((" ".join(words[:i] + ["[MASK]"] + words[i + n:]), " ".join(words)))
+    return pairs
+
+
+def _example(pairs: list, seed: int, pos: int):
+    """Item `pos` of an endless stream whose epoch e is a fixed seeded permutation (train_rag's data order)."""
+    epoch, i = divmod(pos, len(pairs))
+    perm = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+    return pairs[int(perm[i])]
+
+
+def train_seq2seq(gen, pairs: list[tuple[str, str]], *, out_dir, steps: int, batch_size: int, lr: float,
+                  warmup_steps: int, seed: int, checkpoint_every: int = 50, desc: str = "train",
+                  show_progress: bool = True) -> dict:
+    """Train a pyrag Seq2SeqGenerator `gen` on (source, target) text pairs with token cross-entropy: the
+    closed-book baseline (question -> answer) and the denoising pre-training. Optimisation as train_rag does it
+    (AdamW without weight decay, linear warm-up then decay to 0, clipping at 1.0, the same seeded data order),
+    so a closed-book model gets the same budget as the RAG models.
 
     out_dir/checkpoint.pt (model, optimiser, scheduler, RNG, data position; atomic) is written every
     checkpoint_every steps and at the end; an existing one is resumed exactly. Returns {"step", "loss",
     "seconds"}."""
     from tqdm.auto import tqdm
 
+    if not pairs:
+        raise ValueError("pairs is empty")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     ckpt = out / "checkpoint.pt"
     model = gen.model
-    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
 
     def schedule(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / (warmup_steps + 1)
+        if warmup_steps and step < warmup_steps:
+            return (step + 1) / warmup_steps
         return max(0.0, (steps - step) / max(1, steps - warmup_steps))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
     config = {"steps": steps, "batch_size": batch_size, "lr": lr, "warmup_steps": warmup_steps, "seed": seed,
-              "n": len(train)}
-    step, epoch, offset, losses = 0, 0, 0, []
+              "n": len(pairs)}
+    step, pos, losses = 0, 0, []
     if ckpt.exists():
         ck = torch.load(ckpt, weights_only=False, map_location=gen.device)
         if ck["config"] != config:
-            raise ValueError(f"{ckpt} was written with other settings ({ck['config']} vs {config}); delete it or "
-                             f"use another --out")
+            raise ValueError(f"{ckpt} was written with other settings ({ck['config']} vs {config}); delete it to "
+                             f"start over")
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
         _set_rng_state(ck["rng"])
-        step, epoch, offset, losses = ck["step"], ck["epoch"], ck["offset"], ck["losses"]
+        step, pos, losses = ck["step"], ck["pos"], ck["losses"]
     else:
         random.seed(seed)
         torch.manual_seed(seed)
 
-    def order_of(ep: int) -> list[int]:
-        return torch.randperm(len(train), generator=torch.Generator().manual_seed(seed * 1_000_003 + ep)).tolist()
-
     def save() -> None:
         _atomic_torch_save({"model": model.state_dict(), "optimizer": opt.state_dict(),
-                            "scheduler": sched.state_dict(), "rng": _rng_state(), "step": step, "epoch": epoch,
-                            "offset": offset, "losses": losses, "config": config}, ckpt)
+                            "scheduler": sched.state_dict(), "rng": _rng_state(), "step": step, "pos": pos,
+                            "losses": losses, "config": config}, ckpt)
 
-    order = order_of(epoch)
     model.train()
     t0 = time.time()
-    bar = tqdm(total=steps, initial=step, desc="train closed-book", unit="step", disable=not show_progress,
-               dynamic_ncols=True)
+    bar = tqdm(total=steps, initial=step, desc=desc, unit="step", disable=not show_progress, dynamic_ncols=True)
     try:
         while step < steps:
-            if offset + batch_size > len(order):
-                epoch, offset = epoch + 1, 0
-                order = order_of(epoch)
-            batch = [train[i] for i in order[offset:offset + batch_size]]
-            offset += batch_size
-            ids, mask = closed_book_inputs(gen, [q["question"] for q in batch])
-            dec_in, target = gen.encode_answers([q["answers"][0] for q in batch])
+            batch = [_example(pairs, seed, pos + i) for i in range(batch_size)]
+            pos += batch_size
+            ids, mask = source_inputs(gen, [src for src, _ in batch])
+            dec_in, target = gen.encode_answers([tgt for _, tgt in batch])
             logits = gen(ids, mask, dec_in)
             loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), target.flatten(),
                                                      ignore_index=-100)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"{desc}: the loss became {float(loss)} at step {step + 1}")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -155,8 +178,6 @@ def train_closed_book(gen, train: list[dict], *, out_dir, steps: int, batch_size
             sched.step()
             step += 1
             losses = (losses + [float(loss.detach())])[-20:]
-            if not math.isfinite(losses[-1]):
-                raise FloatingPointError(f"closed-book loss became {losses[-1]} at step {step}")
             bar.update(1)
             bar.set_postfix(loss=f"{sum(losses) / len(losses):.3f}")
             if step % checkpoint_every == 0 or step == steps:
@@ -164,8 +185,7 @@ def train_closed_book(gen, train: list[dict], *, out_dir, steps: int, batch_size
     finally:
         bar.close()
     model.eval()
-    (out / "train_log.json").write_text(json.dumps({"step": step, "loss": sum(losses) / max(1, len(losses))}))
-    return {"step": step, "loss": sum(losses) / max(1, len(losses)), "seconds": time.time() - t0}
+    return {"step": step, "loss": sum(losses) / len(losses), "seconds": time.time() - t0}
 
 
 @torch.no_grad()
@@ -178,7 +198,7 @@ def closed_book_answers(gen, questions: list[str], *, batch_size: int = 64, max_
     gen.model.eval()
     for s in tqdm(range(0, len(questions), batch_size), desc="answer closed-book", unit="batch",
                   disable=not show_progress, dynamic_ncols=True):
-        ids, mask = closed_book_inputs(gen, questions[s:s + batch_size])
+        ids, mask = source_inputs(gen, questions[s:s + batch_size])
         seq = gen.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, num_beams=1,
                                  do_sample=False, decoder_start_token_id=gen.decoder_start_token_id)
         out += [a.strip() for a in gen.tokenizer.batch_decode(seq, skip_special_tokens=True)]

@@ -31,16 +31,16 @@ def write_report(path: Path, report: dict) -> None:
 
 
 def _fmt_time(seconds: float) -> str:
-    seconds = int(round(seconds))
+    seconds = round(seconds)
     return f"{seconds // 60} min {seconds % 60:02d} s" if seconds >= 60 else f"{seconds} s"
 
 
 def format_table(results: dict, meta: dict, seconds: float) -> str:
     """The results table as text: test EM / F1 per model with its training time, then retrieval recall."""
     c = meta["corpus"]
-    lines = [f"pyrag demo: {c['passages']} passages about invented entities; {c['train']} train / {c['test']} test "
-             f"questions (test entities never appear in training answers); evaluated on {meta['n_eval']} test "
-             f"questions, K={meta['n_docs']} passages",
+    lines = [(f"pyrag demo: {c['passages']} passages about invented entities; {c['train']} train / {c['test']} "
+              f"test questions (test entities never appear in training answers); evaluated on {meta['n_eval']} "
+              f"test questions, K={meta['n_docs']} passages"),
              "",
              f"{'model':<14} {'retriever':<18} {'test EM':>8} {'test F1':>8} {'train time':>11}",
              "-" * 63]
@@ -66,8 +66,8 @@ def format_samples(samples: list[dict]) -> str:
         for name, ans in s["answers"].items():
             mark = "correct" if ans["em"] else "wrong"
             out.append(f"    {name:<14} -> {ans['text']!r} ({mark})")
-        out.append(f"    passages retrieved for RAG-Token, p(z|x) = retriever prior, p(z|x,y) = posterior given "
-                   f"its answer:")
+        out.append("    passages retrieved for RAG-Token, p(z|x) = retriever prior, p(z|x,y) = posterior given "
+                   "its answer:")
         for p in s["passages"]:
             gold = "  <- gold" if p["gold"] else ""
             text = p["text"] if len(p["text"]) <= 90 else p["text"][:87] + "..."

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import functools
 import json
 import shutil
 import sys
@@ -41,9 +42,10 @@ class Settings:
     layers: int = 2
     ffn: int = 384
     heads: int = 4
+    pretrain_steps: int = 150
     steps: int = 300
     batch_size: int = 32
-    lr_generator: float = 1.5e-3
+    lr_generator: float = 1e-3
     lr_question_encoder: float = 3e-5
     train_layers: int = 2  # top layers of the question encoder that DPR and joint training update
     warmup_steps: int = 30
@@ -57,13 +59,13 @@ DEFAULT = Settings()
 QUICK = dataclasses.replace(DEFAULT, n_people=150, n_places=60, n_orgs=40, dpr_steps=20, steps=120,
                             warmup_steps=15, n_eval=120)
 
-STAGES = ("corpus", "kb", "retriever", "generator_init", "closed_book", "rag_frozen", "rag_token", "rag_sequence",
+STAGES = ("corpus", "kb", "retriever", "generator", "closed_book", "rag_frozen", "rag_token", "rag_sequence",
           "report")
 STAGE_TITLES = {
     "corpus": "generate the knowledge corpus and questions",
     "kb": "encode the knowledge base with pretrained MiniLM",
     "retriever": "fine-tune the question encoder (DPR loss, BM25 hard negatives)",
-    "generator_init": "initialise a small BART generator",
+    "generator": "initialise a small BART and pre-train it (denoising, on other invented entities)",
     "closed_book": "train + evaluate closed-book BART (no retrieval)",
     "rag_frozen": "train + evaluate RAG-Token, retriever frozen",
     "rag_token": "train + evaluate RAG-Token, question encoder trained jointly",
@@ -135,8 +137,9 @@ def _summary(name: str, r: dict, seconds: float) -> str:
         return f"{r['passages']} passages; zero-shot recall@1 {r['recall']['1']:.3f}, recall@5 {r['recall']['5']:.3f} ({t})"
     if name == "retriever":
         return f"recall@1 {r['recall']['1']:.3f}, recall@5 {r['recall']['5']:.3f} after {r['steps']} steps ({t})"
-    if name == "generator_init":
-        return f"BART with {r['parameters'] / 1e6:.1f}M parameters, vocabulary {r['vocab']} ({t})"
+    if name == "generator":
+        return (f"BART with {r['parameters'] / 1e6:.1f}M parameters, vocabulary {r['vocab']}; denoising loss "
+                f"{r['pretrain_loss']:.2f} after {r['pretrain_steps']} steps ({t})")
     if name in ("closed_book", "rag_frozen", "rag_token", "rag_sequence"):
         extra = f", recall@1 {r['recall']['1']:.3f}" if "recall" in r else ""
         return f"test EM {r['em']:.3f}, F1 {r['f1']:.3f}{extra} ({t})"
@@ -205,23 +208,36 @@ def _stage_retriever(run: _Run) -> dict:
     return {"steps": res["step"], "loss": res["loss"], "recall": _recall(kb, q_enc, run.eval_questions)}
 
 
-def _stage_generator_init(run: _Run) -> dict:
+def _stage_generator(run: _Run) -> dict:
+    """A BART from a config, pre-trained briefly with BART's own objective (text infilling) on passages of a
+    second synthetic corpus: other invented entities, so it learns to read and copy but knows no fact of the
+    demo's corpus. All four generators start from this model."""
     from ..models.encoders import default_encoder_path
     from ..models.generator import load_generator
-    from .generator import build_tokenizer, init_generator
+    from .corpus import generate_corpus
+    from .generator import build_tokenizer, denoising_pairs, init_generator, train_seq2seq
 
     s, c = run.s, run.corpus
-    texts = [f"{p['title']} / {p['text']}" for p in c.passages]
+    demo_entities = {p["title"] for p in c.passages}
+    other = generate_corpus(s.seed + 7919, s.n_people, s.n_places, s.n_orgs)
+    pre = [p for p in other.passages if p["title"] not in demo_entities]
+    texts = [f"{p['title']} / {p['text']}" for p in c.passages + pre]
     texts += [q["question"] for q in c.train + c.dev + c.test]
     tok = build_tokenizer(texts, default_encoder_path())
     model = init_generator(tok, d_model=s.d_model, layers=s.layers, ffn=s.ffn, heads=s.heads, max_positions=128,
                            seed=s.seed)
-    gen = load_generator(model, tok)
-    tmp = Path(tempfile.mkdtemp(prefix=".generator_init.", dir=run.out))
+    gen = load_generator(model, tok).to(run.device)
+    res = train_seq2seq(gen, denoising_pairs(pre, s.seed), out_dir=run.out / "generator_pretraining",
+                        steps=s.pretrain_steps, batch_size=s.batch_size, lr=s.lr_generator,
+                        warmup_steps=s.warmup_steps, seed=s.seed, desc="pre-train generator",
+                        show_progress=run.progress)
+    tmp = Path(tempfile.mkdtemp(prefix=".generator.", dir=run.out))
     gen.save_pretrained(tmp)
-    shutil.rmtree(run.out / "generator_init", ignore_errors=True)
-    tmp.replace(run.out / "generator_init")
-    return {"parameters": sum(p.numel() for p in model.parameters()), "vocab": len(tok)}
+    shutil.rmtree(run.out / "generator", ignore_errors=True)
+    tmp.replace(run.out / "generator")
+    shutil.rmtree(run.out / "generator_pretraining", ignore_errors=True)
+    return {"parameters": sum(p.numel() for p in model.parameters()), "vocab": len(tok),
+            "pretrain_steps": res["step"], "pretrain_loss": res["loss"]}
 
 
 def _score(preds: list[str], questions: list[dict]) -> dict:
@@ -234,14 +250,14 @@ def _score(preds: list[str], questions: list[dict]) -> dict:
 
 def _stage_closed_book(run: _Run) -> dict:
     from ..models.generator import load_generator
-    from .generator import closed_book_answers, train_closed_book
+    from .generator import closed_book_answers, train_seq2seq
 
     s = run.s
-    gen = load_generator(str(run.out / "generator_init")).to(run.device)
+    gen = load_generator(str(run.out / "generator")).to(run.device)
     t0 = time.time()
-    train_closed_book(gen, run.corpus.train, out_dir=run.out / "closed_book", steps=s.steps,
-                      batch_size=s.batch_size, lr=s.lr_generator, warmup_steps=s.warmup_steps, seed=s.seed,
-                      show_progress=run.progress)
+    train_seq2seq(gen, [(q["question"], q["answers"][0]) for q in run.corpus.train],
+                  out_dir=run.out / "closed_book", steps=s.steps, batch_size=s.batch_size, lr=s.lr_generator,
+                  warmup_steps=s.warmup_steps, seed=s.seed, desc="train closed-book", show_progress=run.progress)
     train_seconds = time.time() - t0
     gen.save_pretrained(run.out / "closed_book" / "model")
     (run.out / "closed_book" / "checkpoint.pt").unlink(missing_ok=True)
@@ -267,7 +283,7 @@ def _stage_rag(run: _Run, name: str) -> dict:
     # Frozen: every question vector computed once; joint: only the top layers train (see fast_encoder.py).
     q_enc = CachedLowerEncoder.convert(Encoder.from_pretrained(run.out / "retriever" / "question_encoder"),
                                        s.train_layers if joint else 0)
-    model = cls.from_parts(q_enc, str(run.out / "generator_init"), kb, n_docs=s.n_docs).to(run.device)
+    model = cls.from_parts(q_enc, str(run.out / "generator"), kb, n_docs=s.n_docs).to(run.device)
     train = [{"question": q["question"], "answers": q["answers"]} for q in run.corpus.train]
     t0 = time.time()
     train_rag(model, train, steps=s.steps, batch_size=s.batch_size, lr_generator=s.lr_generator,
@@ -303,9 +319,13 @@ def _samples(run: _Run, results: dict) -> list[dict]:
             break
     model = RagModel.from_pretrained(run.out / "rag_token" / "model", kb=run.kb(), device=run.device)
     questions = [qs[i]["question"] for i in picked]
-    answers = [results["rag_token"]["predictions"][i] or "?" for i in picked]
-    post = model.passage_posterior(questions, answers)
+    answers = [results["rag_token"]["predictions"][i] for i in picked]
+    post = model.passage_posterior(questions, [a if a.strip() else "?" for a in answers])
     prior = torch.softmax(post.doc_scores.float(), dim=1)  # doc_scores = q . d of the retrieved passages
+    posterior = post.doc_posterior.clone()
+    for j, a in enumerate(answers):
+        if not a.strip():  # an empty answer says nothing about the passages: posterior = prior (as `pyrag ask`)
+            posterior[j] = prior[j]
     out = []
     names = {"closed_book": "closed-book", "rag_frozen": "RAG frozen", "rag_token": "RAG-Token",
              "rag_sequence": "RAG-Sequence"}
@@ -315,7 +335,7 @@ def _samples(run: _Run, results: dict) -> list[dict]:
                           "em": bool(exact_match(results[k]["predictions"][i], q["answers"]))} for k in names}
         passages = [{"title": post.titles[j][k], "text": post.texts[j][k], "id": post.ids[j][k],
                      "gold": post.ids[j][k] == q["passage_id"], "prior": float(prior[j, k]),
-                     "posterior": float(post.doc_posterior[j, k])} for k in range(len(post.ids[j]))]
+                     "posterior": float(posterior[j, k])} for k in range(len(post.ids[j]))]
         out.append({"question": q["question"], "gold": q["answers"][0], "answers": ans, "passages": passages})
     return out
 
@@ -459,12 +479,12 @@ def _pipeline(run: _Run, stop_after: str | None) -> bool:
     """Run (or skip, when recorded) every stage; False when stopped early by stop_after."""
     results = {}
     fns = {"corpus": _stage_corpus, "kb": _stage_kb, "retriever": _stage_retriever,
-           "generator_init": _stage_generator_init, "closed_book": _stage_closed_book,
+           "generator": _stage_generator, "closed_book": _stage_closed_book,
            "rag_frozen": lambda r: _stage_rag(r, "rag_frozen"), "rag_token": lambda r: _stage_rag(r, "rag_token"),
            "rag_sequence": lambda r: _stage_rag(r, "rag_sequence"),
            "report": lambda r: _stage_report(r, results)}
     for name in STAGES:
-        results[name] = run.stage(name, lambda: fns[name](run))
+        results[name] = run.stage(name, functools.partial(fns[name], run))
         if name == "report":
             print("\n" + results[name]["text"])
         if name == stop_after and name != STAGES[-1]:

@@ -94,14 +94,14 @@ StepFn = Callable[[torch.Tensor | None], torch.Tensor]
 def greedy_search(step: StepFn, prompt: torch.Tensor, s: DecodeSettings) -> DecodeResult:
     """HF's greedy decoding (_sample without sampling): argmax of the processed logits, finished rows padded.
 
-    step(tokens [N] | None) -> next-token logits [N, V] (None: the first call of a model without a decoder
-    prompt); prompt [N, p0]."""
+    step(tokens [N] | None) -> next-token logits [N, V] (None: the first call, for the prompt, which the generator
+    ran when decoding started); prompt [N, p0]."""
     N, p0 = prompt.shape
     seq = prompt
     unfinished = torch.ones(N, dtype=torch.bool, device=prompt.device)
     total = torch.zeros(N, dtype=torch.float32, device=prompt.device)
     lengths = torch.full((N,), p0, dtype=torch.long, device=prompt.device)
-    logits = step(prompt[:, -1] if p0 else None)
+    logits = step(None)  # the generator's start() already ran the prompt
     while True:
         scores = process_logits(seq, logits, s)
         tok = scores.argmax(-1)
@@ -145,7 +145,7 @@ def beam_search(step: StepFn, reorder: Callable[[torch.Tensor], None], prompt: t
     top_mask = torch.cat([torch.ones(nb, dtype=torch.bool), torch.zeros(keep - nb, dtype=torch.bool)]).to(dev)
     offsets = torch.arange(G, device=dev)[:, None] * nb
     cur = p0
-    logits = step(running[:, :, p0 - 1].reshape(-1) if p0 else None)
+    logits = step(None)
     while True:
         lp = torch.log_softmax(logits.float(), dim=-1)
         lp = process_logits(running.view(G * nb, L)[:, :cur], lp, s)
@@ -242,7 +242,11 @@ def rag_sequence_decode(gen, input_ids: torch.Tensor, attention_mask: torch.Tens
        questions (split only to bound the logits' memory; the encoder output is reused, not recomputed) — and
        p(y|x) = sum_k p(z_k|x) p(y|x,z_k) (the first, forced BOS token excluded, as HF's exclude_bos_score).
        "fast": no extra pass; p(y|x,z_k) is taken from the beam search when y is in passage k's beam, else 0.
-    4. The most probable hypothesis of each question; scores = its log p(y|x)."""
+    4. The most probable hypothesis of each question; scores = its log p(y|x).
+    Differences from HF's RagSequenceForGeneration.generate: it loops over questions and re-runs the encoder for
+    every (candidate, passage) pair; it scores with the model's label smoothing if one is configured (pyrag scores
+    the plain likelihood); and with transformers 5 its per-passage beam search runs without the attention mask
+    (pad tokens are attended) — on unpadded inputs the two return the same token ids."""
     if decoding not in ("thorough", "fast"):
         raise ValueError(f"decoding must be 'thorough' or 'fast', got {decoding=!r}")
     B, K = doc_scores.shape

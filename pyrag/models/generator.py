@@ -26,7 +26,9 @@ class InputFormat:
     """How a passage and a question become one generator input (HF's RagConfig fields of the same names).
 
     title_sep, doc_sep, prefix: as HF's RagRetriever.postprocess_docs uses them. max_combined_length: the most
-    tokens one input may have (HF: 300); unlike HF, the passage text is cut to fit, never the question.
+    tokens one input may have (HF: 300); unlike HF, the passage text is cut to fit, never the question, and rows
+    are padded to the longest row of the batch, not to max_combined_length. The question goes in as given (HF
+    first round-trips it through the question encoder's tokenizer, which lower-cases it for uncased BERT).
     answer_prompt: decoder-only generators only, the text between the question and the answer."""
 
     title_sep: str = " / "
@@ -168,6 +170,7 @@ class _Seq2SeqState:
     hidden: torch.Tensor  # [N, L, d] expanded to the decoding rows
     mask: torch.Tensor  # [N, L]
     cache: object = None
+    first_logits: torch.Tensor | None = None  # [N, V] after the decoder start token, consumed by step(None)
 
 
 class Seq2SeqGenerator(nn.Module):
@@ -192,11 +195,13 @@ class Seq2SeqGenerator(nn.Module):
         self.tokenizer = tokenizer
         cfg, gcfg = model.config, getattr(model, "generation_config", None)
         self.fmt = fmt or InputFormat(prefix=getattr(cfg, "prefix", None))
-        self.pad_token_id = _first_int(cfg.pad_token_id, tokenizer.pad_token_id)
-        self.eos_token_id = _first_int(getattr(gcfg, "eos_token_id", None), cfg.eos_token_id, tokenizer.eos_token_id)
-        self.bos_token_id = _first_int(cfg.bos_token_id, getattr(tokenizer, "bos_token_id", None))
+        self.pad_token_id = _first_int(getattr(cfg, "pad_token_id", None), tokenizer.pad_token_id)
+        self.eos_token_id = _first_int(getattr(gcfg, "eos_token_id", None), getattr(cfg, "eos_token_id", None),
+                                       tokenizer.eos_token_id)
+        # the model's own BOS only (T5 has none), as HF's get_nll reads it for exclude_bos_score
+        self.bos_token_id = _first_int(getattr(cfg, "bos_token_id", None))
         self.decoder_start_token_id = _first_int(getattr(gcfg, "decoder_start_token_id", None),
-                                                 cfg.decoder_start_token_id, self.pad_token_id)
+                                                 getattr(cfg, "decoder_start_token_id", None), self.pad_token_id)
         if self.pad_token_id is None or self.eos_token_id is None or self.decoder_start_token_id is None:
             raise ValueError(f"the generator needs pad, eos and decoder-start token ids: {self.pad_token_id=} "
                              f"{self.eos_token_id=} {self.decoder_start_token_id=}")
@@ -207,6 +212,7 @@ class Seq2SeqGenerator(nn.Module):
         self.max_answer_length = int(max_answer_length or limit)
         self.bucket_overhead = bucket_overhead
         self._cache_kw = _cache_kwarg(model)
+        self._split: bool | None = None  # whether decoder_hidden + _head reproduce the model's logits
 
     # ---- inputs ----
     @property
@@ -281,16 +287,86 @@ class Seq2SeqGenerator(nn.Module):
                          attention_mask=attention_mask, decoder_input_ids=decoder_input_ids, use_cache=False)
         return out.logits
 
-    # ---- decoding ----
-    def start(self, input_ids, attention_mask, expand: torch.Tensor) -> _Seq2SeqState:
-        """Encode the M distinct inputs once; decoding row r reads input expand[r]."""
-        h = self.encode(input_ids, attention_mask)
-        return _Seq2SeqState(h, attention_mask, h.index_select(0, expand), attention_mask.index_select(0, expand))
+    def decoder_hidden(self, input_ids, attention_mask, decoder_input_ids, encoder_hidden=None):
+        """(hidden [N, T, d], head) with head(hidden) == forward(...) (the logits), or None when this model's output
+        layer is not one pyrag knows how to split off (checked once against the full forward). Lets the loss
+        apply the vocabulary projection a few questions at a time instead of holding all [N, T, V] logits."""
+        if self._split is None:
+            self._split = self._check_split()
+        if not self._split:
+            return None
+        if encoder_hidden is None:
+            encoder_hidden = self.encode(input_ids, attention_mask)
+        out = self.model.get_decoder()(input_ids=decoder_input_ids, encoder_hidden_states=encoder_hidden,
+                                       encoder_attention_mask=attention_mask, use_cache=False)
+        return out.last_hidden_state, self._head
 
-    def step(self, state: _Seq2SeqState, tokens: torch.Tensor) -> torch.Tensor:
-        """Feed tokens [N] (one per decoding row) and return the next-token logits [N, V] in fp32."""
+    def _head(self, h: torch.Tensor) -> torch.Tensor:
+        m = self.model
+        cfg = m.config
+        # T5 rescales before its (tied) output projection: transformers 5 says so in scale_decoder_outputs, 4.x
+        # whenever the embeddings are tied
+        t5 = getattr(cfg, "model_type", "") in ("t5", "mt5", "umt5")
+        if t5 and getattr(cfg, "scale_decoder_outputs", getattr(cfg, "tie_word_embeddings", False)):
+            h = h * (cfg.d_model ** -0.5)
+        z = m.get_output_embeddings()(h)
+        bias = getattr(m, "final_logits_bias", None)  # BART-family models add a vocabulary bias
+        return z + bias.to(z.device) if bias is not None else z
+
+    def _check_split(self) -> bool:
         from transformers.modeling_outputs import BaseModelOutput
 
+        m = self.model
+        was = m.training
+        m.eval()
+        try:
+            with torch.no_grad():
+                dev = self.device
+                ids = torch.tensor([[self.decoder_start_token_id, self.eos_token_id]], device=dev)
+                enc = torch.randn(1, 3, m.config.d_model if hasattr(m.config, "d_model") else
+                                  m.get_input_embeddings().weight.shape[1], device=dev)
+                mask = torch.ones(1, 3, dtype=torch.bool, device=dev)
+                full = m(encoder_outputs=BaseModelOutput(last_hidden_state=enc), attention_mask=mask,
+                         decoder_input_ids=ids, use_cache=False).logits
+                h = m.get_decoder()(input_ids=ids, encoder_hidden_states=enc, encoder_attention_mask=mask,
+                                    use_cache=False).last_hidden_state
+                return bool(torch.allclose(self._head(h), full, rtol=1e-4, atol=1e-4))
+        except Exception:  # noqa: BLE001 - a model this probe cannot drive takes the full-logits path
+            return False
+        finally:
+            m.train(was)
+
+    # ---- decoding ----
+    def _prefill(self, hidden, mask, expand: torch.Tensor):
+        """Run the decoder start token over the M distinct inputs (computing each one's cross-attention keys and
+        values once), then copy the cache and logits out to the rows expand [N] (HF computes the cross-attention
+        keys/values of every decoding row itself: num_beams times the work)."""
+        from transformers.modeling_outputs import BaseModelOutput
+
+        start = self.decoder_prompt(hidden.shape[0])
+        out = self.model(encoder_outputs=BaseModelOutput(last_hidden_state=hidden), attention_mask=mask,
+                         decoder_input_ids=start, use_cache=True)
+        cache = _reorder_cache(_out_cache(out), expand, cross=True)
+        return cache, out.logits[:, -1].float().index_select(0, expand)
+
+    def start(self, input_ids, attention_mask, expand: torch.Tensor) -> _Seq2SeqState:
+        """Encode the M distinct inputs once and feed the decoder start token; decoding row r reads input
+        expand[r]. The first step(state, None) returns the logits after the start token."""
+        h = self.encode(input_ids, attention_mask)
+        cache, logits = self._prefill(h, attention_mask, expand)
+        return _Seq2SeqState(h, attention_mask, h.index_select(0, expand), attention_mask.index_select(0, expand),
+                             cache, logits)
+
+    def step(self, state: _Seq2SeqState, tokens: torch.Tensor | None) -> torch.Tensor:
+        """Feed tokens [N] (one per decoding row) and return the next-token logits [N, V] in fp32; None: the
+        logits after the decoder start token (already computed by start)."""
+        from transformers.modeling_outputs import BaseModelOutput
+
+        if tokens is None:
+            logits, state.first_logits = state.first_logits, None
+            return logits
+        # the encoder output is passed along only so that the model takes its cross-attention branch: the keys and
+        # values come from the cache
         out = self.model(encoder_outputs=BaseModelOutput(last_hidden_state=state.hidden), attention_mask=state.mask,
                          decoder_input_ids=tokens[:, None], use_cache=True, **{self._cache_kw: state.cache})
         state.cache = _out_cache(out)
@@ -300,20 +376,23 @@ class Seq2SeqGenerator(nn.Module):
         """Row r continues from row index[r]. index must keep each row on the same input (beams of one group):
         then the cross-attention keys/values and the encoder output are already right and only the decoder's
         self-attention cache is permuted (HF permutes all of them)."""
-        cache = state.cache
-        sa = getattr(cache, "self_attention_cache", None)
-        if sa is not None:
-            sa.reorder_cache(index)
-        elif hasattr(cache, "reorder_cache"):
-            cache.reorder_cache(index)
-        else:  # legacy tuple cache (old transformers)
-            state.cache = tuple(tuple(t.index_select(0, index) for t in layer) for layer in cache)
+        state.cache = _reorder_cache(state.cache, index, cross=False)
 
     def candidate_logits(self, state: _Seq2SeqState, src: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
         """Teacher-forced logits [M, T, V] of candidates [M, T] (decoder inputs, starting with the decoder start)
-        under the distinct inputs src [M] of `start` — the encoder is not run again."""
-        return self.forward(None, state.base_mask.index_select(0, src), candidates,
-                            encoder_hidden=state.base_hidden.index_select(0, src))
+        under the distinct inputs src [M] of `start`: the encoder is not run again, and the cross-attention
+        keys/values are computed once per distinct input of this batch of candidates, then copied."""
+        from transformers.modeling_outputs import BaseModelOutput
+
+        uniq, local = torch.unique(src, return_inverse=True)
+        cache, first = self._prefill(state.base_hidden.index_select(0, uniq), state.base_mask.index_select(0, uniq),
+                                     local)
+        if candidates.shape[1] == 1:
+            return first[:, None]
+        out = self.model(encoder_outputs=BaseModelOutput(last_hidden_state=state.base_hidden.index_select(0, src)),
+                         attention_mask=state.base_mask.index_select(0, src), decoder_input_ids=candidates[:, 1:],
+                         use_cache=True, **{self._cache_kw: cache})
+        return torch.cat([first[:, None].to(out.logits.dtype), out.logits], 1)
 
     def candidate_targets(self, candidates: torch.Tensor, lengths: torch.Tensor):
         """(target, mask) [M, T] of candidate_logits as HF's get_nll builds them: candidates shifted left with pad
@@ -324,6 +403,24 @@ class Seq2SeqGenerator(nn.Module):
     def save_pretrained(self, path: str | Path) -> None:
         self.model.save_pretrained(path, safe_serialization=True)
         self.tokenizer.save_pretrained(path)
+
+
+def _reorder_cache(cache, index: torch.Tensor, cross: bool):
+    """The KV cache with its rows taken from index [N]; cross=False leaves an encoder-decoder cache's
+    cross-attention part alone (valid when every row keeps its input)."""
+    sa = getattr(cache, "self_attention_cache", None)
+    if sa is not None:
+        if cross:
+            cache.reorder_cache(index)
+        else:
+            sa.reorder_cache(index)
+        return cache
+    if hasattr(cache, "reorder_cache"):
+        cache.reorder_cache(index)
+        return cache
+    # legacy tuple cache (old transformers): per layer (self k, self v[, cross k, cross v])
+    return tuple(tuple(t.index_select(0, index) if (cross or i < 2) else t for i, t in enumerate(layer))
+                 for layer in cache)
 
 
 def _first_int(*values):
@@ -361,10 +458,10 @@ class CausalGenerator(nn.Module):
         self.tokenizer = tokenizer
         self.fmt = fmt or InputFormat()
         cfg = model.config
-        self.eos_token_id = _first_int(tokenizer.eos_token_id, cfg.eos_token_id)
+        self.eos_token_id = _first_int(tokenizer.eos_token_id, getattr(cfg, "eos_token_id", None))
         if self.eos_token_id is None:
             raise ValueError("a decoder-only generator needs an end-of-sequence token (tokenizer.eos_token_id)")
-        self.pad_token_id = _first_int(tokenizer.pad_token_id, cfg.pad_token_id, self.eos_token_id)
+        self.pad_token_id = _first_int(tokenizer.pad_token_id, getattr(cfg, "pad_token_id", None), self.eos_token_id)
         self.bos_token_id = None  # nothing to force: the answer starts right after the prompt
         self.decoder_start_token_id = None
         limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or 1024

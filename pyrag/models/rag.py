@@ -101,6 +101,8 @@ class RagModel(nn.Module):
         self.label_smoothing = float(label_smoothing)
         self.exclude_bos_score = bool(exclude_bos_score)
         self.generation = dict(generation or {})
+        # logits larger than this are never built whole: the loss projects a few questions at a time (see _logits)
+        self.head_chunk_bytes = 512 << 20
         self.kb = None
         if kb is not None:
             self.set_kb(kb)
@@ -212,7 +214,7 @@ class RagModel(nn.Module):
         r = self.retrieve(questions, n_docs)
         K = r.doc_scores.shape[1]
         ids, mask = gen.build_inputs(questions, r.titles, r.texts)
-        logits = gen(ids, mask, dec_in.repeat_interleave(K, dim=0))  # [B*K, T, V]
+        logits = self._logits(ids, mask, dec_in.repeat_interleave(K, dim=0), K)  # [B*K, T, V] or (hidden, head)
         valid = target != -100
         nll_mask = valid.clone()
         if excl and gen.bos_token_id is not None:
@@ -243,7 +245,7 @@ class RagModel(nn.Module):
         if bool((labels < 0).any()):
             raise ValueError("labels are HF's decoder inputs: token ids padded with the pad token, not -100")
         pad = gen.pad_token_id
-        logits = gen(ctx_ids, ctx_mask.bool(), labels.repeat_interleave(K, dim=0))
+        logits = self._logits(ctx_ids, ctx_mask.bool(), labels.repeat_interleave(K, dim=0), K)
         target = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], pad)], 1)
         valid = target != pad
         nll_mask = valid.clone()
@@ -261,19 +263,67 @@ class RagModel(nn.Module):
         out.doc_scores = doc_scores
         return out
 
+    def _logits(self, ids, mask, dec, K):
+        """The logits [B*K, T, V], or (decoder hidden [B*K, T, d], head) when they would take more than
+        head_chunk_bytes (then the loss projects a few questions at a time and recomputes them in backward)."""
+        gen = self.generator
+        N, T = dec.shape
+        if N * T * gen.vocab_size * 4 > self.head_chunk_bytes and isinstance(gen, Seq2SeqGenerator):
+            split = gen.decoder_hidden(ids, mask, dec)
+            if split is not None:
+                return split
+        return gen(ids, mask, dec)
+
     def _loss(self, logits, log_prior, target, nll_mask, smooth_mask, eps, reduction, posterior,
               inplace_backward=False) -> RagOutput:
         from ..ops.rag_loss import rag_marginal_nll
 
         B, K = log_prior.shape
         T = target.shape[1]
-        z = logits.reshape(B, K, T, logits.shape[-1])
-        per_q = rag_marginal_nll(z, log_prior.contiguous(), target, nll_mask, smooth_mask, mode=self.mode,
-                                 epsilon=eps, inplace_backward=inplace_backward)
+        if isinstance(logits, tuple):
+            per_q, post = self._chunked_loss(*logits, log_prior, target, nll_mask, smooth_mask, eps, posterior)
+            logits = None
+        else:
+            z = logits.reshape(B, K, T, logits.shape[-1])
+            per_q = rag_marginal_nll(z, log_prior.contiguous(), target, nll_mask, smooth_mask, mode=self.mode,
+                                     epsilon=eps, inplace_backward=inplace_backward)
+            post = _sequence_posterior(logits, target, nll_mask, log_prior) if posterior else None
         loss = per_q if reduction == "none" else (per_q.sum() if reduction == "sum" else per_q.mean())
-        post = _sequence_posterior(logits, target, nll_mask, log_prior) if posterior else None
         return RagOutput(loss=loss, per_question_loss=per_q, doc_scores=log_prior, doc_posterior=post,
                          logits=logits)
+
+    def _chunked_loss(self, hidden, head, log_prior, target, nll_mask, smooth_mask, eps, posterior):
+        """The fused loss over a few questions at a time: each chunk's logits are made from the decoder hidden
+        states, used, and dropped; backward recomputes them (activation checkpointing), so at most one chunk of
+        [b, K, T, V] logits exists at any time instead of all B of them."""
+        from torch.utils.checkpoint import checkpoint
+
+        from ..ops.rag_loss import rag_marginal_nll
+
+        B, K = log_prior.shape
+        T = target.shape[1]
+        V = self.generator.vocab_size
+        step = max(1, self.head_chunk_bytes // max(1, K * T * V * 4))
+        mode = self.mode
+
+        def chunk(h, prior, y, m, sm):
+            z = head(h)  # [b*K, T, V]
+            b = prior.shape[0]
+            loss = rag_marginal_nll(z.reshape(b, K, T, V), prior.contiguous(), y, m, sm, mode=mode, epsilon=eps,
+                                    inplace_backward=True)  # z lives only inside this chunk
+            ll = _token_ll(z, y, m, K) if posterior else torch.zeros(b, K, device=z.device)
+            return loss, ll
+
+        losses, lls = [], []
+        for s in range(0, B, step):
+            e = min(B, s + step)
+            args = (hidden[s * K:e * K], log_prior[s:e], target[s:e], nll_mask[s:e], smooth_mask[s:e])
+            loss, ll = checkpoint(chunk, *args, use_reentrant=False) if torch.is_grad_enabled() else chunk(*args)
+            losses.append(loss)
+            lls.append(ll)
+        per_q = torch.cat(losses)
+        post = torch.softmax(log_prior.detach().float() + torch.cat(lls), dim=1) if posterior else None
+        return per_q, post
 
     @torch.no_grad()
     def passage_posterior(self, questions: list[str], answers: list[str], n_docs: int | None = None) -> RagOutput:
@@ -435,18 +485,25 @@ class RagSequence(RagModel):
     mode = "sequence"
 
 
-def _sequence_posterior(logits, target, mask, log_prior, rows_per_chunk: int = 8) -> torch.Tensor:
-    """p(z_k | x, y) [B, K] from logits [B*K, T, V], without building [B*K, T, V] log-probs at once."""
-    B, K = log_prior.shape
+def _token_ll(logits, target, mask, K: int, rows_per_chunk: int = 8) -> torch.Tensor:
+    """sum_t mask * log p(target_t) [B, K] from logits [B*K, T, V] (no gradient), a few rows at a time so that
+    no [B*K, T, V] log-probs are built."""
+    N = logits.shape[0]
     with torch.no_grad():
         y = target.repeat_interleave(K, dim=0)
         m = mask.repeat_interleave(K, dim=0)
-        ll = torch.empty(B * K, dtype=torch.float32, device=logits.device)
-        for s in range(0, B * K, rows_per_chunk):
+        ll = torch.empty(N, dtype=torch.float32, device=logits.device)
+        for s in range(0, N, rows_per_chunk):
             z = logits[s:s + rows_per_chunk].float()
             tok = z.gather(-1, y[s:s + rows_per_chunk, :, None]).squeeze(-1) - torch.logsumexp(z, dim=-1)
             ll[s:s + rows_per_chunk] = torch.where(m[s:s + rows_per_chunk], tok, torch.zeros_like(tok)).sum(-1)
-        return torch.softmax(log_prior.float() + ll.view(B, K), dim=1)
+        return ll.view(N // K, K)
+
+
+def _sequence_posterior(logits, target, mask, log_prior) -> torch.Tensor:
+    """p(z_k | x, y) [B, K] ∝ p(z_k|x) prod_t p(y_t|x,z_k,y_<t) from logits [B*K, T, V]."""
+    ll = _token_ll(logits, target, mask, log_prior.shape[1])
+    return torch.softmax(log_prior.detach().float() + ll, dim=1)
 
 
 def _replace_dir(tmp: Path, path: Path) -> None:

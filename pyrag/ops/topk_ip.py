@@ -20,7 +20,7 @@ DOC_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.int8)
 # parts: doc partitions with split=1 (0 = one per thread); isa: -1 best, 0 scalar, 1 AVX2, 2 AVX-512;
 # path: "auto", "fused" (SIMD fp32 dot products for every doc) or "prefilter" (AMX bf16 scores for every doc,
 # exact fp32 rescoring of the docs its error bound cannot rule out; same results, needs AMX). "auto" takes the
-# prefilter from 32 queries on where AMX exists: below that the fused kernel is memory bound and wins.
+# prefilter from 48 queries on where AMX exists: below that the fused kernel is memory bound and wins.
 _DEFAULT_OPTIONS = {"threads": None, "tile_n": 0, "split": 0, "parts": 0, "isa": -1, "path": "auto"}
 _PATH_CODES = {"auto": 0, "fused": 1, "prefilter": 2}
 _options = dict(_DEFAULT_OPTIONS)
@@ -82,6 +82,9 @@ def topk_ip(
     Notes:
         - Non-contiguous inputs are copied to contiguous ones first (a copy of docs costs memory and time; pass
           contiguous docs).
+        - On CPUs with AMX (Intel Sapphire Rapids and later), 48 or more queries go through a bf16 AMX prefilter:
+          every doc is scored in bf16, and the exact fp32 score is computed only for docs that a rigorous error
+          bound cannot rule out. The results are bit-identical to the all-fp32 kernel (the bound makes it exact).
         - Not differentiable: retrieval selects ids; recompute `q @ docs[ids].T` in torch where gradients are
           needed (pyrag's RAG models do). Inputs are detached.
         - Queries with NaN or inf raise ValueError (inf would give NaN/inf scores whose order differs between
