@@ -17,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import peak_extra_memory, print_table, time_fn, write_results
 
 import pyrag
+from pyrag.ops.topk_ip import cpu_has_amx
 
 
 def _ints(s: str) -> list[int]:
@@ -68,6 +69,12 @@ def bench_cpu(args) -> list[dict]:
             ids = fn(q)[1]
             ids = torch.as_tensor(ids)
             storage = name.split()[-1] if name.startswith("pyrag") else "fp32"
+            # Which pyrag CPU path ran (topk_ip picks the AMX prefilter from 48 queries on where AMX exists).
+            path = (
+                ("amx-prefilter" if nq >= 48 and cpu_has_amx() else "fused")
+                if name.startswith("pyrag")
+                else ""
+            )
             block.append(
                 dict(
                     section="cpu",
@@ -78,6 +85,7 @@ def bench_cpu(args) -> list[dict]:
                     D=args.d,
                     k=args.k,
                     threads=args.threads,
+                    pyrag_path=path,
                     **t,
                     peak_extra_mb=mem / 2**20,
                     id_overlap_vs_pyrag_fp32=_overlap(ids, ref_ids),

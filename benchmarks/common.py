@@ -28,6 +28,8 @@ def machine_info() -> dict:
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
+        # Other work on the machine distorts timings; the 1-minute load average tells the reader how quiet it was.
+        "load_avg_1min": os.getloadavg()[0],
     }
     for mod in ("transformers", "numpy", "faiss", "hnswlib", "pyrag"):
         try:

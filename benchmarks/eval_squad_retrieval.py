@@ -4,8 +4,7 @@ for BM25, MiniLM zero-shot, MiniLM fine-tuned with pyrag's DPR trainer, and the 
 Corpus: all 2,067 paragraphs. Split by article, deterministically in file order: the first 38 articles'
 questions train the retriever (8,582), the last 10 articles' 1,988 questions are the test set.
 
-    python benchmarks/eval_squad_retrieval.py --squad ../shared/data/squad-v1.1-dev/dev-v1.1.json \
-        --out benchmarks/results/squad_retrieval.json
+    python benchmarks/eval_squad_retrieval.py --squad PATH/dev-v1.1.json --out benchmarks/results/squad_retrieval.json
 
 --work DIR keeps the knowledge bases and the training run there (a rerun reuses finished stages);
 --max-train-steps / --test-limit make a quick development run.
@@ -64,16 +63,19 @@ def main(argv=None) -> int:
     ap.add_argument("--squad", required=True, help="path to SQuAD v1.1 dev-v1.1.json")
     ap.add_argument("--out", required=True, help="results JSON")
     ap.add_argument("--work", default=None, help="directory for KBs and the training run (default: a temp dir)")
-    ap.add_argument("--steps", type=int, default=400, help="training steps (default 400, ~2.4 epochs)")
+    ap.add_argument("--steps", type=int, default=150,
+                    help="training steps (default 150 x batch 16 = 2,400 of the 8,582 training questions: sized so "
+                         "training stays under 30 minutes on 2 CPU cores)")
     ap.add_argument("--max-train-steps", type=int, default=None, help="cap on steps (quick development runs)")
-    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--hard-negatives", type=int, default=1)
-    ap.add_argument("--lr", type=float, default=5e-5)
+    ap.add_argument("--lr", type=float, default=3e-5)
     ap.add_argument("--temperature", type=float, default=0.05,
                     help="softmax temperature for cosine scores (MiniLM is L2-normalised)")
-    ap.add_argument("--mode", choices=["question", "full"], default="question",
-                    help="question: train the question encoder against the fixed zero-shot passage vectors "
-                         "(RAG's setting; no re-encoding); full: train one shared encoder, re-encode the corpus")
+    ap.add_argument("--mode", choices=["full", "question"], default="full",
+                    help="full (default): train one shared encoder, re-encode the corpus; question: train only the "
+                         "question encoder against the fixed zero-shot passage vectors (RAG's setting; measured "
+                         "here: no gain over zero-shot after 150 steps of 64)")
     ap.add_argument("--grad-cache-chunk", type=int, default=None)
     ap.add_argument("--hybrid-weight", type=float, default=None,
                     help=f"lambda in dense + lambda * bm25 (default: the KB default, "
@@ -115,12 +117,13 @@ def _run(args, work: Path) -> int:
     steps = min(args.steps, args.max_train_steps or args.steps)
     frozen = args.mode == "question"
     model = BiEncoder.from_pretrained(default_encoder_path(), shared=not frozen)
-    t0 = time.time()
+    t0, c0 = time.time(), time.process_time()
     res = train_retriever(model, examples, out_dir=work / f"train_{args.mode}", steps=steps, batch_size=args.batch_size,
                           hard_negatives=args.hard_negatives, lr=args.lr, temperature=args.temperature,
                           grad_cache_chunk=args.grad_cache_chunk, checkpoint_every=50, seed=args.seed,
                           kb=zs_kb if frozen else None, freeze_passages=frozen)
     timings["train_s"] = round(time.time() - t0, 1)
+    timings["train_process_cpu_s"] = round(time.process_time() - c0, 1)
     print(f"training: {json.dumps(res)}", file=sys.stderr)
 
     t0 = time.time()

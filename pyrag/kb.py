@@ -87,11 +87,14 @@ def _scan_passages(passages) -> tuple[str, int]:
     return h.hexdigest(), n
 
 
-def _write_db(passages, path: Path) -> tuple[str, int]:
+def _write_db(passages, path: Path, show_progress: bool = False) -> tuple[str, int]:
     """Write passages into a new SQLite file at `path` (atomically) and return (content sha256, count).
 
     ValueError for a malformed record, an empty text, a duplicate id (naming both places) or no passages."""
+    from tqdm.auto import tqdm
+
     tmp, final = atomic_path(path)
+    bar = tqdm(desc="reading passages", unit="passage", disable=not show_progress, dynamic_ncols=True)
     h, n = hashlib.sha256(), 0
     con = sqlite3.connect(tmp)
     try:
@@ -114,17 +117,22 @@ def _write_db(passages, path: Path) -> tuple[str, int]:
             _passage_digest_update(h, rec)
             n += 1
             if len(batch) >= 10000:
+                bar.update(len(batch))
                 flush()
+        bar.update(len(batch))
         flush()
+        bar.close()
         if n == 0:
             raise ValueError("no passages: the input is empty")
         try:
             con.execute("CREATE UNIQUE INDEX passages_id ON passages(id)")
         except sqlite3.IntegrityError:
-            dup, first, second = con.execute(
-                "SELECT a.id, sa.loc, sb.loc FROM passages a JOIN passages b ON a.id = b.id AND a.row < b.row "
-                "JOIN sources sa ON sa.row = a.row JOIN sources sb ON sb.row = b.row ORDER BY b.row LIMIT 1"
-            ).fetchone()
+            # GROUP BY sorts (N log N); a self-join without the index would be quadratic on a big corpus.
+            (dup,) = con.execute("SELECT id FROM passages GROUP BY id HAVING COUNT(*) > 1 ORDER BY MIN(row) "
+                                 "LIMIT 1").fetchone()
+            first, second = (r[0] for r in con.execute(
+                "SELECT s.loc FROM passages p JOIN sources s ON s.row = p.row WHERE p.id = ? ORDER BY p.row LIMIT 2",
+                (dup,)))
             raise ValueError(f"duplicate passage id {dup!r}: at {first} and again at {second}") from None
         con.execute("DROP TABLE sources")
         con.commit()
@@ -133,6 +141,7 @@ def _write_db(passages, path: Path) -> tuple[str, int]:
         con = None
         os.replace(tmp, final)
     except BaseException:
+        bar.close()
         if con is not None:
             con.close()
         try:
@@ -247,7 +256,7 @@ def build_kb(passages, out_dir, *, encoder=None, index: str = "flat", dtype: str
                              f"same arguments to resume it, or delete {out} to start over")
     else:
         shutil.rmtree(out / BUILD_DIR, ignore_errors=True)
-        digest, n = _write_db(passages, out / PASSAGES)
+        digest, n = _write_db(passages, out / PASSAGES, show_progress)
         state = {**settings, "passages_sha256": digest, "count": n, "shard_size": shard_size}
         write_json_atomic(state_path, state)
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 from retriever_helpers import BASE_WORDS, one_thread, tiny_encoder  # noqa: F401 (one_thread: autouse fixture)
 
+import pyrag
 import pyrag.kb as kbmod
 from pyrag.kb import KnowledgeBase, build_kb
 from pyrag.metrics import has_answer
@@ -267,7 +268,8 @@ def test_corrupted_files_are_refused(tmp_path, enc):
 @pytest.mark.parametrize("index,dtype,tol", [("flat", "float16", 2e-3), ("flat", "int8", 3e-2),
                                              ("hnsw", "float32", 1e-6)])
 def test_other_index_kinds_and_dtypes(tmp_path, enc, index, dtype, tol):
-    pytest.importorskip("hnswlib") if index == "hnsw" else None
+    if index == "hnsw":
+        pytest.importorskip("hnswlib")  # a hard dependency; absent only on a bare GPU test machine
     ps = _passages()
     kb = build_kb(ps, tmp_path / "kb", encoder=enc, index=index, dtype=dtype, show_progress=False)
     assert kb.meta["index"] == index and kb.meta["dtype"] == dtype
@@ -333,3 +335,18 @@ def test_command_help_exits_cleanly(capsys):
         with pytest.raises(SystemExit) as e:
             fn(["--help"])
         assert e.value.code == 0 and word in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not pyrag.has_cuda_kernels(), reason="needs a GPU and pyrag's CUDA kernels")
+def test_search_on_cuda_matches_cpu(built):
+    qs = ["where did zorvex live", "the blue lake of brisa", "old caldor river"]
+    kb = KnowledgeBase.open(built)
+    cpu = kb.search(qs, 5)
+    kb.to("cuda")
+    kb.encoder.to("cuda")
+    for res in (kb.search(qs, 5), kb.search(kb.encode_questions(qs), 5), kb.search(qs, 5, mode="hybrid")):
+        assert res.rows.device.type == "cuda" and res.vectors.device.type == "cuda"
+    gpu = kb.search(qs, 5)
+    assert torch.equal(gpu.rows.cpu(), cpu.rows) and gpu.ids == cpu.ids
+    torch.testing.assert_close(gpu.scores.cpu(), cpu.scores, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(gpu.vectors.cpu(), cpu.vectors)

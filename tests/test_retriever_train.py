@@ -11,6 +11,7 @@ import pytest
 import torch
 from retriever_helpers import BASE_WORDS, one_thread, save_tiny_bert  # noqa: F401 (one_thread: autouse fixture)
 
+import pyrag
 from pyrag.kb import KnowledgeBase, build_kb
 from pyrag.models.encoders import BiEncoder, Encoder
 from pyrag.train.retriever import (
@@ -118,6 +119,25 @@ def test_grad_cache_gradients_equal_uncached(tmp_path, shared):
     assert want.keys() == got.keys() and len(want) > 10
     for n in want:
         torch.testing.assert_close(got[n], want[n], rtol=1e-4, atol=1e-6, msg=lambda m, n=n: f"{n}: {m}")
+
+
+@pytest.mark.skipif(not pyrag.has_cuda_kernels(), reason="needs a GPU and pyrag's CUDA kernels")
+def test_grad_cache_on_cuda_replays_dropout_and_matches_uncached(tmp_path):
+    passages, questions = _corpus()
+    ex = [{**e, "hard_negatives": [passages[(i + 5) % len(passages)]]} for i, e in enumerate(questions[:6])]
+    qs, ps, pos, mask = make_batch(ex, 1)
+    model = _tiny_bi(tmp_path, dropout=0.3).to("cuda")
+    model.train()
+    torch.manual_seed(123)
+    uncached_step(model, qs, ps, pos, mask, chunk_size=4)
+    want = _grads(model)
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(123)
+    grad_cache_step(model, qs, ps, pos, mask, chunk_size=4)
+    got = _grads(model)
+    assert all(g.device.type == "cuda" for g in got.values())
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], rtol=1e-4, atol=1e-5, msg=lambda m, n=n: f"{n}: {m}")
 
 
 def test_grad_cache_replays_dropout_masks(tmp_path):

@@ -385,6 +385,18 @@ def test_chunked_torch_fallback_matches_brute_force(dtype):
     assert_topk_exact(q, d, 4500, s, i, scale)
 
 
+def test_concurrent_calls_from_python_threads_agree():
+    # The kernel releases the GIL; FlatIndex.search relies on concurrent calls being safe.
+    from concurrent.futures import ThreadPoolExecutor
+
+    q, d, _ = _make(64, 4000, 40, torch.float32, seed=19)
+    want = topk_ip(q, d, 9)
+    with ThreadPoolExecutor(4) as pool:
+        outs = list(pool.map(lambda i: topk_ip(q[i::4], d, 9), range(4)))
+    for i, (s, ids) in enumerate(outs):
+        assert torch.equal(s, want[0][i::4]) and torch.equal(ids, want[1][i::4])
+
+
 def test_gradients_are_not_tracked():
     q = torch.randn(2, 8, requires_grad=True)
     s, i = topk_ip(q, torch.randn(20, 8), 3)

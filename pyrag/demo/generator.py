@@ -109,20 +109,27 @@ def _example(pairs: list, seed: int, pos: int):
 
 
 def train_seq2seq(gen, pairs: list[tuple[str, str]], *, out_dir, steps: int, batch_size: int, lr: float,
-                  warmup_steps: int, seed: int, checkpoint_every: int = 50, desc: str = "train",
-                  show_progress: bool = True) -> dict:
+                  warmup_steps: int, seed: int, decay: bool = True, checkpoint_every: int = 50,
+                  stop_at: int | None = None, desc: str = "train", show_progress: bool = True) -> dict:
     """Train a pyrag Seq2SeqGenerator `gen` on (source, target) text pairs with token cross-entropy: the
     closed-book baseline (question -> answer) and the denoising pre-training. Optimisation as train_rag does it
     (AdamW without weight decay, linear warm-up then decay to 0, clipping at 1.0, the same seeded data order),
-    so a closed-book model gets the same budget as the RAG models.
+    so a closed-book model gets the same budget as the RAG models. decay=False keeps the learning rate constant
+    after warm-up (pre-training: the models fine-tuned from it decay their own).
 
     out_dir/checkpoint.pt (model, optimiser, scheduler, RNG, data position; atomic) is written every
-    checkpoint_every steps and at the end; an existing one is resumed exactly. Returns {"step", "loss",
-    "seconds"}."""
+    checkpoint_every steps and at the end; an existing one is resumed exactly. stop_at: checkpoint and return
+    after that step, as an interruption would. Returns {"step", "loss", "seconds"}."""
     from tqdm.auto import tqdm
 
     if not pairs:
         raise ValueError("pairs is empty")
+    for name, v in (("steps", steps), ("batch_size", batch_size), ("checkpoint_every", checkpoint_every)):
+        if not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
+    if not isinstance(warmup_steps, int) or not 0 <= warmup_steps <= steps:
+        raise ValueError(f"warmup_steps must be an int in [0, steps={steps}], got {warmup_steps!r}")
+    end = steps if stop_at is None else min(steps, stop_at)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     ckpt = out / "checkpoint.pt"
@@ -132,11 +139,11 @@ def train_seq2seq(gen, pairs: list[tuple[str, str]], *, out_dir, steps: int, bat
     def schedule(step: int) -> float:
         if warmup_steps and step < warmup_steps:
             return (step + 1) / warmup_steps
-        return max(0.0, (steps - step) / max(1, steps - warmup_steps))
+        return max(0.0, (steps - step) / max(1, steps - warmup_steps)) if decay else 1.0
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
     config = {"steps": steps, "batch_size": batch_size, "lr": lr, "warmup_steps": warmup_steps, "seed": seed,
-              "n": len(pairs)}
+              "decay": decay, "n": len(pairs)}
     step, pos, losses = 0, 0, []
     if ckpt.exists():
         ck = torch.load(ckpt, weights_only=False, map_location=gen.device)
@@ -161,7 +168,7 @@ def train_seq2seq(gen, pairs: list[tuple[str, str]], *, out_dir, steps: int, bat
     t0 = time.time()
     bar = tqdm(total=steps, initial=step, desc=desc, unit="step", disable=not show_progress, dynamic_ncols=True)
     try:
-        while step < steps:
+        while step < end:
             batch = [_example(pairs, seed, pos + i) for i in range(batch_size)]
             pos += batch_size
             ids, mask = source_inputs(gen, [src for src, _ in batch])
@@ -180,12 +187,13 @@ def train_seq2seq(gen, pairs: list[tuple[str, str]], *, out_dir, steps: int, bat
             losses = (losses + [float(loss.detach())])[-20:]
             bar.update(1)
             bar.set_postfix(loss=f"{sum(losses) / len(losses):.3f}")
-            if step % checkpoint_every == 0 or step == steps:
+            if step % checkpoint_every == 0 or step == end:
                 save()
     finally:
         bar.close()
     model.eval()
-    return {"step": step, "loss": sum(losses) / len(losses), "seconds": time.time() - t0}
+    return {"step": step, "loss": sum(losses) / len(losses) if losses else float("nan"),
+            "seconds": time.time() - t0}
 
 
 @torch.no_grad()

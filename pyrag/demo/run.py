@@ -36,19 +36,19 @@ class Settings:
     n_docs: int = 2
     dpr_steps: int = 60
     dpr_batch: int = 16
-    dpr_lr: float = 3e-5
+    dpr_lr: float = 5e-5
     # generator (a BART from a config) and the shared training budget of the four models
     d_model: int = 192
     layers: int = 2
     ffn: int = 384
     heads: int = 4
-    pretrain_steps: int = 150
-    steps: int = 300
+    pretrain_steps: int = 300
+    steps: int = 200
     batch_size: int = 32
     lr_generator: float = 1e-3
-    lr_question_encoder: float = 3e-5
-    train_layers: int = 2  # top layers of the question encoder that DPR and joint training update
-    warmup_steps: int = 30
+    lr_question_encoder: float = 5e-5
+    train_layers: int = 1  # top layers of the question encoder that DPR and joint training update
+    warmup_steps: int = 20
     # evaluation
     n_eval: int = 400
     num_beams: int = 1
@@ -56,8 +56,8 @@ class Settings:
 
 
 DEFAULT = Settings()
-QUICK = dataclasses.replace(DEFAULT, n_people=150, n_places=60, n_orgs=40, dpr_steps=20, steps=120,
-                            warmup_steps=15, n_eval=120)
+QUICK = dataclasses.replace(DEFAULT, n_people=150, n_places=60, n_orgs=40, dpr_steps=20, pretrain_steps=100,
+                            steps=100, batch_size=16, warmup_steps=10, n_eval=100)
 
 STAGES = ("corpus", "kb", "retriever", "generator", "closed_book", "rag_frozen", "rag_token", "rag_sequence",
           "report")
@@ -229,7 +229,7 @@ def _stage_generator(run: _Run) -> dict:
     gen = load_generator(model, tok).to(run.device)
     res = train_seq2seq(gen, denoising_pairs(pre, s.seed), out_dir=run.out / "generator_pretraining",
                         steps=s.pretrain_steps, batch_size=s.batch_size, lr=s.lr_generator,
-                        warmup_steps=s.warmup_steps, seed=s.seed, desc="pre-train generator",
+                        warmup_steps=s.warmup_steps, seed=s.seed, decay=False, desc="pre-train generator",
                         show_progress=run.progress)
     tmp = Path(tempfile.mkdtemp(prefix=".generator.", dir=run.out))
     gen.save_pretrained(tmp)
@@ -299,7 +299,7 @@ def _stage_rag(run: _Run, name: str) -> dict:
             "predictions": res["predictions"][:_N_SAMPLES_KEPT], "recall": _recall(kb, model.question_encoder, qs)}
 
 
-_SAVE_EVERY = 50  # training steps between checkpoints, so an interrupted training resumes close to where it was
+_SAVE_EVERY = 100  # training steps between checkpoints, so an interrupted training resumes close to where it was
 
 
 def _samples(run: _Run, results: dict) -> list[dict]:
