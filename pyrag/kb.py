@@ -178,8 +178,19 @@ def _as_bi_encoder(encoder):
     raise TypeError(f"encoder must be an Encoder, a BiEncoder, a directory or None, got {type(encoder).__name__}")
 
 
+DEFAULT_ENCODER_REF = "pyrag:default-encoder"  # meta.json's name for default_encoder_path(), wherever installed
+
+
 def _encoder_record(enc, fingerprint: str) -> dict:
-    return {**enc.config_dict(), "path": enc.source, "fingerprint": fingerprint, "dim": enc.dim}
+    from .models.encoders import default_encoder_path
+
+    path = enc.source
+    try:
+        if path is not None and Path(path) == default_encoder_path().resolve():
+            path = DEFAULT_ENCODER_REF  # so the KB stays openable on a machine with another site-packages
+    except (ImportError, FileNotFoundError):
+        pass
+    return {**enc.config_dict(), "path": path, "fingerprint": fingerprint, "dim": enc.dim}
 
 
 def _short(fp: str) -> str:
@@ -433,15 +444,24 @@ class KnowledgeBase:
         return int(self.meta["dim"])
 
     # -- encoders ----------------------------------------------------------------------------------------------
-    def _load_encoder(self, role: str):
-        from .models.encoders import Encoder
+    def encoder_dir(self, role: str = "passage_encoder") -> Path:
+        """Directory of the passage_encoder / question_encoder the KB was built with (as recorded in meta.json)."""
+        from .models.encoders import default_encoder_path
 
+        if role not in ("passage_encoder", "question_encoder"):
+            raise ValueError(f"role must be 'passage_encoder' or 'question_encoder', got {role!r}")
         rec = self.meta[role]
         if not rec.get("path"):
             raise ValueError(f"{self.path}: the {role} it was built with was not saved; pass it to "
                              f"KnowledgeBase.open(path, encoder=...)")
-        p = Path(rec["path"])
-        p = p if p.is_absolute() else self.path / p
+        p = default_encoder_path() if rec["path"] == DEFAULT_ENCODER_REF else Path(rec["path"])
+        return p if p.is_absolute() else self.path / p
+
+    def _load_encoder(self, role: str):
+        from .models.encoders import Encoder
+
+        rec = self.meta[role]
+        p = self.encoder_dir(role)
         enc = Encoder.from_pretrained(p, pooling=rec["pooling"], normalize=rec["normalize"],
                                       max_length=rec["max_length"])
         _check_encoder(self.path, rec, enc, f"the encoder now at {p}")

@@ -350,3 +350,13 @@ def test_search_on_cuda_matches_cpu(built):
     assert torch.equal(gpu.rows.cpu(), cpu.rows) and gpu.ids == cpu.ids
     torch.testing.assert_close(gpu.scores.cpu(), cpu.scores, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(gpu.vectors.cpu(), cpu.vectors)
+
+
+def test_default_encoder_kb_records_a_portable_reference(tmp_path):
+    ps = [{"id": "a", "title": "Paris", "text": "Paris is the capital of France."},
+          {"id": "b", "title": "Bananas", "text": "Bananas are yellow fruit."}]
+    build_kb(ps, tmp_path / "kb", show_progress=False)  # encoder=None: the packaged MiniLM
+    kb = KnowledgeBase.open(tmp_path / "kb")
+    assert kb.meta["passage_encoder"]["path"] == kbmod.DEFAULT_ENCODER_REF  # not this machine's site-packages
+    assert kb.meta["passage_encoder"]["normalize"] and kb.hybrid_weight == kbmod.DEFAULT_HYBRID_WEIGHT[True]
+    assert kb.search(["What is the capital of France?"], 1).ids == [["a"]]

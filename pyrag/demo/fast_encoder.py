@@ -63,13 +63,14 @@ class CachedLowerEncoder(Encoder):
                 if self._train_layers == 0:
                     vec = super().forward(ids, mask)
                     for j, i in enumerate(todo):
-                        self._cache[keys[i]] = vec[j]
+                        self._cache[keys[i]] = vec[j].float()
                 else:
                     n_layers = len(self._backbone.encoder.layer)
                     out = self._backbone(input_ids=ids, attention_mask=mask, output_hidden_states=True)
                     h = out.hidden_states[n_layers - self._train_layers]  # [0] = embeddings, [i] = after layer i
                     for j, i in enumerate(todo):
-                        self._cache[keys[i]] = h[j, : lengths[i]].detach()
+                        # fp32 whatever autocast computed it in: later calls may run without autocast
+                        self._cache[keys[i]] = h[j, : lengths[i]].detach().float()
         return [self._cache[k] for k in keys]
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

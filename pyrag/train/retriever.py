@@ -486,7 +486,7 @@ def train_retriever_cli(argv: list[str]) -> int:
             model = BiEncoder.from_pretrained(args.encoder, shared=not args.separate)
         else:
             rec = kb.meta["passage_encoder"]
-            model = BiEncoder.from_pretrained(_kb_encoder_dir(kb), shared=not args.separate,
+            model = BiEncoder.from_pretrained(kb.encoder_dir(), shared=not args.separate,
                                               pooling=rec["pooling"], normalize=rec["normalize"],
                                               max_length=rec["max_length"])
         examples = examples_from_qa(read_qa(args.train), kb)
@@ -502,10 +502,3 @@ def train_retriever_cli(argv: list[str]) -> int:
         return 2
     print(json.dumps(res))
     return 0
-
-
-def _kb_encoder_dir(kb) -> str:
-    if not kb.meta["passage_encoder"].get("path"):
-        raise ValueError(f"{kb.path}: the KB does not record its encoder's directory; pass --encoder")
-    p = Path(kb.meta["passage_encoder"]["path"])
-    return str(p if p.is_absolute() else kb.path / p)
