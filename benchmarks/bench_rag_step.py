@@ -101,7 +101,8 @@ def build(args):
     B, K = args.batch, args.n_docs
     questions, answers, titles, texts, rows, corpus = _data(args.squad, B, K, args.seed, args.target_length)
     btok = _bart_tokenizer(corpus, sh["vocab"])
-    qtok = AutoTokenizer.from_pretrained(default_encoder_path())  # a real BERT uncased WordPiece vocabulary
+    # a real BERT uncased WordPiece vocabulary (MiniLM's, or a copy of its tokenizer files where that is not installed)
+    qtok = AutoTokenizer.from_pretrained(args.question_tokenizer or default_encoder_path())
     torch.manual_seed(args.seed)
     bart = BartForConditionalGeneration(BartConfig(
         vocab_size=sh["vocab"], d_model=sh["d_model"], encoder_layers=sh["layers"], decoder_layers=sh["layers"],
@@ -173,6 +174,8 @@ def main(argv=None) -> int:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--question-tokenizer", default=None,
+                    help="tokenizer directory for the DPR question encoder (default: the MiniLM package's)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     if args.threads:

@@ -93,14 +93,14 @@ PYBIND11_MODULE(_C_cuda, m) {
     m.attr("topk_ip_max_n") = tk::kCudaMaxN;
     m.def(
         "topk_ip_workspace_bytes",
-        [](int64_t nq, int64_t nb, int64_t dim, int64_t k, int dtype) {
-          return tk::cuda_workspace_bytes(nq, nb, dim, k, dtype);
+        [](int64_t nq, int64_t nb, int64_t dim, int64_t k, int dtype, bool exact_queries) {
+          return tk::cuda_workspace_bytes(nq, nb, dim, k, dtype, exact_queries);
         },
         "Bytes of scratch topk_ip needs on the current device.");
     m.def(
         "topk_ip",
-        [](int dtype, P queries, P docs, P scale, int64_t nq, int64_t nb, int64_t dim, int64_t k, P scores, P ids,
-           P workspace, size_t workspace_bytes, P stream) {
+        [](int dtype, P queries, P docs, P scale, int64_t nq, int64_t nb, int64_t dim, int64_t k, bool exact_queries,
+           P scores, P ids, P workspace, size_t workspace_bytes, P stream) {
           const auto* q = reinterpret_cast<const float*>(queries);
           const auto* s = reinterpret_cast<const float*>(scale);
           auto* os = reinterpret_cast<float*>(scores);
@@ -109,21 +109,39 @@ PYBIND11_MODULE(_C_cuda, m) {
           const cudaStream_t st = as_stream(stream);
           switch (static_cast<pyrag::DType>(dtype)) {
             case pyrag::DType::f32:
-              return tk::topk_ip_cuda(q, reinterpret_cast<const float*>(docs), s, nq, nb, dim, k, os, oi, ws,
+              return tk::topk_ip_cuda(q, reinterpret_cast<const float*>(docs), s, nq, nb, dim, k, exact_queries, os, oi, ws,
                                       workspace_bytes, st);
             case pyrag::DType::f16:
-              return tk::topk_ip_cuda(q, reinterpret_cast<const pyrag::half_t*>(docs), s, nq, nb, dim, k, os, oi, ws,
+              return tk::topk_ip_cuda(q, reinterpret_cast<const pyrag::half_t*>(docs), s, nq, nb, dim, k, exact_queries, os, oi, ws,
                                       workspace_bytes, st);
             case pyrag::DType::bf16:
-              return tk::topk_ip_cuda(q, reinterpret_cast<const pyrag::bf16_t*>(docs), s, nq, nb, dim, k, os, oi,
+              return tk::topk_ip_cuda(q, reinterpret_cast<const pyrag::bf16_t*>(docs), s, nq, nb, dim, k, exact_queries, os, oi,
                                       ws, workspace_bytes, st);
             case pyrag::DType::i8:
-              return tk::topk_ip_cuda(q, reinterpret_cast<const int8_t*>(docs), s, nq, nb, dim, k, os, oi, ws,
+              return tk::topk_ip_cuda(q, reinterpret_cast<const int8_t*>(docs), s, nq, nb, dim, k, exact_queries, os, oi, ws,
                                       workspace_bytes, st);
           }
           throw std::invalid_argument("topk_ip: unknown dtype code " + std::to_string(dtype));
         },
         py::call_guard<py::gil_scoped_release>(), "Top-k inner products on the GPU (see csrc/topk_ip_cuda.h).");
+    m.def("topk_select_workspace_bytes", &tk::cuda_select_workspace_bytes,
+          "Bytes of scratch the chunked-GEMM selection needs on the current device.");
+    m.def(
+        "topk_select",
+        [](P scores, int64_t ld, P qmul, int64_t nq, int64_t doc0, int64_t n, int64_t k, int64_t chunk, bool first,
+           bool last, P workspace, size_t workspace_bytes, P stream) {
+          tk::topk_select_cuda(reinterpret_cast<const float*>(scores), ld, reinterpret_cast<const float*>(qmul), nq,
+                               doc0, n, k, chunk, first, last, reinterpret_cast<void*>(workspace), workspace_bytes,
+                               as_stream(stream));
+        },
+        py::call_guard<py::gil_scoped_release>(), "Folds one chunk of precomputed scores into the candidate lists.");
+    m.def(
+        "topk_select_finish",
+        [](int64_t nq, int64_t k, int64_t chunk, P scores, P ids, P workspace, size_t workspace_bytes, P stream) {
+          tk::topk_select_finish_cuda(nq, k, chunk, reinterpret_cast<float*>(scores), reinterpret_cast<int64_t*>(ids),
+                                      reinterpret_cast<void*>(workspace), workspace_bytes, as_stream(stream));
+        },
+        py::call_guard<py::gil_scoped_release>(), "Merges the candidate lists into sorted scores and ids.");
   }
   // ---- end topk_ip ----
 }

@@ -8,6 +8,7 @@
 #include <mma.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
@@ -106,7 +107,12 @@ __device__ u64 block_kth_largest(Visit visit, int64_t n, int64_t k, SelectSmem& 
     __syncthreads();
     for (int64_t i = threadIdx.x; i < n; i += NT) {
       u64 x;
-      if (visit(i, x) && (x & mask) == prefix) atomicAdd(&sm.hist[(x >> shift) & 255u], 1u);
+      if (visit(i, x) && (x & mask) == prefix) {
+        // Scores of one query share their top bits, so most keys hit one bin: aggregate per warp first.
+        const unsigned bin = static_cast<unsigned>(x >> shift) & 255u;
+        const unsigned same = __match_any_sync(__activemask(), bin);
+        if ((threadIdx.x & 31) == __ffs(same) - 1) atomicAdd(&sm.hist[bin], static_cast<unsigned>(__popc(same)));
+      }
     }
     __syncthreads();
     if (threadIdx.x == 0) {
@@ -159,13 +165,34 @@ struct Args {
   int64_t nq, nb, dim, k, cap, chunks, chunk_len;
   u64* keys;             // [nq, chunks, cap + k]
   int* counts;           // [nq, chunks]
+  // Chunked-GEMM path: scores [nq, nb] (row stride ld_scores) computed by the caller for docs doc0 .. doc0 + nb;
+  // the lists carry over between calls (first: start empty; last: cut to k for the merge; thr_g: thresholds).
+  const float* scores = nullptr;
+  int64_t ld_scores = 0, doc0 = 0;
+  bool first = true, last = true;
+  u64* thr_g = nullptr;  // [nq, chunks]
+};
+
+// Precomputed scores (chunked-GEMM path): the tile is a coalesced copy of a [BQ, BN] block of the score chunk.
+struct Scores {
+  static constexpr int BQ = 16, BN = 128;
+  static size_t smem_bytes(int64_t) { return size_t(BQ) * BN * 4; }
+  static __device__ void init(const Args&, unsigned char*, int64_t) {}
+  static __device__ void tile(const Args& a, unsigned char* smem, int64_t q0, int64_t t0, int64_t hi) {
+    float* S = reinterpret_cast<float*>(smem);
+    for (int e = threadIdx.x; e < BQ * BN; e += NT) {
+      const int64_t qi = e / BN, j = t0 + e % BN;
+      S[e] = (q0 + qi < a.nq && j < hi) ? __ldcs(a.scores + (q0 + qi) * a.ld_scores + j) : 0.0f;
+    }
+  }
 };
 
 // Few queries (memory bound): each warp computes 4 docs at a time against BQ queries held in shared memory; every
 // lane reads 16-byte pieces of the doc rows (VEC) so loads are wide and coalesced.
 template <class T, int BQ_, bool VEC>
 struct Gemv {
-  static constexpr int BQ = BQ_, BN = 64;
+  // One or two queries: 8 rows per warp at a time (twice the loads in flight) and 128-doc tiles (half the barriers).
+  static constexpr int BQ = BQ_, BN = BQ_ <= 2 ? 128 : 64, R = BQ_ <= 2 ? 8 : 4;
   static size_t smem_bytes(int64_t dim) { return size_t(BQ) * BN * 4 + size_t(BQ) * size_t(dim) * 4; }
   static __device__ void init(const Args& a, unsigned char* smem, int64_t q0) {
     float* qs = reinterpret_cast<float*>(smem) + BQ * BN;
@@ -181,25 +208,26 @@ struct Gemv {
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int D = static_cast<int>(a.dim);
 #pragma unroll 1
-    for (int g = 0; g < 2; ++g) {
-      const int j0 = warp * 8 + g * 4;
-      const T* rows[4];
+    for (int g = 0; g < BN / 8 / R; ++g) {  // 8 warps, BN / 8 docs each, R at a time
+      const int j0 = warp * (BN / 8) + g * R;
+      const T* rows[R];
 #pragma unroll
-      for (int r = 0; r < 4; ++r) {
+      for (int r = 0; r < R; ++r) {
         const int64_t doc = t0 + j0 + r;
         rows[r] = docs + (doc < hi ? doc : t0) * a.dim;  // past the end: recompute a valid row, result unused
       }
-      float acc[BQ][4];
+      float acc[BQ][R];
 #pragma unroll
       for (int qi = 0; qi < BQ; ++qi)
 #pragma unroll
-        for (int r = 0; r < 4; ++r) acc[qi][r] = 0.0f;
+        for (int r = 0; r < R; ++r) acc[qi][r] = 0.0f;
       if constexpr (VEC) {
         constexpr int V = 16 / static_cast<int>(sizeof(T));
+#pragma unroll 4  // several 16-byte loads of each row in flight: the Q=1 path is bandwidth bound
         for (int p = lane * V; p < D; p += 32 * V) {
-          float dv[4][V];
+          float dv[R][V];
 #pragma unroll
-          for (int r = 0; r < 4; ++r) load16(rows[r] + p, dv[r]);
+          for (int r = 0; r < R; ++r) load16(rows[r] + p, dv[r]);
 #pragma unroll
           for (int qi = 0; qi < BQ; ++qi) {
 #pragma unroll
@@ -209,27 +237,27 @@ struct Gemv {
 #pragma unroll
               for (int v = 0; v < 4; ++v)
 #pragma unroll
-                for (int r = 0; r < 4; ++r) acc[qi][r] = fmaf(xv[v], dv[r][v4 + v], acc[qi][r]);
+                for (int r = 0; r < R; ++r) acc[qi][r] = fmaf(xv[v], dv[r][v4 + v], acc[qi][r]);
             }
           }
         }
       } else {
         for (int p = lane; p < D; p += 32) {
-          float dv[4];
+          float dv[R];
 #pragma unroll
-          for (int r = 0; r < 4; ++r) dv[r] = to_f(rows[r][p]);
+          for (int r = 0; r < R; ++r) dv[r] = to_f(rows[r][p]);
 #pragma unroll
           for (int qi = 0; qi < BQ; ++qi) {
             const float x = qs[qi * D + p];
 #pragma unroll
-            for (int r = 0; r < 4; ++r) acc[qi][r] = fmaf(x, dv[r], acc[qi][r]);
+            for (int r = 0; r < R; ++r) acc[qi][r] = fmaf(x, dv[r], acc[qi][r]);
           }
         }
       }
 #pragma unroll
       for (int qi = 0; qi < BQ; ++qi)
 #pragma unroll
-        for (int r = 0; r < 4; ++r) {
+        for (int r = 0; r < R; ++r) {
           const float v = warp_sum(acc[qi][r]);
           if (lane == 0) S[qi * BN + j0 + r] = v;
         }
@@ -381,8 +409,9 @@ __global__ void __launch_bounds__(NT) search_kernel(Args a) {
   u64* lists = a.keys + c * slot;  // list of query q: lists + q * chunks * slot
   const int64_t qstride = a.chunks * slot;
   for (int i = threadIdx.x; i < BQ; i += NT) {
-    thr[i] = 0;
-    cnt[i] = 0;
+    const bool resume = !a.first && q0 + i < a.nq;
+    thr[i] = resume ? a.thr_g[(q0 + i) * a.chunks + c] : 0;
+    cnt[i] = resume ? a.counts[(q0 + i) * a.chunks + c] : 0;
     qmul[i] = (a.qmul != nullptr && q0 + i < a.nq) ? a.qmul[q0 + i] : 1.0f;
   }
   P::init(a, smem, q0);
@@ -397,7 +426,7 @@ __global__ void __launch_bounds__(NT) search_kernel(Args a) {
       if (q0 + qi >= a.nq || doc >= hi) continue;
       float s = S[qi * BN + j] * qmul[qi];
       if (a.scale != nullptr) s *= a.scale[doc];
-      const u64 key = make_key(s, doc);
+      const u64 key = make_key(s, a.doc0 + doc);
       if (key > thr[qi]) lists[(q0 + qi) * qstride + atomicAdd(&cnt[qi], 1)] = key;
     }
     __syncthreads();
@@ -413,7 +442,7 @@ __global__ void __launch_bounds__(NT) search_kernel(Args a) {
       }
     }
   }
-  for (int qi = 0; qi < BQ; ++qi) {
+  for (int qi = 0; qi < BQ && a.last; ++qi) {
     const int n = cnt[qi];
     if (n > a.k) {
       block_compact(lists + (q0 + qi) * qstride, n, a.k, a.cap, sel);
@@ -422,43 +451,77 @@ __global__ void __launch_bounds__(NT) search_kernel(Args a) {
     }
   }
   __syncthreads();
-  for (int qi = threadIdx.x; qi < BQ; qi += NT)
-    if (q0 + qi < a.nq) a.counts[(q0 + qi) * a.chunks + c] = cnt[qi];
+  for (int qi = threadIdx.x; qi < BQ; qi += NT) {
+    if (q0 + qi >= a.nq) continue;
+    a.counts[(q0 + qi) * a.chunks + c] = cnt[qi];
+    if (!a.last) a.thr_g[(q0 + qi) * a.chunks + c] = thr[qi];
+  }
 }
 
-// One block per query: exact k-th key over all chunks' lists, gather the k best, bitonic sort (descending), write.
-__global__ void __launch_bounds__(NT) merge_kernel(const u64* keys, const int* counts, int64_t chunks, int64_t slot,
-                                                   int64_t k, int kpad, float* scores, int64_t* ids) {
-  extern __shared__ __align__(16) u64 sk[];  // [kpad]
+// Merge of the chunks' candidate lists, in levels. At a level the live lists sit at chunks 0, s, 2s, ... (s = the
+// stride); block (query, g) merges G consecutive live lists in shared memory (one global read of each key, then
+// radix select on-chip) and writes the best k back in place, at chunk g*G*s, so the next level's stride is G*s.
+// The last level (one block per query) sorts the k best descending (bitonic) and writes scores and ids.
+__global__ void __launch_bounds__(NT) merge_level_kernel(u64* keys, int* counts, int64_t chunks, int64_t slot,
+                                                         int64_t k, int64_t stride, int64_t G, bool last, int kpad,
+                                                         float* scores, int64_t* ids) {
+  extern __shared__ __align__(16) u64 sk[];  // [G * k] gathered keys (0 = hole), then [kpad] for the final sort
   __shared__ SelectSmem sel;
-  const int64_t q = blockIdx.x;
-  const u64* base = keys + q * chunks * slot;
-  const int* cnt = counts + q * chunks;
-  auto visit = [=](int64_t e, u64& x) {
-    const int64_t c = e / k, i = e % k;
-    if (i >= cnt[c]) return false;
-    x = base[c * slot + i];
-    return true;
-  };
-  const u64 kth = block_kth_largest(visit, chunks * k, k, sel);
-  if (threadIdx.x == 0) sel.count = 0;
-  for (int i = threadIdx.x; i < kpad; i += NT) sk[i] = 0;  // padding sorts last
-  __syncthreads();
-  for (int64_t e = threadIdx.x; e < chunks * k; e += NT) {
-    u64 x;
-    if (visit(e, x) && x >= kth) sk[atomicAdd(&sel.count, 1)] = x;
+  const int64_t q = blockIdx.x, g = blockIdx.y;
+  u64* base = keys + q * chunks * slot;
+  int* cnt = counts + q * chunks;
+  const int64_t n = G * k;
+  int64_t real = 0;  // keys present (per thread, summed below)
+  for (int64_t e = threadIdx.x; e < n; e += NT) {
+    const int64_t c = (g * G + e / k) * stride, i = e % k;
+    u64 x = 0;
+    if (c < chunks && i < cnt[c]) {
+      x = base[c * slot + i];
+      ++real;
+    }
+    sk[e] = x;
   }
+  if (threadIdx.x == 0) sel.count = 0;
+  __syncthreads();
+  atomicAdd(&sel.count, static_cast<int>(real));
+  __syncthreads();
+  const int64_t total = sel.count;
+  __syncthreads();
+  // Every key kept when there are at most k of them (a short chunk); otherwise exactly the k best (keys are unique).
+  const u64 kth = total <= k ? u64(1)
+                             : block_kth_largest(
+                                   [](int64_t i, u64& x) {
+                                     x = sk[i];
+                                     return x != 0;
+                                   },
+                                   n, k, sel);
+  u64* out = sk + n;  // [max(k, kpad)]
+  if (threadIdx.x == 0) sel.count = 0;
+  __syncthreads();
+  for (int64_t e = threadIdx.x; e < n; e += NT) {
+    const u64 x = sk[e];
+    if (x >= kth) out[atomicAdd(&sel.count, 1)] = x;
+  }
+  __syncthreads();
+  const int kept = sel.count;
+  if (!last) {
+    const int64_t c = g * G * stride;
+    for (int i = threadIdx.x; i < kept; i += NT) base[c * slot + i] = out[i];
+    if (threadIdx.x == 0) cnt[c] = kept;
+    return;
+  }
+  for (int i = kept + threadIdx.x; i < kpad; i += NT) out[i] = 0;  // padding sorts last
   for (int size = 2; size <= kpad; size <<= 1) {
-    for (int stride = size >> 1; stride > 0; stride >>= 1) {
+    for (int st = size >> 1; st > 0; st >>= 1) {
       __syncthreads();
       for (int i = threadIdx.x; i < kpad; i += NT) {
-        const int j = i ^ stride;
+        const int j = i ^ st;
         if (j > i) {
-          const u64 x = sk[i], y = sk[j];
+          const u64 x = out[i], y = out[j];
           const bool desc = (i & size) == 0;
           if (desc ? (x < y) : (x > y)) {
-            sk[i] = y;
-            sk[j] = x;
+            out[i] = y;
+            out[j] = x;
           }
         }
       }
@@ -466,8 +529,8 @@ __global__ void __launch_bounds__(NT) merge_kernel(const u64* keys, const int* c
   }
   __syncthreads();
   for (int64_t i = threadIdx.x; i < k; i += NT) {
-    scores[q * k + i] = key_score(sk[i]);
-    ids[q * k + i] = key_id(sk[i]);
+    scores[q * k + i] = key_score(out[i]);
+    ids[q * k + i] = key_id(out[i]);
   }
 }
 
@@ -487,7 +550,7 @@ __global__ void __launch_bounds__(NT) split_queries_kernel(const float* q, int64
   m = 0.0f;
   for (int i = 0; i < NT / 32; ++i) m = fmaxf(m, red[i]);
   int e = 0;
-  if (std::is_same<T, __half>::value && m > 0.0f && m <= 3.0e38f) {
+  if (std::is_same<T, __half>::value && NP > 1 && m > 0.0f && m <= 3.0e38f) {  // NP = 1: the query is already T
     int ex;
     frexpf(m, &ex);  // m < 2^ex
     e = max(-120, min(120, 14 - ex));
@@ -533,7 +596,14 @@ void check_cuda(cudaError_t err, const char* what) {
   }
 }
 
-Plan make_plan(int64_t nq, int64_t nb, int64_t dim, int64_t k, int dtype) {
+// Blocks per SM the fused kernel aims for (4; PYRAG_TOPK_CUDA_BLOCKS_PER_SM overrides it, for tuning runs).
+int64_t blocks_per_sm() {
+  const char* env = std::getenv("PYRAG_TOPK_CUDA_BLOCKS_PER_SM");
+  const long v = env != nullptr ? std::strtol(env, nullptr, 10) : 0;
+  return v > 0 && v <= 64 ? v : 4;
+}
+
+Plan make_plan(int64_t nq, int64_t nb, int64_t dim, int64_t k, int dtype, bool exact_queries) {
   int dev = 0, sms = 0;
   check_cuda(cudaGetDevice(&dev), "cudaGetDevice");
   check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev), "cudaDeviceGetAttribute");
@@ -544,12 +614,12 @@ Plan make_plan(int64_t nq, int64_t nb, int64_t dim, int64_t k, int dtype) {
     p.bq = 1;
     while (p.bq < nq) p.bq *= 2;
     while (p.bq > 1 && int64_t(p.bq) * dim * 4 > (32 << 10)) p.bq /= 2;  // queries live in shared memory
-    p.bn = 64;
+    p.bn = p.bq <= 2 ? 128 : 64;  // Gemv<.., BQ, ..>::BN
   } else if (half_docs) {
     p.mode = Mode::wmma;
     p.bq = 64;
     p.bn = 128;
-    p.np = dtype == int(DType::f16) ? 2 : 3;
+    p.np = exact_queries ? 1 : dtype == int(DType::f16) ? 2 : 3;  // fp16/bf16 queries need no split
   } else {
     p.mode = Mode::simt;
     p.bq = 64;
@@ -559,7 +629,7 @@ Plan make_plan(int64_t nq, int64_t nb, int64_t dim, int64_t k, int dtype) {
   p.cap = 2 * k + p.bn;
   const int64_t slot = p.cap + k;
   // Enough blocks to fill the GPU a few times over, each chunk at least a tile, the lists within budget.
-  int64_t chunks = std::max<int64_t>(1, (4 * int64_t(std::max(sms, 1)) + p.qtiles - 1) / p.qtiles);
+  int64_t chunks = std::max<int64_t>(1, (blocks_per_sm() * int64_t(std::max(sms, 1)) + p.qtiles - 1) / p.qtiles);
   chunks = std::min(chunks, (nb + p.bn - 1) / p.bn);
   const int64_t per_chunk = std::max<int64_t>(nq, 1) * slot * 8;
   if (chunks * per_chunk > int64_t(kBudget)) chunks = std::max<int64_t>(1, int64_t(kBudget) / per_chunk);
@@ -593,17 +663,130 @@ void launch_gemv(const Args& a, const Plan& p, bool vec, cudaStream_t stream) {
   else launch_search<Gemv<D, BQ, false>>(a, p, stream);
 }
 
+// Shared memory of one merge block (G lists of k keys + the sort buffer) is kept under this; above 48 KiB it needs
+// an opt-in, which every GPU the build targets (sm_80+) grants up to 163 KiB.
+constexpr size_t kMergeSmem = size_t(96) << 10;
+
+void merge_lists(u64* keys, int* counts, int64_t nq, int64_t chunks, int64_t slot, int64_t k, float* scores,
+                 int64_t* ids, cudaStream_t stream) {
+  int kpad = 1;
+  while (kpad < k) kpad *= 2;
+  const int64_t room = int64_t(kMergeSmem / 8) - std::max<int64_t>(k, kpad);  // keys the gather may take
+  const int64_t G = std::max<int64_t>(2, room / k);                           // >= 2: k <= kCudaMaxK = 4096
+  check_cuda(cudaFuncSetAttribute(merge_level_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                  static_cast<int>(kMergeSmem)),
+             "cudaFuncSetAttribute");
+  int64_t lists = chunks, stride = 1;
+  while (true) {
+    const int64_t g = std::min<int64_t>(G, lists);  // the last level merges all that is left
+    const int64_t groups = (lists + g - 1) / g;
+    const bool last = groups == 1;
+    const size_t smem = size_t(g * k + std::max<int64_t>(k, kpad)) * 8;
+    merge_level_kernel<<<dim3(static_cast<unsigned>(nq), static_cast<unsigned>(groups)), NT, smem, stream>>>(
+        keys, counts, chunks, slot, k, stride, g, last, kpad, scores, ids);
+    check_cuda(cudaGetLastError(), "merge kernel launch");
+    if (last) return;
+    lists = groups;
+    stride *= g;
+  }
+}
+
+// Chunked-GEMM path: lists of every (query, column) pair, with their counts and thresholds kept between the calls.
+struct SelectPlan {
+  int64_t qtiles, cols, col_len, cap;
+  size_t keys_off, counts_off, thr_off, total;
+};
+
+SelectPlan make_select_plan(int64_t nq, int64_t k, int64_t chunk) {
+  int dev = 0, sms = 0;
+  check_cuda(cudaGetDevice(&dev), "cudaGetDevice");
+  check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev), "cudaDeviceGetAttribute");
+  SelectPlan p{};
+  p.qtiles = (nq + Scores::BQ - 1) / Scores::BQ;
+  p.cap = 2 * k + Scores::BN;
+  const int64_t slot = p.cap + k;
+  int64_t cols = std::max<int64_t>(1, (4 * int64_t(std::max(sms, 1)) + p.qtiles - 1) / p.qtiles);
+  cols = std::min(cols, (chunk + Scores::BN - 1) / Scores::BN);
+  const int64_t per_col = nq * slot * 8;
+  // a third of the budget: the caller also holds a score chunk (pyrag/ops/topk_ip.py keeps it under 64 MiB)
+  if (cols * per_col > int64_t(kBudget / 3)) cols = std::max<int64_t>(1, int64_t(kBudget / 3) / per_col);
+  cols = std::min<int64_t>(cols, 65535);
+  const int64_t per = (chunk + cols - 1) / cols;
+  p.col_len = (per + Scores::BN - 1) / Scores::BN * Scores::BN;
+  p.cols = (chunk + p.col_len - 1) / p.col_len;
+  size_t off = 0;
+  p.keys_off = off;
+  off = align_up(off + size_t(nq) * size_t(p.cols) * size_t(slot) * 8);
+  p.counts_off = off;
+  off = align_up(off + size_t(nq) * size_t(p.cols) * 4);
+  p.thr_off = off;
+  off = align_up(off + size_t(nq) * size_t(p.cols) * 8);
+  p.total = off;
+  return p;
+}
+
 }  // namespace
 
-size_t cuda_workspace_bytes(int64_t nq, int64_t nb, int64_t dim, int64_t k, int dtype_code) {
+size_t cuda_select_workspace_bytes(int64_t nq, int64_t k, int64_t chunk) {
   if (nq <= 0) return 0;
-  return make_plan(nq, nb, dim, k, dtype_code).total;
+  return make_select_plan(nq, k, chunk).total;
+}
+
+void topk_select_cuda(const float* scores_chunk, int64_t ld, const float* qmul, int64_t nq, int64_t doc0, int64_t n,
+                      int64_t k, int64_t chunk, bool first, bool last, void* workspace, size_t workspace_bytes,
+                      cudaStream_t stream) {
+  if (nq < 0 || k < 1 || k > kCudaMaxK || chunk < 1 || n < 0 || n > chunk || ld < n || doc0 < 0 ||
+      doc0 + n > kCudaMaxN)
+    throw std::invalid_argument("topk_select CUDA: unsupported sizes nq=" + std::to_string(nq) + " k=" +
+                                std::to_string(k) + " chunk=" + std::to_string(chunk) + " n=" + std::to_string(n) +
+                                " ld=" + std::to_string(ld) + " doc0=" + std::to_string(doc0));
+  if (nq == 0) return;
+  const SelectPlan p = make_select_plan(nq, k, chunk);
+  if (workspace_bytes < p.total)
+    throw std::invalid_argument("topk_select CUDA: workspace of " + std::to_string(workspace_bytes) +
+                                " bytes, need " + std::to_string(p.total));
+  auto* ws = static_cast<unsigned char*>(workspace);
+  Args a{};
+  a.qmul = qmul;
+  a.nq = nq;
+  a.nb = n;
+  a.k = k;
+  a.cap = p.cap;
+  a.chunks = p.cols;
+  a.chunk_len = p.col_len;
+  a.keys = reinterpret_cast<u64*>(ws + p.keys_off);
+  a.counts = reinterpret_cast<int*>(ws + p.counts_off);
+  a.thr_g = reinterpret_cast<u64*>(ws + p.thr_off);
+  a.scores = scores_chunk;
+  a.ld_scores = ld;
+  a.doc0 = doc0;
+  a.first = first;
+  a.last = last;
+  const dim3 grid(static_cast<unsigned>(p.qtiles), static_cast<unsigned>(p.cols));
+  search_kernel<Scores><<<grid, NT, Scores::smem_bytes(0), stream>>>(a);
+  check_cuda(cudaGetLastError(), "select kernel launch");
+}
+
+void topk_select_finish_cuda(int64_t nq, int64_t k, int64_t chunk, float* scores, int64_t* ids, void* workspace,
+                             size_t workspace_bytes, cudaStream_t stream) {
+  if (nq <= 0) return;
+  const SelectPlan p = make_select_plan(nq, k, chunk);
+  if (workspace_bytes < p.total)
+    throw std::invalid_argument("topk_select CUDA: workspace too small");
+  auto* ws = static_cast<unsigned char*>(workspace);
+  merge_lists(reinterpret_cast<u64*>(ws + p.keys_off), reinterpret_cast<int*>(ws + p.counts_off), nq, p.cols,
+              p.cap + k, k, scores, ids, stream);
+}
+
+size_t cuda_workspace_bytes(int64_t nq, int64_t nb, int64_t dim, int64_t k, int dtype_code, bool exact_queries) {
+  if (nq <= 0) return 0;
+  return make_plan(nq, nb, dim, k, dtype_code, exact_queries).total;
 }
 
 template <class T>
 void topk_ip_cuda(const float* queries, const T* docs, const float* scale, int64_t nq, int64_t nb, int64_t dim,
-                  int64_t k, float* scores, int64_t* ids, void* workspace, size_t workspace_bytes,
-                  cudaStream_t stream) {
+                  int64_t k, bool exact_queries, float* scores, int64_t* ids, void* workspace,
+                  size_t workspace_bytes, cudaStream_t stream) {
   using D = typename DevType<T>::type;
   if (nq < 0 || nb < 1 || nb > kCudaMaxN || dim < 1 || dim > kCudaMaxDim || k < 1 || k > nb || k > kCudaMaxK)
     throw std::invalid_argument("topk_ip CUDA: unsupported sizes nq=" + std::to_string(nq) + " nb=" +
@@ -613,7 +796,7 @@ void topk_ip_cuda(const float* queries, const T* docs, const float* scale, int64
                         : std::is_same<T, half_t>::value ? int(DType::f16)
                         : std::is_same<T, bf16_t>::value ? int(DType::bf16)
                                                          : int(DType::i8);
-  const Plan p = make_plan(nq, nb, dim, k, dtype);
+  const Plan p = make_plan(nq, nb, dim, k, dtype, exact_queries);
   if (workspace_bytes < p.total)
     throw std::invalid_argument("topk_ip CUDA: workspace of " + std::to_string(workspace_bytes) + " bytes, need " +
                                 std::to_string(p.total));
@@ -647,29 +830,32 @@ void topk_ip_cuda(const float* queries, const T* docs, const float* scale, int64
       constexpr int NP = std::is_same<D, __half>::value ? 2 : 3;
       D* parts = reinterpret_cast<D*>(ws + p.qparts_off);
       float* qmul = reinterpret_cast<float*>(ws + p.qmul_off);
-      split_queries_kernel<D, NP><<<static_cast<unsigned>(nq), NT, 0, stream>>>(queries, nq, dim, parts, qmul);
-      check_cuda(cudaGetLastError(), "split_queries launch");
       a.qparts = parts;
       a.qmul = qmul;
-      const bool qvec = vec;  // parts rows are dim * 2 bytes like the docs'; the workspace is 256-byte aligned
-      if (qvec) launch_search<Wmma<D, NP, true>>(a, p, stream);
-      else launch_search<Wmma<D, NP, false>>(a, p, stream);
+      // parts rows are dim * 2 bytes like the docs' and the workspace is 256-byte aligned: vec holds for both
+      if (p.np == 1) {
+        split_queries_kernel<D, 1><<<static_cast<unsigned>(nq), NT, 0, stream>>>(queries, nq, dim, parts, qmul);
+        check_cuda(cudaGetLastError(), "split_queries launch");
+        if (vec) launch_search<Wmma<D, 1, true>>(a, p, stream);
+        else launch_search<Wmma<D, 1, false>>(a, p, stream);
+      } else {
+        split_queries_kernel<D, NP><<<static_cast<unsigned>(nq), NT, 0, stream>>>(queries, nq, dim, parts, qmul);
+        check_cuda(cudaGetLastError(), "split_queries launch");
+        if (vec) launch_search<Wmma<D, NP, true>>(a, p, stream);
+        else launch_search<Wmma<D, NP, false>>(a, p, stream);
+      }
     }
   }
-  int kpad = 1;
-  while (kpad < k) kpad *= 2;
-  merge_kernel<<<static_cast<unsigned>(nq), NT, size_t(kpad) * 8, stream>>>(a.keys, a.counts, p.chunks, p.cap + k, k,
-                                                                            kpad, scores, ids);
-  check_cuda(cudaGetLastError(), "merge kernel launch");
+  merge_lists(a.keys, a.counts, nq, p.chunks, p.cap + k, k, scores, ids, stream);
 }
 
 template void topk_ip_cuda<float>(const float*, const float*, const float*, int64_t, int64_t, int64_t, int64_t,
-                                  float*, int64_t*, void*, size_t, cudaStream_t);
+                                  bool, float*, int64_t*, void*, size_t, cudaStream_t);
 template void topk_ip_cuda<half_t>(const float*, const half_t*, const float*, int64_t, int64_t, int64_t, int64_t,
-                                   float*, int64_t*, void*, size_t, cudaStream_t);
+                                   bool, float*, int64_t*, void*, size_t, cudaStream_t);
 template void topk_ip_cuda<bf16_t>(const float*, const bf16_t*, const float*, int64_t, int64_t, int64_t, int64_t,
-                                   float*, int64_t*, void*, size_t, cudaStream_t);
+                                   bool, float*, int64_t*, void*, size_t, cudaStream_t);
 template void topk_ip_cuda<int8_t>(const float*, const int8_t*, const float*, int64_t, int64_t, int64_t, int64_t,
-                                   float*, int64_t*, void*, size_t, cudaStream_t);
+                                   bool, float*, int64_t*, void*, size_t, cudaStream_t);
 
 }  // namespace pyrag::topk

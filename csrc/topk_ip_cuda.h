@@ -20,14 +20,28 @@ constexpr int64_t kCudaMaxN = (int64_t{1} << 31) - 1;
 // Bytes of device scratch the search needs (candidate lists of every (query, doc chunk) pair and split queries):
 // O(nq * k * chunks), with the chunk count chosen to keep it under ~192 MiB where possible. Depends on the
 // current device's SM count, so call it with the same current device as topk_ip_cuda.
-size_t cuda_workspace_bytes(int64_t nq, int64_t nb, int64_t dim, int64_t k, int dtype_code);
+size_t cuda_workspace_bytes(int64_t nq, int64_t nb, int64_t dim, int64_t k, int dtype_code, bool exact_queries);
 
 // queries [nq, dim] fp32, docs [nb, dim] T (float, half_t, bf16_t or int8_t), scale [nb] fp32 (int8) or null;
+// exact_queries: the fp32 queries hold values of T (they came as fp16/bf16 like the docs), so the tensor-core path
+// uses them as they are instead of splitting each into 2 (fp16) or 3 (bf16) parts of T;
 // scores [nq, k] fp32, ids [nq, k] int64; workspace of cuda_workspace_bytes(...) bytes. All device memory; every
 // launch goes on `stream`. Throws std::invalid_argument on bad sizes, std::runtime_error on a CUDA error.
 template <class T>
 void topk_ip_cuda(const float* queries, const T* docs, const float* scale, int64_t nq, int64_t nb, int64_t dim,
-                  int64_t k, float* scores, int64_t* ids, void* workspace, size_t workspace_bytes,
-                  cudaStream_t stream);
+                  int64_t k, bool exact_queries, float* scores, int64_t* ids, void* workspace,
+                  size_t workspace_bytes, cudaStream_t stream);
+
+// Chunked-GEMM path (many queries on fp16/bf16 docs; pyrag/ops/topk_ip.py): the caller computes the scores of doc
+// chunks of at most `chunk` docs with a tensor-core GEMM (cuBLAS through torch) and folds each [nq, n] fp32 chunk
+// (row stride ld, docs doc0 .. doc0 + n, scores times qmul[q] when qmul is not null) into candidate lists kept in
+// the workspace: first = the first chunk (lists start empty), last = the last one; then topk_select_finish_cuda
+// writes scores [nq, k] and ids [nq, k]. Extra memory O(nq * k * columns), the lists only.
+size_t cuda_select_workspace_bytes(int64_t nq, int64_t k, int64_t chunk);
+void topk_select_cuda(const float* scores_chunk, int64_t ld, const float* qmul, int64_t nq, int64_t doc0, int64_t n,
+                      int64_t k, int64_t chunk, bool first, bool last, void* workspace, size_t workspace_bytes,
+                      cudaStream_t stream);
+void topk_select_finish_cuda(int64_t nq, int64_t k, int64_t chunk, float* scores, int64_t* ids, void* workspace,
+                             size_t workspace_bytes, cudaStream_t stream);
 
 }  // namespace pyrag::topk

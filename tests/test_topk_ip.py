@@ -530,3 +530,52 @@ def test_cuda_large_k_and_duplicates():
     assert_topk_exact(q, d, 2048, s, i)
     same = owner[i][:, 1:] == owner[i][:, :-1]  # neighbours that are copies of one doc
     assert torch.equal(s[:, 1:][same], s[:, :-1][same]) and bool((i[:, 1:][same] > i[:, :-1][same]).all())
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("Q,N,D,k", [(3, 5000, 64, 10), (70, 20000, 768, 100), (65, 3001, 40, 7)])
+def test_cuda_half_queries_take_the_exact_single_part_path(Q, N, D, k, dtype):
+    # Queries already in the docs' dtype skip the split into parts: still exact against fp64 on the given values.
+    q, d, _ = _make(Q, N, D, dtype, seed=15)
+    qh = q.to(dtype)
+    s, i = topk_ip(qh.cuda(), d.cuda(), k)
+    assert_topk_exact(qh.float(), d, k, s.cpu(), i.cpu())
+
+
+@cuda
+@pytest.mark.parametrize("Q,N,D,k", [(2, 70000, 32, 4096), (1, 200000, 16, 100)])
+def test_cuda_many_chunks_merge_in_several_levels(Q, N, D, k):
+    # Hundreds of doc chunks per query: the candidate lists are merged over several levels (2 lists per block at
+    # k = 4096), which must keep exactly the k best.
+    q, d, _ = _make(Q, N, D, torch.float32, seed=16)
+    s, i = topk_ip(q.cuda(), d.cuda(), k)
+    assert_topk_exact(q, d, k, s.cpu(), i.cpu())
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("qdtype", [torch.float32, None])  # None: queries in the docs' dtype (one exact part)
+@pytest.mark.parametrize("chunk", [0, 1000, 333])  # 0: one chunk; else several, the last one short
+def test_cuda_gemm_path_over_chunks(dtype, qdtype, chunk):
+    q, d, _ = _make(40, 5000, 96, dtype, seed=17)
+    q = q * 3e3 if dtype == torch.float16 else q  # fp16 query parts need the power-of-two rescale to stay finite
+    qq = q if qdtype is not None else q.to(dtype)
+    with topk_ip_options(cuda_path="gemm", cuda_chunk=chunk):
+        s, i = topk_ip(qq.cuda(), d.cuda(), 64)
+    assert_topk_exact(qq.float(), d, 64, s.cpu(), i.cpu())
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_fused_tensor_core_path_still_exact(dtype):
+    # The fused WMMA kernel (used where torch.mm has no fp32 output) stays tested.
+    q, d, _ = _make(70, 20000, 200, dtype, seed=18)
+    with topk_ip_options(cuda_path="fused"):
+        s, i = topk_ip(q.cuda(), d.cuda(), 100)
+    assert_topk_exact(q, d, 100, s.cpu(), i.cpu())
+
+
+def test_cuda_path_option_is_checked():
+    with pytest.raises(ValueError, match="cuda_path"), topk_ip_options(cuda_path="cublas"):
+        pass

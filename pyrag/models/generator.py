@@ -72,10 +72,40 @@ def tokenize_contexts(tokenizer, questions: list[str], titles: list[list[str]], 
             strings.append(format_context(t, x, q, fmt, suffix))
             tails.append(q)
     ids = tokenizer(strings, add_special_tokens=add_special_tokens)["input_ids"]
-    for i, row in enumerate(ids):
-        if len(row) > max_length:
+    long = [i for i, row in enumerate(ids) if len(row) > max_length]
+    if long:
+        # All long rows at once (one batched call for the heads, one for the cut rows: on a GPU this CPU work is
+        # on the critical path of every step); rows a cut does not settle go through the row-by-row loop.
+        todo = _truncate_batch(tokenizer, strings, tails, ids, long, fmt, suffix, max_length, add_special_tokens)
+        for i in todo:
             ids[i] = _truncate_passage(tokenizer, strings[i], tails[i], fmt, suffix, max_length, add_special_tokens, i)
     return ids
+
+
+def _truncate_batch(tokenizer, strings, tails, ids, long, fmt, suffix, max_length, add_special_tokens) -> list[int]:
+    """Cuts the passage of each long row by the number of tokens it is over, in two batched tokenizer calls
+    (needs a fast tokenizer's offsets). Writes the rows that fit into ids; returns the rows left to do."""
+    split = [_split_tail(strings[i], tails[i], fmt, suffix) for i in long]
+    try:
+        enc = tokenizer([h for h, _ in split], add_special_tokens=False, return_offsets_mapping=True)
+    except (NotImplementedError, ValueError, TypeError, KeyError):  # slow tokenizer: no offsets
+        return long
+    todo, cuts, rows = [], [], []
+    for j, i in enumerate(long):
+        keep = len(enc["input_ids"][j]) - (len(ids[i]) - max_length)
+        if keep <= 0:
+            todo.append(i)
+            continue
+        head, tail = split[j]
+        cuts.append(head[: enc["offset_mapping"][j][keep - 1][1]] + tail)
+        rows.append(i)
+    if cuts:
+        for i, row in zip(rows, tokenizer(cuts, add_special_tokens=add_special_tokens)["input_ids"]):
+            if len(row) <= max_length:
+                ids[i] = row
+            else:  # merges across the cut changed the count: the careful loop
+                todo.append(i)
+    return todo
 
 
 def _truncate_passage(tokenizer, full, question, fmt, suffix, max_length, add_special_tokens, row) -> list[int]:

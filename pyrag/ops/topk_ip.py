@@ -21,7 +21,12 @@ DOC_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.int8)
 # path: "auto", "fused" (SIMD fp32 dot products for every doc) or "prefilter" (AMX bf16 scores for every doc,
 # exact fp32 rescoring of the docs its error bound cannot rule out; same results, needs AMX). "auto" takes the
 # prefilter from 48 queries on where AMX exists: below that the fused kernel is memory bound and wins.
-_DEFAULT_OPTIONS = {"threads": None, "tile_n": 0, "split": 0, "parts": 0, "isa": -1, "path": "auto"}
+# On CUDA: cuda_path "auto" (the chunked-GEMM path for 9+ queries on fp16/bf16 docs, the fused kernel otherwise),
+# "fused" or "gemm"; cuda_chunk: docs per GEMM chunk (0 = as many as fit in 64 MiB of fp32 scores).
+_DEFAULT_OPTIONS = {
+    "threads": None, "tile_n": 0, "split": 0, "parts": 0, "isa": -1, "path": "auto", "cuda_path": "auto",
+    "cuda_chunk": 0,
+}
 _PATH_CODES = {"auto": 0, "fused": 1, "prefilter": 2}
 _options = dict(_DEFAULT_OPTIONS)
 _options_lock = threading.Lock()
@@ -39,6 +44,8 @@ def topk_ip_options(**overrides):
         raise ValueError(f"unknown topk_ip option(s) {sorted(unknown)}; known: {sorted(_DEFAULT_OPTIONS)}")
     if overrides.get("path", "auto") not in ("auto", "fused", "prefilter"):
         raise ValueError(f"path must be 'auto', 'fused' or 'prefilter', got {overrides['path']!r}")
+    if overrides.get("cuda_path", "auto") not in ("auto", "fused", "gemm"):
+        raise ValueError(f"cuda_path must be 'auto', 'fused' or 'gemm', got {overrides['cuda_path']!r}")
     with _options_lock:
         saved = dict(_options)
         _options.update(overrides)
@@ -248,9 +255,15 @@ def _topk_ip_cuda(queries, docs, k, doc_scale):
         ids = torch.empty((nq, k), dtype=torch.int64, device=queries.device)
         if nq == 0:
             return scores, ids
+        if _use_gemm_path(queries, docs):
+            _topk_ip_cuda_gemm(queries, docs, k, scores, ids)
+            return scores, ids
         q = queries.to(torch.float32).contiguous()
         code = _common.DTYPE_CODES[docs.dtype]
-        nbytes = cuda.topk_ip_workspace_bytes(nq, nb, dim, k, code)
+        # fp16/bf16 queries against docs of the same dtype go to the tensor cores as they are (exact); fp32 queries
+        # are split into 2-3 parts of the docs' dtype to keep fp32 precision, which costs 2-3x the tensor-core work.
+        exact = queries.dtype == docs.dtype and docs.dtype in (torch.float16, torch.bfloat16)
+        nbytes = cuda.topk_ip_workspace_bytes(nq, nb, dim, k, code, exact)
         # Scratch through torch's caching allocator, on the current stream (shows in max_memory_allocated).
         workspace = torch.empty(max(nbytes, 1), dtype=torch.uint8, device=queries.device)
         cuda.topk_ip(
@@ -262,6 +275,7 @@ def _topk_ip_cuda(queries, docs, k, doc_scale):
             nb,
             dim,
             k,
+            exact,
             _common.ptr(scores),
             _common.ptr(ids),
             _common.ptr(workspace),
@@ -269,3 +283,76 @@ def _topk_ip_cuda(queries, docs, k, doc_scale):
             _common.stream(q),
         )
     return scores, ids
+
+
+# ---- CUDA, many queries on fp16/bf16 docs: tensor-core GEMM (cuBLAS) per doc chunk + pyrag's fused selection ----
+_GEMM_MIN_QUERIES = 9  # below, the fused kernel streams the docs once at memory speed and wins
+_SCORE_CHUNK_BYTES = 64 << 20  # fp32 score chunk (all query parts); with the candidate lists, under 256 MiB
+_mm_fp32_out: dict[int, bool] = {}
+
+
+def _mm_has_fp32_out(device: torch.device) -> bool:
+    """Whether torch.mm takes out_dtype=float32 for fp16/bf16 inputs here (fp32 accumulate and output; torch 2.8+)."""
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _mm_fp32_out:
+        try:
+            a = torch.ones(2, 2, dtype=torch.float16, device=device)
+            _mm_fp32_out[idx] = torch.mm(a, a, out_dtype=torch.float32).dtype == torch.float32
+        except (TypeError, RuntimeError):
+            _mm_fp32_out[idx] = False
+    return _mm_fp32_out[idx]
+
+
+def _use_gemm_path(queries: torch.Tensor, docs: torch.Tensor) -> bool:
+    path = _options["cuda_path"]
+    if path == "fused" or docs.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    if not _mm_has_fp32_out(docs.device):
+        return False
+    return path == "gemm" or queries.shape[0] >= _GEMM_MIN_QUERIES
+
+
+def _query_parts(queries: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Queries as [parts * Q, D] of the docs' dtype whose sum is the fp32 query to ~fp32 precision, and per-query
+    score multipliers (None when 1). Queries already in that dtype are one exact part. fp16 parts of a query
+    rescaled by a power of two (exact) so its largest entry sits near 2^14, inside fp16's range."""
+    if queries.dtype == dtype:
+        return queries, None
+    q = queries.to(torch.float32)
+    qmul = None
+    if dtype == torch.float16:
+        m = q.abs().amax(dim=1)
+        e = torch.where(m > 0, 14 - torch.frexp(m).exponent, torch.zeros_like(m, dtype=torch.int32))
+        e = e.clamp(-120, 120)
+        q = torch.ldexp(q, e[:, None].to(torch.float32))
+        qmul = torch.ldexp(torch.ones_like(m), (-e).to(torch.float32))
+    parts, rest = [], q
+    for _ in range(2 if dtype == torch.float16 else 3):  # 11 + 11 bits (fp16) or 8 + 8 + 8 bits (bf16)
+        p = rest.to(dtype)
+        parts.append(p)
+        rest = rest - p.to(torch.float32)
+    return torch.cat(parts), qmul
+
+
+def _topk_ip_cuda_gemm(queries, docs, k, scores, ids) -> None:
+    cuda = _ext.cuda
+    nq, nb = queries.shape[0], docs.shape[0]
+    qp, qmul = _query_parts(queries, docs.dtype)
+    nparts = qp.shape[0] // nq
+    chunk = _options["cuda_chunk"] or max(128, _SCORE_CHUNK_BYTES // (4 * qp.shape[0]) // 128 * 128)
+    chunk = min(chunk, nb)
+    nbytes = cuda.topk_select_workspace_bytes(nq, k, chunk)
+    workspace = torch.empty(max(nbytes, 1), dtype=torch.uint8, device=docs.device)
+    stream = _common.stream(docs)
+    qmul_ptr = _common.ptr(qmul.contiguous()) if qmul is not None else 0
+    for lo in range(0, nb, chunk):
+        n = min(chunk, nb - lo)
+        s = torch.mm(qp, docs[lo : lo + n].T, out_dtype=torch.float32)  # [parts * Q, n], fp32 accumulation
+        for i in range(1, nparts):
+            s[:nq] += s[i * nq : (i + 1) * nq]
+        cuda.topk_select(
+            _common.ptr(s), n, qmul_ptr, nq, lo, n, k, chunk, lo == 0, lo + n >= nb, _common.ptr(workspace),
+            nbytes, stream,
+        )
+    cuda.topk_select_finish(nq, k, chunk, _common.ptr(scores), _common.ptr(ids), _common.ptr(workspace), nbytes,
+                            stream)
