@@ -691,6 +691,21 @@ void merge_lists(u64* keys, int* counts, int64_t nq, int64_t chunks, int64_t slo
   }
 }
 
+// What both paths fill alike: the sizes and the candidate lists (keys, counts) in the workspace.
+Args list_args(int64_t nq, int64_t nb, int64_t k, int64_t cap, int64_t chunks, int64_t chunk_len, unsigned char* keys,
+               unsigned char* counts) {
+  Args a{};
+  a.nq = nq;
+  a.nb = nb;
+  a.k = k;
+  a.cap = cap;
+  a.chunks = chunks;
+  a.chunk_len = chunk_len;
+  a.keys = reinterpret_cast<u64*>(keys);
+  a.counts = reinterpret_cast<int*>(counts);
+  return a;
+}
+
 // Chunked-GEMM path: lists of every (query, column) pair, with their counts and thresholds kept between the calls.
 struct SelectPlan {
   int64_t qtiles, cols, col_len, cap;
@@ -746,16 +761,8 @@ void topk_select_cuda(const float* scores_chunk, int64_t ld, const float* qmul, 
     throw std::invalid_argument("topk_select CUDA: workspace of " + std::to_string(workspace_bytes) +
                                 " bytes, need " + std::to_string(p.total));
   auto* ws = static_cast<unsigned char*>(workspace);
-  Args a{};
+  Args a = list_args(nq, n, k, p.cap, p.cols, p.col_len, ws + p.keys_off, ws + p.counts_off);
   a.qmul = qmul;
-  a.nq = nq;
-  a.nb = n;
-  a.k = k;
-  a.cap = p.cap;
-  a.chunks = p.cols;
-  a.chunk_len = p.col_len;
-  a.keys = reinterpret_cast<u64*>(ws + p.keys_off);
-  a.counts = reinterpret_cast<int*>(ws + p.counts_off);
   a.thr_g = reinterpret_cast<u64*>(ws + p.thr_off);
   a.scores = scores_chunk;
   a.ld_scores = ld;
@@ -801,19 +808,11 @@ void topk_ip_cuda(const float* queries, const T* docs, const float* scale, int64
     throw std::invalid_argument("topk_ip CUDA: workspace of " + std::to_string(workspace_bytes) + " bytes, need " +
                                 std::to_string(p.total));
   auto* ws = static_cast<unsigned char*>(workspace);
-  Args a{};
+  Args a = list_args(nq, nb, k, p.cap, p.chunks, p.chunk_len, ws + p.keys_off, ws + p.counts_off);
   a.q = queries;
   a.docs = docs;
   a.scale = scale;
-  a.nq = nq;
-  a.nb = nb;
   a.dim = dim;
-  a.k = k;
-  a.cap = p.cap;
-  a.chunks = p.chunks;
-  a.chunk_len = p.chunk_len;
-  a.keys = reinterpret_cast<u64*>(ws + p.keys_off);
-  a.counts = reinterpret_cast<int*>(ws + p.counts_off);
   // 16-byte loads need 16-byte aligned rows.
   const bool vec = reinterpret_cast<uintptr_t>(docs) % 16 == 0 && (dim * int64_t(sizeof(T))) % 16 == 0;
   if (p.mode == Mode::gemv) {

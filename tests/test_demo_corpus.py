@@ -68,8 +68,19 @@ def test_corpus_contains_look_alike_distractors(corpus):
     assert max(surnames.values()) >= 4  # two passages each for at least two people with the same surname
 
 
+def test_variety_one_phrases_each_fact_and_question_one_way():
+    c = generate_corpus(seed=3, n_people=30, n_places=10, n_orgs=10, variety=1)
+    people = c.passages[: 2 * 30: 2]  # each person's first passage: birth
+    assert all(p["text"].startswith(f"{p['title']} was born in ") for p in people)
+    birthplace = [q for q in c.train + c.dev + c.test if q["attribute"] == "person.birthplace"]
+    assert {q["question"].replace(q["entity"], "X") for q in birthplace} == {"Where was X born?"}
+    # the facts themselves do not depend on the phrasing
+    full = generate_corpus(seed=3, n_people=30, n_places=10, n_orgs=10)
+    assert [p["title"] for p in full.passages] == [p["title"] for p in c.passages]
+
+
 @pytest.mark.parametrize("kwargs", [{"n_people": 2}, {"n_orgs": "5"}, {"test_fraction": 0.0},
-                                    {"dev_fraction": 0.5, "test_fraction": 0.6}])
+                                    {"dev_fraction": 0.5, "test_fraction": 0.6}, {"variety": 5}])
 def test_bad_arguments_raise_value_error_naming_them(kwargs):
     with pytest.raises(ValueError, match=next(iter(kwargs))):
         generate_corpus(**kwargs)

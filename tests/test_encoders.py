@@ -52,6 +52,34 @@ def test_encode_is_batch_and_order_independent(tmp_path):
     torch.testing.assert_close(rev, together.flip(0), rtol=1e-5, atol=1e-5)
 
 
+def test_encode_sorts_by_length_runs_in_inference_mode_and_reports_progress(tmp_path, monkeypatch):
+    enc = tiny_encoder(tmp_path / "m", pooling="mean")
+    calls = []
+    forward = Encoder.forward
+
+    def spy(self, input_ids, attention_mask):
+        calls.append((input_ids.shape[1], attention_mask.sum(1).tolist(), torch.is_inference_mode_enabled()))
+        return forward(self, input_ids, attention_mask)
+
+    monkeypatch.setattr(Encoder, "forward", spy)
+
+    class Bar:
+        n = 0
+
+        def update(self, k):
+            self.n += k
+
+    bar = Bar()
+    enc.encode(TEXTS, batch_size=2, progress=bar)
+    assert bar.n == len(TEXTS) and len(calls) == 3
+    widths = [w for w, _, _ in calls]
+    assert widths == sorted(widths, reverse=True), widths  # longest texts first
+    for w, lengths, inference in calls:
+        assert inference and w == max(lengths)  # each batch padded to its own longest text, no further
+    lengths = sorted((n for _, ls, _ in calls for n in ls), reverse=True)
+    assert [n for _, ls, _ in calls for n in sorted(ls, reverse=True)] == lengths  # batches = consecutive lengths
+
+
 def test_encode_matches_forward_and_leaves_training_mode_alone(tmp_path):
     enc = tiny_encoder(tmp_path / "m", dropout=0.3)
     enc.train()

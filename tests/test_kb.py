@@ -325,6 +325,17 @@ def test_build_and_eval_commands(tmp_path, enc_dir, capsys):
     assert rep["recall@1"] == pytest.approx(want) and "gold_recall@3" in rep and rep["questions"] == 15
     assert build_kb_cli([str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "kb2")]) == 2
     assert "not found" in capsys.readouterr().err
+    # --index / --dtype reach the saved index
+    for index, dtype in (("hnsw", "float32"), ("flat", "int8")):
+        out = tmp_path / f"kb_{index}_{dtype}"
+        assert build_kb_cli([str(tmp_path / "p.jsonl"), "--out", str(out), "--encoder", str(enc_dir), "--no-progress",
+                             "--index", index, "--dtype", dtype]) == 0
+        meta = json.loads((out / "meta.json").read_text())
+        assert meta["index"] == index and meta["dtype"] == dtype, meta
+        kb2 = KnowledgeBase.open(out)
+        assert len(kb2.search([ps[3]["title"]], 3).ids[0]) == 3
+        if index == "hnsw":  # the inner-product graph by default (DPR's augmentation loses recall on real data)
+            assert kb2.index.space == "ip" and meta["hnsw_options"]["space"] == "ip"
 
 
 def test_command_help_exits_cleanly(capsys):

@@ -252,6 +252,16 @@ def test_n_docs_at_generation_may_differ_from_training(small):
         assert torch.allclose(g.doc_prior.sum(1), torch.ones(3))
         assert model(qs, ["x"] * 3, n_docs=k).doc_posterior.shape == (3, k)
     assert model.n_docs == 3
+    # RAG-Sequence too, in both decodings: K passages retrieved and marginalised at generation
+    from pyrag.models.rag import RagSequence
+
+    seq = RagSequence(model.question_encoder, model.generator, model.kb, n_docs=3)
+    for k in (1, 4):
+        for decoding in ("fast", "thorough"):
+            g = seq.generate(qs, n_docs=k, num_beams=2, max_new_tokens=4, decoding=decoding)
+            assert g.rows.shape == (3, k) and len(g.answers) == 3, decoding
+            assert torch.allclose(g.doc_prior.sum(1), torch.ones(3))
+            assert bool((g.scores <= 0).all()), g.scores  # marginal log-likelihoods over the k passages
 
 
 def test_save_and_load_roundtrip_references_the_kb(small, tmp_path):
@@ -346,6 +356,12 @@ def test_bad_input_gives_clear_errors(small, tmp_path):
     other.model.config.hidden_size = 7
     with pytest.raises(ValueError, match="KB/encoder mismatch"):
         RagToken(other, model.generator, kb)
+    # same dimension, but not the pooling / normalisation the KB was built for
+    for key, value in (("normalize", False), ("pooling", "cls")):
+        wrong = tiny_encoder(tmp_path / f"enc_{key}")
+        setattr(wrong, key, value)
+        with pytest.raises(ValueError, match=f"KB/encoder mismatch.*{key}"):
+            RagToken(wrong, model.generator, kb)
     # generators without a tokenizer
     model.generator.model.save_pretrained(tmp_path / "gen_no_tok")
     with pytest.raises(ValueError, match="has no usable tokenizer"):

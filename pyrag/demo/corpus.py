@@ -152,18 +152,26 @@ def _number(rng: random.Random, lo: int, hi: int) -> str:
 
 
 def generate_corpus(seed: int = 0, n_people: int = 700, n_places: int = 300, n_orgs: int = 200,
-                    dev_fraction: float = 0.1, test_fraction: float = 0.2) -> DemoCorpus:
+                    dev_fraction: float = 0.1, test_fraction: float = 0.2, variety: int = 4) -> DemoCorpus:
     """Generates the demo corpus: two passages per entity ((n_people + n_places + n_orgs) * 2 in all) and one
     question per (entity, attribute), each answer a verbatim span of its gold passage. Entities are split
-    train/dev/test by `dev_fraction` / `test_fraction`. Same arguments -> identical output."""
+    train/dev/test by `dev_fraction` / `test_fraction`. variety (1-4): how many phrasings of each passage sentence
+    and of each question are drawn from (fewer: a world a small generator learns to read in fewer steps).
+    Same arguments -> identical output."""
     for arg, val in (("n_people", n_people), ("n_places", n_places), ("n_orgs", n_orgs)):
         if not isinstance(val, int) or val < 3:
             raise ValueError(f"{arg} must be an int >= 3, got {val!r}")
+    if not isinstance(variety, int) or not 1 <= variety <= 4:
+        raise ValueError(f"variety must be an int in [1, 4], got {variety!r}")
     if not (0 < dev_fraction < 1 and 0 < test_fraction < 1 and dev_fraction + test_fraction < 1):
         raise ValueError(f"need 0 < dev_fraction, test_fraction and their sum < 1, got {dev_fraction=}, "
                          f"{test_fraction=}")
     rng = random.Random(seed)
     names = _Names(rng)
+
+    def pick(phrasings: list[str]) -> str:
+        return rng.choice(phrasings[:variety])
+
 
     # Places first: people and organisations refer to them.
     places = []
@@ -215,11 +223,11 @@ def generate_corpus(seed: int = 0, n_people: int = 700, n_places: int = 300, n_o
     questions: list[tuple[str, dict]] = []  # (entity name, question)
     for kind, e in entities:
         if kind == "person":
-            texts = [rng.choice(_PERSON_EARLY).format(**e), rng.choice(_PERSON_CAREER).format(**e)]
+            texts = [pick(_PERSON_EARLY).format(**e), pick(_PERSON_CAREER).format(**e)]
         elif kind == "place":
-            texts = [rng.choice(_PLACE_GEO).format(**e), rng.choice(_PLACE_HISTORY).format(**e)]
+            texts = [pick(_PLACE_GEO).format(**e), pick(_PLACE_HISTORY).format(**e)]
         else:
-            texts = [rng.choice(_ORG_ORIGIN).format(**e), rng.choice(_ORG_TODAY).format(**e)]
+            texts = [pick(_ORG_ORIGIN).format(**e), pick(_ORG_TODAY).format(**e)]
         ids = []
         for text in texts:
             pid = f"p{len(passages):05d}"
@@ -228,7 +236,7 @@ def generate_corpus(seed: int = 0, n_people: int = 700, n_places: int = 300, n_o
         for attr, part, phrasings in _QUESTIONS[kind]:
             answer = e[attr]
             assert answer in texts[part], (answer, texts[part])
-            questions.append((e["name"], {"question": rng.choice(phrasings).format(name=e["name"]),
+            questions.append((e["name"], {"question": pick(phrasings).format(name=e["name"]),
                                           "answers": [answer], "passage_id": ids[part], "entity": e["name"],
                                           "attribute": f"{kind}.{attr}"}))
 

@@ -31,7 +31,10 @@ class CachedLowerEncoder(Encoder):
     Use `CachedLowerEncoder.convert(encoder, train_layers)`; `save_pretrained` writes a plain Encoder."""
 
     @classmethod
-    def convert(cls, enc: Encoder, train_layers: int) -> CachedLowerEncoder:
+    def convert(cls, enc: Encoder, train_layers: int, cache: dict | None = None) -> CachedLowerEncoder:
+        """Turn `enc` (in place) into a CachedLowerEncoder. cache: a dict to keep the frozen part's outputs in,
+        shared by encoders whose frozen parts are equal (e.g. copies of one encoder fine-tuned at the top only),
+        so each question runs through the frozen layers once in all of them."""
         backbone = enc._backbone
         layers = getattr(getattr(backbone, "encoder", None), "layer", None)
         if not isinstance(layers, nn.ModuleList) or not hasattr(backbone, "embeddings"):
@@ -40,7 +43,7 @@ class CachedLowerEncoder(Encoder):
             raise ValueError(f"train_layers must be an int in [0, {len(layers)}], got {train_layers!r}")
         enc.__class__ = cls
         enc._train_layers = train_layers
-        enc._cache: dict[tuple, torch.Tensor] = {}
+        enc._cache = {} if cache is None else cache
         for m in enc.modules():
             if isinstance(m, nn.Dropout):
                 m.p = 0.0
@@ -50,6 +53,20 @@ class CachedLowerEncoder(Encoder):
         for m in frozen:
             m.requires_grad_(False)
         return enc
+
+    def prefill(self, texts: list[str], vectors: torch.Tensor) -> None:
+        """train_layers=0 only: record known outputs [N, D] of texts (e.g. a KB's stored passage vectors) so they
+        are looked up instead of computed."""
+        if self._train_layers != 0:
+            raise ValueError("prefill needs train_layers=0 (the cache then holds final vectors)")
+        if vectors.shape != (len(texts), self.dim):
+            raise ValueError(f"vectors must be [len(texts), {self.dim}] = [{len(texts)}, {self.dim}], got "
+                             f"{vectors.shape=}")
+        ids = self.tokenizer(list(texts), truncation=True, max_length=self.max_length, padding=False,
+                             return_attention_mask=False, return_token_type_ids=False)["input_ids"]
+        dev = self.device
+        for row, v in zip(ids, vectors):
+            self._cache[tuple(row)] = v.to(dev, torch.float32)
 
     def _lower(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[torch.Tensor]:
         """Per row, the frozen part's output [len, H] (len = the row's unpadded length); computed for rows not

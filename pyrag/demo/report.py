@@ -38,22 +38,22 @@ def _fmt_time(seconds: float) -> str:
 def format_table(results: dict, meta: dict, seconds: float) -> str:
     """The results table as text: test EM / F1 per model with its training time, then retrieval recall."""
     c = meta["corpus"]
-    lines = [(f"pyrag demo: {c['passages']} passages about invented entities; {c['train']} train / {c['test']} "
-              f"test questions (test entities never appear in training answers); evaluated on {meta['n_eval']} "
-              f"test questions, K={meta['n_docs']} passages"),
+    lines = [f"pyrag demo: {c['passages']} passages about invented entities, {c['train']} training questions;",
+             (f"evaluated on {meta['n_eval']} test questions about other entities (their facts are never trained "
+              f"on), K={meta['n_docs']} passages per question"),
              "",
-             f"{'model':<14} {'retriever':<18} {'test EM':>8} {'test F1':>8} {'train time':>11}",
-             "-" * 63]
+             f"{'model':<17} {'retriever':<17} {'test EM':>8} {'test F1':>8} {'train time':>11}",
+             "-" * 65]
     for key, name, retr in MODELS:
         r = results[key]
-        lines.append(f"{name:<14} {retr:<18} {r['em']:>8.3f} {r['f1']:>8.3f} {_fmt_time(r['train_seconds']):>11}")
-    lines += ["", f"{'retrieval (test questions, gold passage)':<44} {'recall@1':>8} {'recall@5':>8}", "-" * 62]
+        lines.append(f"{name:<17} {retr:<17} {r['em']:>8.3f} {r['f1']:>8.3f} {_fmt_time(r['train_seconds']):>11}")
+    lines += ["", f"{'retrieval (test questions, gold passage)':<46} {'recall@1':>8} {'recall@5':>8}", "-" * 64]
     rows = [("MiniLM zero-shot", results["kb"]["recall"]),
             ("after DPR fine-tune (= before joint training)", results["retriever"]["recall"]),
             ("after joint training, RAG-Token", results["rag_token"]["recall"]),
             ("after joint training, RAG-Sequence", results["rag_sequence"]["recall"])]
     for name, r in rows:
-        lines.append(f"{name:<44} {r['1']:>8.3f} {r['5']:>8.3f}")
+        lines.append(f"{name:<46} {r['1']:>8.3f} {r['5']:>8.3f}")
     lines += ["", f"total time {_fmt_time(seconds)} on {meta['device']}"]
     return "\n".join(lines)
 

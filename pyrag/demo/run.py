@@ -32,6 +32,7 @@ class Settings:
     n_people: int = 700
     n_places: int = 300
     n_orgs: int = 200
+    variety: int = 4  # phrasings per passage sentence / question (corpus.generate_corpus)
     # retrieval
     n_docs: int = 2
     dpr_steps: int = 60
@@ -43,7 +44,8 @@ class Settings:
     ffn: int = 384
     heads: int = 4
     pretrain_steps: int = 300
-    steps: int = 200
+    lr_pretrain: float = 2e-3
+    steps: int = 250
     batch_size: int = 32
     lr_generator: float = 1e-3
     lr_question_encoder: float = 5e-5
@@ -56,8 +58,9 @@ class Settings:
 
 
 DEFAULT = Settings()
-QUICK = dataclasses.replace(DEFAULT, n_people=150, n_places=60, n_orgs=40, dpr_steps=20, pretrain_steps=100,
-                            steps=100, batch_size=16, warmup_steps=10, n_eval=100)
+# --quick: a smaller world phrased one way (a small generator learns to read it in ~100 steps), smaller budgets
+QUICK = dataclasses.replace(DEFAULT, n_people=150, n_places=60, n_orgs=40, variety=1, dpr_steps=20,
+                            pretrain_steps=200, steps=100, batch_size=16, warmup_steps=10, n_eval=150)
 
 STAGES = ("corpus", "kb", "retriever", "generator", "closed_book", "rag_frozen", "rag_token", "rag_sequence",
           "report")
@@ -85,7 +88,11 @@ class _Run:
         self.records_path = out / "stages.json"
         self.records = json.loads(self.records_path.read_text()) if self.records_path.exists() else {}
         self.current: str | None = None
+        self.cleanup: list[Path] = []  # checkpoints a stage leaves, removed once the stage is recorded
         self._corpus = None
+        # Outputs of the question encoder's frozen lower layers, shared by every question encoder of this run
+        # (DPR and joint training update only the top layers, so the lower ones stay MiniLM's).
+        self.lower_cache: dict = {}
 
     # -- stage bookkeeping ---------------------------------------------------------------------------------------
     def stage(self, name: str, fn) -> dict:
@@ -105,6 +112,12 @@ class _Run:
         self.records[name] = rec
         write_json_atomic(self.records_path, self.records)
         self.current = None
+        for path in self.cleanup:  # only now: an interrupted stage must find its checkpoints on the rerun
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+        self.cleanup = []
         print(f"{head}: {rec['summary']}", flush=True)
         return result
 
@@ -115,7 +128,7 @@ class _Run:
             from .corpus import generate_corpus
 
             s = self.s
-            self._corpus = generate_corpus(s.seed, s.n_people, s.n_places, s.n_orgs)
+            self._corpus = generate_corpus(s.seed, s.n_people, s.n_places, s.n_orgs, variety=s.variety)
         return self._corpus
 
     @property
@@ -194,8 +207,11 @@ def _stage_retriever(run: _Run) -> dict:
     kb = run.kb()
     # Only the question encoder's top layers train (the rest is frozen and cached: see fast_encoder.py); the
     # passage side stays exactly what the KB stores, a frozen passage encoder whose vectors are cached.
-    q_enc = CachedLowerEncoder.convert(copy.deepcopy(kb.encoder).to(run.device), s.train_layers)
+    q_enc = CachedLowerEncoder.convert(copy.deepcopy(kb.encoder).to(run.device), s.train_layers, run.lower_cache)
     p_enc = CachedLowerEncoder.convert(copy.deepcopy(kb.passage_encoder).to(run.device), 0)
+    rows = torch.arange(len(kb))
+    titles, texts = kb.passages(rows)
+    p_enc.prefill(p_enc.passage_strings(titles, texts), kb.vectors(rows))
     examples = [{"question": q["question"], "answers": q["answers"],
                  "positive": run.corpus.passage(q["passage_id"])} for q in run.corpus.train]
     examples = mine_hard_negatives(examples, kb, 1, seed=s.seed, show_progress=run.progress)
@@ -204,7 +220,7 @@ def _stage_retriever(run: _Run) -> dict:
                           seed=s.seed, save_final=False, show_progress=run.progress)
     q_enc.eval()
     q_enc.save_pretrained(run.out / "retriever" / "question_encoder")
-    (run.out / "retriever" / "checkpoint.pt").unlink(missing_ok=True)  # the encoder is saved; 180 MB less
+    run.cleanup.append(run.out / "retriever" / "checkpoint.pt")  # the encoder is saved; 180 MB less
     return {"steps": res["step"], "loss": res["loss"], "recall": _recall(kb, q_enc, run.eval_questions)}
 
 
@@ -219,7 +235,8 @@ def _stage_generator(run: _Run) -> dict:
 
     s, c = run.s, run.corpus
     demo_entities = {p["title"] for p in c.passages}
-    other = generate_corpus(s.seed + 7919, s.n_people, s.n_places, s.n_orgs)
+    # the default world's size, whatever the demo's: more distinct text to learn reading from, not to memorise
+    other = generate_corpus(s.seed + 7919)
     pre = [p for p in other.passages if p["title"] not in demo_entities]
     texts = [f"{p['title']} / {p['text']}" for p in c.passages + pre]
     texts += [q["question"] for q in c.train + c.dev + c.test]
@@ -228,14 +245,14 @@ def _stage_generator(run: _Run) -> dict:
                            seed=s.seed)
     gen = load_generator(model, tok).to(run.device)
     res = train_seq2seq(gen, denoising_pairs(pre, s.seed), out_dir=run.out / "generator_pretraining",
-                        steps=s.pretrain_steps, batch_size=s.batch_size, lr=s.lr_generator,
+                        steps=s.pretrain_steps, batch_size=s.batch_size, lr=s.lr_pretrain,
                         warmup_steps=s.warmup_steps, seed=s.seed, decay=False, desc="pre-train generator",
                         show_progress=run.progress)
     tmp = Path(tempfile.mkdtemp(prefix=".generator.", dir=run.out))
     gen.save_pretrained(tmp)
     shutil.rmtree(run.out / "generator", ignore_errors=True)
     tmp.replace(run.out / "generator")
-    shutil.rmtree(run.out / "generator_pretraining", ignore_errors=True)
+    run.cleanup.append(run.out / "generator_pretraining")
     return {"parameters": sum(p.numel() for p in model.parameters()), "vocab": len(tok),
             "pretrain_steps": res["step"], "pretrain_loss": res["loss"]}
 
@@ -260,7 +277,7 @@ def _stage_closed_book(run: _Run) -> dict:
                   warmup_steps=s.warmup_steps, seed=s.seed, desc="train closed-book", show_progress=run.progress)
     train_seconds = time.time() - t0
     gen.save_pretrained(run.out / "closed_book" / "model")
-    (run.out / "closed_book" / "checkpoint.pt").unlink(missing_ok=True)
+    run.cleanup.append(run.out / "closed_book" / "checkpoint.pt")
     qs = run.eval_questions
     preds = closed_book_answers(gen, [q["question"] for q in qs], max_new_tokens=s.max_answer_tokens,
                                 show_progress=run.progress)
@@ -280,9 +297,11 @@ def _stage_rag(run: _Run, name: str) -> dict:
     kb = run.kb()
     cls = RagSequence if name == "rag_sequence" else RagToken
     joint = name != "rag_frozen"
-    # Frozen: every question vector computed once; joint: only the top layers train (see fast_encoder.py).
+    # Joint: only the top layers train (see fast_encoder.py); frozen: nothing does.
     q_enc = CachedLowerEncoder.convert(Encoder.from_pretrained(run.out / "retriever" / "question_encoder"),
-                                       s.train_layers if joint else 0)
+                                       s.train_layers, run.lower_cache)
+    if not joint:
+        q_enc.requires_grad_(False)
     model = cls.from_parts(q_enc, str(run.out / "generator"), kb, n_docs=s.n_docs).to(run.device)
     train = [{"question": q["question"], "answers": q["answers"]} for q in run.corpus.train]
     t0 = time.time()
@@ -290,7 +309,7 @@ def _stage_rag(run: _Run, name: str) -> dict:
               lr_question_encoder=s.lr_question_encoder if joint else 0.0, warmup_steps=s.warmup_steps,
               out_dir=run.out / name, seed=s.seed, save_every=_SAVE_EVERY, show_progress=run.progress)
     train_seconds = time.time() - t0
-    shutil.rmtree(run.out / name / "checkpoint", ignore_errors=True)  # the model is saved under model/
+    run.cleanup.append(run.out / name / "checkpoint")  # the model is saved under model/
     qs = run.eval_questions
     res = evaluate_rag(model, [{**q, "gold_ids": [q["passage_id"]]} for q in qs], batch_size=32,
                        num_beams=s.num_beams, max_new_tokens=s.max_answer_tokens, show_progress=run.progress,
@@ -358,7 +377,8 @@ def _stage_report(run: _Run, results: dict) -> dict:
 def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"CPU, {torch.get_num_threads()} threads"
+    n = torch.get_num_threads()
+    return f"CPU, {n} thread{'s' if n > 1 else ''}"
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -45,15 +45,16 @@ class HNSWIndex:
     space="ip": hnswlib's own inner-product graph on the raw vectors (no extra coordinate, no phi, never a
     rebuild; norm_headroom is unused).
 
-    Which to choose (recall@10 at equal M / ef, measured with benchmarks/bench_hnsw.py): on ordinary embeddings
-    "ip" is clearly better. The augmentation pushes every query far from all augmented points (the extra
+    Which to choose (recall@10 at M=32, ef_construction=200, benchmarks/results/hnsw.json): on ordinary
+    embeddings "ip" is far better. The augmentation pushes every query far from all augmented points (the extra
     coordinate is large for most passages), which hurts graph navigation (Morozov & Babenko, NeurIPS 2018): on
-    real MiniLM embeddings of SQuAD at ef_search=32, 0.92 augmented vs 0.99 ip; on random vectors with
-    log-normal norms at ef_search=128, 0.16 vs 0.998. "augmented" wins only on data where a few large-norm
-    "hub" vectors dominate the raw inner product without being any query's answer (tests/test_index_hnsw.py
-    builds such data): there the ip graph links passages mainly to hubs and its search gets stuck
-    (0.998 augmented vs 0.000 ip at ef_search=128). Measure recall on a sample of your own queries (FlatIndex gives the truth)
-    when in doubt.
+    real MiniLM embeddings of SQuAD (not normalised) 0.467 augmented vs 0.988 ip at ef_search=32; on random
+    vectors with log-normal norms 0.008 vs 0.969 at ef_search=128 (raw hnswlib with the same augmentation does
+    no better). "augmented" wins only where a few large-norm "hub" vectors dominate the raw inner product without
+    being any query's answer: there the ip graph links passages mainly to hubs and its search gets stuck (0.373
+    vs 0.000 at ef_search=128 in the benchmark; tests/test_index_hnsw.py builds a 20k case where augmented
+    reaches >= 0.95). With L2-normalised vectors both coincide with cosine search. build_kb uses "ip". Measure
+    recall on a sample of your own queries (FlatIndex gives the truth) when in doubt.
 
     Results: the graph search collects max(k, ef_search) candidates; their inner products with the query are
     recomputed exactly in fp32 from the stored vectors and the best k returned (ties -> earlier row). So
