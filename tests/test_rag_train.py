@@ -75,6 +75,11 @@ def test_resume_is_exact(tmp_path):
     assert a.keys() == b.keys()
     for n in a:
         assert torch.equal(a[n], b[n]), n
+    # a checkpoint refuses settings that would not continue the same run
+    res = train_rag(first, qa, steps=8, out_dir=tmp_path / "d" / "run", stop_at=2, **kw)
+    for change in ({"lr_generator": 1e-2}, {"steps": 9}, {"grad_accum": 1}, {"seed": 4}):
+        with pytest.raises(ValueError, match=f"written with {next(iter(change))}="):
+            train_rag(first, qa, out_dir=tmp_path / "d" / "run", **{"steps": 8, **kw, **change})
     log_a = (tmp_path / "a" / "run" / "metrics.jsonl").read_text().splitlines()
     log_b = (tmp_path / "b" / "run" / "metrics.jsonl").read_text().splitlines()
     strip = [{k: v for k, v in json.loads(x).items() if k != "seconds"} for x in log_a]

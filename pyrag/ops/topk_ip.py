@@ -97,7 +97,10 @@ def topk_ip(
         - Queries with NaN or inf raise ValueError (inf would give NaN/inf scores whose order differs between
           devices). Docs are not scanned (that costs a pass over them): a NaN score ranks as -inf.
         - Runs on the inputs' device: the fused CPU kernel, the CUDA kernel where pyrag was built with CUDA
-          (k <= 4096, D <= 8192), otherwise a chunked plain-torch search (memory O(Q * (k + 65536))).
+          (k <= 4096, D <= 8192), otherwise a chunked plain-torch search (memory O(Q * (k + 65536))). On CUDA,
+          9+ queries on fp16/bf16 docs take a tensor-core GEMM per doc chunk (torch.mm, fp32 accumulation and
+          output) folded into the kernel's candidate lists: fp16/bf16 queries as they are, fp32 queries split
+          into 2 (fp16) or 3 (bf16) parts of the docs' dtype so their precision is kept.
     """
     _check_inputs(queries, docs, k, doc_scale)
     queries = queries.detach().contiguous()

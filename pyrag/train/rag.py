@@ -199,12 +199,18 @@ def train_rag(model, train_data, dev_data=None, *, steps: int, batch_size: int =
     sched = torch.optim.lr_scheduler.LambdaLR(opt, [schedule(qe_warmup)] * qe_groups +
                                               [schedule(warmup_steps)] * (len(opt.param_groups) - qe_groups))
     step, pos, best = 0, 0, None
+    run_config = {"seed": seed, "batch_size": batch_size, "steps": steps, "grad_accum": grad_accum,
+                  "lr_generator": lr_generator, "lr_question_encoder": lr_question_encoder,
+                  "warmup_steps": warmup_steps, "warmup_steps_question_encoder": qe_warmup}
     if resume and (out / CHECKPOINT / "trainer.pt").exists():
         st = _load_checkpoint(out, model, opt, sched)
         step, pos, best = st["step"], st["data_pos"], st.get("best_dev_em")
-        if st.get("seed", seed) != seed or st.get("batch_size", batch_size) != batch_size:
-            raise ValueError(f"{out / CHECKPOINT} was written with seed={st.get('seed')} "
-                             f"batch_size={st.get('batch_size')}; resuming needs the same ({seed=}, {batch_size=})")
+        # everything that decides the examples, the schedule or the update: resuming with other values would not
+        # continue the same run (checkpoints written before a key was recorded are taken as matching)
+        diff = [f"{k}={st[k]!r} (now {v!r})" for k, v in run_config.items() if k in st and st[k] != v]
+        if diff:
+            raise ValueError(f"{out / CHECKPOINT} was written with {', '.join(diff)}; resume with the same settings "
+                             f"or use another out_dir")
         _truncate_metrics(out, step)
     else:
         torch.manual_seed(seed)
@@ -216,8 +222,7 @@ def train_rag(model, train_data, dev_data=None, *, steps: int, batch_size: int =
 
     def checkpoint():
         nonlocal last_ckpt
-        _save_checkpoint(out, model, opt, sched, {"step": step, "data_pos": pos, "seed": seed,
-                                                 "batch_size": batch_size, "best_dev_em": best})
+        _save_checkpoint(out, model, opt, sched, {"step": step, "data_pos": pos, "best_dev_em": best, **run_config})
         last_ckpt = step
 
     def bad(what: str, value: float):
