@@ -3,6 +3,7 @@ that say where the bad record is; plus small atomic-write helpers shared by the 
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -12,7 +13,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_path", "iter_passages", "read_passages", "read_qa", "read_squad", "write_json_atomic"]
+__all__ = ["atomic_dir", "atomic_path", "iter_passages", "read_passages", "read_qa", "read_squad",
+           "replace_dir", "write_json_atomic"]
 
 
 def write_json_atomic(path, obj: Any) -> None:
@@ -39,6 +41,39 @@ def atomic_path(path) -> tuple[Path, Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     return Path(tmp), path
+
+
+def replace_dir(tmp, path) -> None:
+    """Move the finished directory tmp to path. An existing path is first renamed aside and removed only after tmp
+    took its place, so at every moment path is either the old directory or the new one, never a half-written one."""
+    import shutil
+
+    tmp, path = Path(tmp), Path(path)
+    if path.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
+        os.rmdir(old)
+        os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def atomic_dir(path):
+    """Write a directory atomically: `with atomic_dir(path) as tmp:` fill tmp (created beside path); on success it
+    replaces path (replace_dir), on an exception it is removed and path is left as it was."""
+    import shutil
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        yield tmp
+        replace_dir(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def _unlink(p) -> None:

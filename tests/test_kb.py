@@ -371,3 +371,20 @@ def test_default_encoder_kb_records_a_portable_reference(tmp_path):
     assert kb.meta["passage_encoder"]["path"] == kbmod.DEFAULT_ENCODER_REF  # not this machine's site-packages
     assert kb.meta["passage_encoder"]["normalize"] and kb.hybrid_weight == kbmod.DEFAULT_HYBRID_WEIGHT[True]
     assert kb.search(["What is the capital of France?"], 1).ids == [["a"]]
+
+
+def test_atomic_dir_replaces_whole_or_leaves_the_old_directory(tmp_path):
+    from pyrag.kb_io import atomic_dir
+
+    target = tmp_path / "model"
+    with atomic_dir(target) as tmp:
+        (tmp / "a.txt").write_text("one")
+    assert (target / "a.txt").read_text() == "one"
+    with pytest.raises(RuntimeError, match="disk full"), atomic_dir(target) as tmp:
+        (tmp / "a.txt").write_text("two, half written")
+        raise RuntimeError("disk full")
+    assert (target / "a.txt").read_text() == "one"  # the old directory, untouched
+    with atomic_dir(target) as tmp:
+        (tmp / "b.txt").write_text("three")
+    assert sorted(p.name for p in target.iterdir()) == ["b.txt"]  # replaced whole, nothing of the old one
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no temporary or old directories left behind

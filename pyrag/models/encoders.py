@@ -6,15 +6,14 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..kb_io import atomic_dir
 
 __all__ = ["BiEncoder", "Encoder", "default_encoder_path", "format_passage"]
 
@@ -177,18 +176,11 @@ class Encoder(nn.Module):
     def save_pretrained(self, path) -> None:
         """Write model (its own HF layout), tokenizer and pyrag_encoder.json into directory `path`, replacing it
         atomically (written beside it under a temporary name, then renamed)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-        try:
+        with atomic_dir(path) as tmp:
             with _quiet_hf_progress():
                 self.model.save_pretrained(tmp)
                 self.tokenizer.save_pretrained(tmp)
             (tmp / CONFIG_NAME).write_text(json.dumps(self.config_dict(), indent=2) + "\n")
-            _replace_dir(tmp, path)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
 
     def fingerprint(self) -> str:
         """sha256 over the weights (names, dtypes, shapes, bytes), the model config, the tokenizer vocabulary and
@@ -316,16 +308,6 @@ def _dpr_kind_from_weights(path: Path) -> str:
                      f"(readers are not encoders)")
 
 
-def _replace_dir(tmp: Path, path: Path) -> None:
-    """Move directory tmp to path, replacing an existing one without a moment where neither exists complete."""
-    if path.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
-        os.rmdir(old)
-        os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, path)
 
 
 class BiEncoder(nn.Module):
@@ -354,18 +336,11 @@ class BiEncoder(nn.Module):
 
     def save_pretrained(self, path) -> None:
         """Directory with question_encoder/ (and passage_encoder/ unless shared) and pyrag_bi_encoder.json."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-        try:
+        with atomic_dir(path) as tmp:
             self.question_encoder.save_pretrained(tmp / "question_encoder")
             if not self.shared:
                 self.passage_encoder.save_pretrained(tmp / "passage_encoder")
             (tmp / BI_CONFIG_NAME).write_text(json.dumps({"shared": self.shared}) + "\n")
-            _replace_dir(tmp, path)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
 
     @classmethod
     def from_pretrained(cls, path=None, shared: bool | None = None, **encoder_kwargs) -> BiEncoder:

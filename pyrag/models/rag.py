@@ -6,15 +6,13 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from ..kb_io import atomic_dir
 from .decoding import DecodeSettings, rag_sequence_decode, rag_token_decode
 from .generator import CausalGenerator, InputFormat, Seq2SeqGenerator, _check_texts, load_generator
 
@@ -429,17 +427,10 @@ class RagModel(nn.Module):
         if not hasattr(self.question_encoder, "save_pretrained"):
             raise TypeError(f"the question encoder ({type(self.question_encoder).__name__}) cannot be saved; "
                             f"use a pyrag Encoder")
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-        try:
+        with atomic_dir(path) as tmp:
             self.question_encoder.save_pretrained(tmp / "question_encoder")
             self.generator.save_pretrained(tmp / "generator")
             (tmp / CONFIG_NAME).write_text(json.dumps(self.config_dict(), indent=2) + "\n")
-            _replace_dir(tmp, path)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
 
     @classmethod
     def from_pretrained(cls, path, kb=None, *, device=None) -> RagModel:
@@ -506,13 +497,3 @@ def _sequence_posterior(logits, target, mask, log_prior) -> torch.Tensor:
     return torch.softmax(log_prior.detach().float() + ll, dim=1)
 
 
-def _replace_dir(tmp: Path, path: Path) -> None:
-    """Move directory tmp to path, replacing an existing one (the old one is renamed away first)."""
-    if path.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
-        os.rmdir(old)
-        os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, path)

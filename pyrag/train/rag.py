@@ -9,14 +9,14 @@ import json
 import math
 import os
 import random
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from ..kb_io import atomic_dir
 
 __all__ = ["ask_cli", "eval_cli", "evaluate_rag", "load_qa", "train_cli", "train_rag"]
 
@@ -64,15 +64,6 @@ def _example(data: list[dict], seed: int, pos: int) -> dict:
 
 # ---- checkpoints ----
 
-def _replace_dir(tmp: Path, path: Path) -> None:
-    if path.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
-        os.rmdir(old)
-        os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, path)
 
 
 def _rng_state() -> dict:
@@ -96,16 +87,11 @@ def _save_checkpoint(out: Path, model, opt, sched, state: dict) -> Path:
     from safetensors.torch import save_model
 
     path = out / CHECKPOINT
-    tmp = Path(tempfile.mkdtemp(prefix=f".{CHECKPOINT}.", dir=out))
-    try:
+    with atomic_dir(path) as tmp:
         save_model(model, str(tmp / "model.safetensors"))
         torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": _rng_state(), **state},
                    tmp / "trainer.pt")
         (tmp / "state.json").write_text(json.dumps({k: state[k] for k in ("step", "data_pos")}) + "\n")
-        _replace_dir(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
 
 
