@@ -1,14 +1,19 @@
 #!/usr/bin/env bash
 # One prepared run for a lent GPU machine (device tool): build there (its torch, no registry access), run the CUDA
-# tests, then the CUDA benchmarks, writing logs and JSON under $OUT (copied back). Every step has its own timeout so
+# tests, then the CUDA benchmarks; logs and JSON come back packed in $OUT/results.tgz. Every step has its own timeout so
 # one slow step cannot eat the others' time; later steps still run when an earlier one fails.
 # Usage (repository root on the GPU machine): bash benchmarks/gpu_session.sh [PAYLOAD_DIR]
 #   PAYLOAD_DIR (optional) holds dev-v1.1.json and qtok/ (a BERT tokenizer) for the RAG step benchmark, since the
 #   GPU machine has neither ../shared nor the MiniLM package.
 set -uo pipefail
-OUT=${OUT:-/tmp/pyrag_gpu_out}
+# The device tool returns only a few files from $OUT: every log and JSON goes to a work directory outside it,
+# packed into $OUT/results.tgz when the script exits (steps.txt, the timeline, also comes back as it is).
+FINAL=${OUT:-/tmp/pyrag_gpu_out}
+mkdir -p "$FINAL"
+OUT=$(mktemp -d /tmp/pyrag_gpu_work.XXXX)
 PAYLOAD=${1:-}
 mkdir -p "$OUT"
+trap 'tar czf "$FINAL/results.tgz" -C "$OUT" . 2>/dev/null; cp "$OUT/steps.txt" "$FINAL/" 2>/dev/null' EXIT
 REPO=$(pwd)
 T0=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - T0 ))s] $*" | tee -a "$OUT/steps.txt"; }
