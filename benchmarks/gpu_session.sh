@@ -5,6 +5,8 @@
 # Usage (repository root on the GPU machine): bash benchmarks/gpu_session.sh [PAYLOAD_DIR]
 #   PAYLOAD_DIR (optional) holds dev-v1.1.json and qtok/ (a BERT tokenizer) for the RAG step benchmark, since the
 #   GPU machine has neither ../shared nor the MiniLM package.
+#   Step timeouts (tests 150 s, search 90, losses 60, RAG step 2 x 100, profile 120) plus the build (~45-65 s) add up
+#   to more than one device call's 600 s: pick steps with SKIP_LOSSES=1, PROFILE=1, TEST_FILES=..., PAYLOAD or not.
 set -uo pipefail
 # The device tool returns only a few files from $OUT: every log and JSON goes to a work directory outside it,
 # packed into $OUT/results.tgz when the script exits (steps.txt, the timeline, also comes back as it is).
@@ -13,10 +15,13 @@ mkdir -p "$FINAL"
 OUT=$(mktemp -d /tmp/pyrag_gpu_work.XXXX)
 PAYLOAD=${1:-}
 mkdir -p "$OUT"
-trap 'tar czf "$FINAL/results.tgz" -C "$OUT" . 2>/dev/null; cp "$OUT/steps.txt" "$FINAL/" 2>/dev/null' EXIT
+pack() { tar czf "$FINAL/results.tgz.tmp" -C "$OUT" . 2>/dev/null && mv "$FINAL/results.tgz.tmp" "$FINAL/results.tgz"; }
+trap pack EXIT
 REPO=$(pwd)
 T0=$(date +%s)
-stamp() { echo "[$(( $(date +%s) - T0 ))s] $*" | tee -a "$OUT/steps.txt"; }
+# The timeline goes straight to $FINAL and the archive is refreshed after every step, so a run killed at the
+# device's time limit still returns what it finished.
+stamp() { echo "[$(( $(date +%s) - T0 ))s] $*" | tee -a "$FINAL/steps.txt"; pack; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 stamp build
 # The machine has scikit-build-core and pybind11 preinstalled and no registry: build without isolation, for the
@@ -41,18 +46,20 @@ python -c "import pyrag, torch; print('has_cuda_kernels', pyrag.has_cuda_kernels
 # hnswlib and bm25s are absent there: only test files whose imports do not need them.
 TEST_FILES=${TEST_FILES:-"tests/test_rag_loss.py tests/test_rag_loss_ops.py tests/test_topk_ip.py tests/test_compat_hf.py"}
 # shellcheck disable=SC2046
-timeout 200 python -m pytest -q -k "cuda or CUDA" $(for f in $TEST_FILES; do echo "$REPO/$f"; done) \
+timeout 150 python -m pytest -q -k "cuda or CUDA" $(for f in $TEST_FILES; do echo "$REPO/$f"; done) \
   > "$OUT/tests.txt" 2>&1
 tail -25 "$OUT/tests.txt"
 stamp tests
 timeout 90 python "$REPO/benchmarks/bench_search.py" --no-cpu --repeat 5 --out "$OUT/search_cuda.json" \
   > "$OUT/bench_search.txt" 2>&1; tail -20 "$OUT/bench_search.txt"
 stamp search
-[ -z "${SKIP_LOSSES:-}" ] && timeout 60 python "$REPO/benchmarks/bench_losses.py" --device cuda --out "$OUT/losses_cuda.json" \
-  > "$OUT/bench_losses.txt" 2>&1; tail -12 "$OUT/bench_losses.txt"
-stamp losses
+if [ -z "${SKIP_LOSSES:-}" ]; then
+  timeout 60 python "$REPO/benchmarks/bench_losses.py" --device cuda --out "$OUT/losses_cuda.json" \
+    > "$OUT/bench_losses.txt" 2>&1; tail -12 "$OUT/bench_losses.txt"
+  stamp losses
+fi
 if [ -n "$PAYLOAD" ]; then
-  P=$(cd "$REPO" && cd "$PAYLOAD" && pwd)
+  P=$(cd "$REPO" && cd "$PAYLOAD" && pwd) || { echo "payload directory $PAYLOAD not found" >&2; exit 1; }
   # The issue's setting (both systems get the same 200-token contexts), then SQuAD lengths (each its own pipeline).
   for EQ in 200 0; do
     timeout "${RAG_STEP_TIMEOUT:-100}" python "$REPO/benchmarks/bench_rag_step.py" --squad "$P/dev-v1.1.json" \

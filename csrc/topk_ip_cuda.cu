@@ -393,7 +393,8 @@ struct Wmma {
 
 // Block (query tile blockIdx.x, doc chunk blockIdx.y): score the chunk tile by tile with producer P, append keys
 // above each query's threshold to its list in global memory, and cut a list back to its best k whenever the next
-// tile could overflow it (cap = 2k + BN). Ends with at most k keys per list and their count in counts.
+// tile could overflow it (cap = 2k + BN). With a.last it ends with at most k keys per list and their count in
+// counts; otherwise (a chunk of the chunked-GEMM path) it saves counts and thresholds for the next launch.
 template <class P>
 __global__ void __launch_bounds__(NT) search_kernel(Args a) {
   constexpr int BQ = P::BQ, BN = P::BN;
@@ -664,7 +665,7 @@ void launch_gemv(const Args& a, const Plan& p, bool vec, cudaStream_t stream) {
 }
 
 // Shared memory of one merge block (G lists of k keys + the sort buffer) is kept under this; above 48 KiB it needs
-// an opt-in, which every GPU the build targets (sm_80+) grants up to 163 KiB.
+// an opt-in, which every sm_80+ GPU grants up to at least 99 KiB (sm_86/89; 163 KiB on sm_80, 227 KiB on sm_90).
 constexpr size_t kMergeSmem = size_t(96) << 10;
 
 void merge_lists(u64* keys, int* counts, int64_t nq, int64_t chunks, int64_t slot, int64_t k, float* scores,
@@ -743,6 +744,9 @@ SelectPlan make_select_plan(int64_t nq, int64_t k, int64_t chunk) {
 }  // namespace
 
 size_t cuda_select_workspace_bytes(int64_t nq, int64_t k, int64_t chunk) {
+  if (chunk < 1 || k < 1)
+    throw std::invalid_argument("topk_select CUDA: chunk=" + std::to_string(chunk) + " k=" + std::to_string(k) +
+                                " must be >= 1");
   if (nq <= 0) return 0;
   return make_select_plan(nq, k, chunk).total;
 }
@@ -776,6 +780,8 @@ void topk_select_cuda(const float* scores_chunk, int64_t ld, const float* qmul, 
 
 void topk_select_finish_cuda(int64_t nq, int64_t k, int64_t chunk, float* scores, int64_t* ids, void* workspace,
                              size_t workspace_bytes, cudaStream_t stream) {
+  if (chunk < 1 || k < 1 || k > kCudaMaxK)
+    throw std::invalid_argument("topk_select CUDA: chunk=" + std::to_string(chunk) + " k=" + std::to_string(k));
   if (nq <= 0) return;
   const SelectPlan p = make_select_plan(nq, k, chunk);
   if (workspace_bytes < p.total)

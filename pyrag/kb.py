@@ -228,11 +228,14 @@ def build_kb(passages, out_dir, *, encoder=None, index: str = "flat", dtype: str
     bi = _as_bi_encoder(encoder)
     p_fp = bi.passage_encoder.fingerprint()
     q_fp = p_fp if bi.shared else bi.question_encoder.fingerprint()
-    if index == "hnsw":
+    if index == "hnsw" and "space" not in (hnsw_options or {}):
         # hnswlib's inner-product graph unless told otherwise: on real, non-normalised embeddings DPR's L2
         # augmentation loses most of its recall (benchmarks/results/hnsw.json, MiniLM on SQuAD: recall@10 0.343
-        # vs 0.959 at ef_search=16, 0.731 vs 0.999 at 128).
-        hnsw_options = {"space": "ip", **(hnsw_options or {})}
+        # vs 0.959 at ef_search=16, 0.731 vs 0.999 at 128). A KB started or finished before that default keeps
+        # the space it recorded (none recorded = "augmented", the older default), so reruns still resume.
+        recorded = _recorded_hnsw_options(out)
+        space = "ip" if recorded is None else recorded.get("space", "augmented")
+        hnsw_options = {**(hnsw_options or {}), "space": space}
     settings = {"index": index, "dtype": dtype, "passage_fingerprint": p_fp, "question_fingerprint": q_fp,
                 "hnsw_options": hnsw_options or {}}
 
@@ -242,7 +245,7 @@ def build_kb(passages, out_dir, *, encoder=None, index: str = "flat", dtype: str
         built = {"index": meta["index"], "dtype": meta["dtype"],
                  "passage_fingerprint": meta["passage_encoder"]["fingerprint"],
                  "question_fingerprint": meta["question_encoder"]["fingerprint"],
-                 "hnsw_options": meta.get("hnsw_options", {})}
+                 "hnsw_options": _with_space(meta)}
         diff = [k for k in settings if settings[k] != built[k]]
         if meta["passages_sha256"] != digest:
             diff.append("passages")
@@ -261,7 +264,7 @@ def build_kb(passages, out_dir, *, encoder=None, index: str = "flat", dtype: str
     state = json.loads(state_path.read_text()) if state_path.exists() else None
     if state is not None and (out / PASSAGES).exists():
         digest, n = _scan_passages(passages)
-        old = {k: state.get(k) for k in settings}
+        old = {**{k: state.get(k) for k in settings}, "hnsw_options": _with_space(state)}
         diff = [k for k in settings if settings[k] != old[k]]
         if state.get("passages_sha256") != digest:
             diff.append("passages")
@@ -282,6 +285,24 @@ def build_kb(passages, out_dir, *, encoder=None, index: str = "flat", dtype: str
     if bm25:
         _ = kb.bm25  # build and cache it now
     return kb
+
+
+def _with_space(record: dict) -> dict:
+    """The hnsw options a meta.json / build state recorded, with the graph space made explicit (a record
+    without one predates the option and was built "augmented")."""
+    opts = dict(record.get("hnsw_options") or {})
+    if record.get("index") == "hnsw":
+        opts.setdefault("space", "augmented")
+    return opts
+
+
+def _recorded_hnsw_options(out: Path) -> dict | None:
+    """hnsw options of the KB finished or started in out (space made explicit), or None when there is none."""
+    for path in (out / META, out / BUILD_DIR / "state.json"):
+        if path.is_file() and (path.name == META or (out / PASSAGES).exists()):  # as build_kb decides to resume
+            rec = json.loads(path.read_text())
+            return _with_space(rec) if rec.get("index") == "hnsw" else None
+    return None
 
 
 def _shard_path(out: Path, j: int) -> Path:
@@ -694,17 +715,20 @@ def build_kb_cli(argv: list[str]) -> int:
     ap.add_argument("--shard-size", type=int, default=4096, help="passages per resumable shard")
     ap.add_argument("--hnsw-m", type=int, default=32)
     ap.add_argument("--hnsw-ef-construction", type=int, default=200)
-    ap.add_argument("--hnsw-space", choices=["ip", "augmented"], default="ip",
-                    help="hnswlib inner-product graph (default; better recall on real embeddings) or DPR's L2 "
-                         "augmentation")
+    ap.add_argument("--hnsw-space", choices=["ip", "augmented"], default=None,
+                    help="hnswlib inner-product graph (the default for new KBs: better recall on real embeddings) "
+                         "or DPR's L2 augmentation")
     ap.add_argument("--bm25", action="store_true", help="also build the BM25 index now")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    hnsw = ({"M": args.hnsw_m, "ef_construction": args.hnsw_ef_construction, "space": args.hnsw_space}
-            if args.index == "hnsw" else None)
+    hnsw = None
+    if args.index == "hnsw":
+        hnsw = {"M": args.hnsw_m, "ef_construction": args.hnsw_ef_construction}
+        if args.hnsw_space is not None:
+            hnsw["space"] = args.hnsw_space
     try:
         kb = build_kb(args.passages, args.out, encoder=args.encoder, index=args.index, dtype=args.dtype,
                       batch_size=args.batch_size, shard_size=args.shard_size, show_progress=not args.no_progress,

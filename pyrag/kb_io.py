@@ -44,8 +44,9 @@ def atomic_path(path) -> tuple[Path, Path]:
 
 
 def replace_dir(tmp, path) -> None:
-    """Move the finished directory tmp to path. An existing path is first renamed aside and removed only after tmp
-    took its place, so at every moment path is either the old directory or the new one, never a half-written one."""
+    """Move the finished directory tmp to path. An existing path is renamed aside first and removed only after tmp
+    took its place: path is never a half-written directory (for an instant between the two renames it is absent),
+    and if the second rename fails the old directory is put back."""
     import shutil
 
     tmp, path = Path(tmp), Path(path)
@@ -53,7 +54,11 @@ def replace_dir(tmp, path) -> None:
         old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
         os.rmdir(old)
         os.replace(path, old)
-        os.replace(tmp, path)
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            os.replace(old, path)
+            raise
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, path)

@@ -388,3 +388,19 @@ def test_atomic_dir_replaces_whole_or_leaves_the_old_directory(tmp_path):
         (tmp / "b.txt").write_text("three")
     assert sorted(p.name for p in target.iterdir()) == ["b.txt"]  # replaced whole, nothing of the old one
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no temporary or old directories left behind
+
+
+def test_kb_built_before_the_hnsw_space_option_still_reruns_as_a_no_op(tmp_path, enc_dir):
+    # meta.json of an older pyrag recorded no graph space: that KB was built "augmented" and must stay so
+    ps = _passages(12)
+    out = tmp_path / "kb"
+    build_kb(ps, out, encoder=Encoder.from_pretrained(enc_dir), index="hnsw", hnsw_options={"space": "augmented"},
+             show_progress=False)
+    meta = json.loads((out / "meta.json").read_text())
+    del meta["hnsw_options"]["space"]
+    (out / "meta.json").write_text(json.dumps(meta))
+    kb = build_kb(ps, out, encoder=Encoder.from_pretrained(enc_dir), index="hnsw", show_progress=False)
+    assert kb.index.space == "augmented"
+    with pytest.raises(ValueError, match="differs in hnsw_options"):
+        build_kb(ps, out, encoder=Encoder.from_pretrained(enc_dir), index="hnsw", hnsw_options={"space": "ip"},
+                 show_progress=False)

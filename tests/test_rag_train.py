@@ -77,9 +77,13 @@ def test_resume_is_exact(tmp_path):
         assert torch.equal(a[n], b[n]), n
     # a checkpoint refuses settings that would not continue the same run
     res = train_rag(first, qa, steps=8, out_dir=tmp_path / "d" / "run", stop_at=2, **kw)
-    for change in ({"lr_generator": 1e-2}, {"steps": 9}, {"grad_accum": 1}, {"seed": 4}):
+    before = {n: p.detach().clone() for n, p in first.state_dict().items()}
+    for change in ({"lr_generator": 1e-2}, {"steps": 9}, {"grad_accum": 1}, {"seed": 4}, {"weight_decay": 0.1},
+                   {"max_grad_norm": 5.0}):
         with pytest.raises(ValueError, match=f"written with {next(iter(change))}="):
             train_rag(first, qa, out_dir=tmp_path / "d" / "run", **{"steps": 8, **kw, **change})
+    # refused before anything was loaded: the caller's model is as it was
+    assert all(torch.equal(p, before[n]) for n, p in first.state_dict().items())
     log_a = (tmp_path / "a" / "run" / "metrics.jsonl").read_text().splitlines()
     log_b = (tmp_path / "b" / "run" / "metrics.jsonl").read_text().splitlines()
     strip = [{k: v for k, v in json.loads(x).items() if k != "seconds"} for x in log_a]

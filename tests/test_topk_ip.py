@@ -579,3 +579,18 @@ def test_cuda_fused_tensor_core_path_still_exact(dtype):
 def test_cuda_path_option_is_checked():
     with pytest.raises(ValueError, match="cuda_path"), topk_ip_options(cuda_path="cublas"):
         pass
+
+
+@cuda
+def test_cuda_gemm_path_with_k_larger_than_the_chunk():
+    # every chunk holds fewer docs than k: the lists carry candidates over many chunks before the first cut
+    q, d, _ = _make(20, 3000, 40, torch.float16, seed=19)
+    with topk_ip_options(cuda_path="gemm", cuda_chunk=128):
+        s, i = topk_ip(q.cuda(), d.cuda(), 500)
+    assert_topk_exact(q, d, 500, s.cpu(), i.cpu())
+
+
+def test_cuda_chunk_option_is_checked():
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="cuda_chunk"), topk_ip_options(cuda_chunk=bad):
+            pass

@@ -77,7 +77,7 @@ def tokenize_contexts(tokenizer, questions: list[str], titles: list[list[str]], 
         # All long rows at once (one batched call for the heads, one for the cut rows: on a GPU this CPU work is
         # on the critical path of every step); rows a cut does not settle go through the row-by-row loop.
         todo = _truncate_batch(tokenizer, strings, tails, ids, long, fmt, suffix, max_length, add_special_tokens)
-        for i in todo:
+        for i in sorted(todo):  # in row order, so an error names the first bad row as the row loop would
             ids[i] = _truncate_passage(tokenizer, strings[i], tails[i], fmt, suffix, max_length, add_special_tokens, i)
     return ids
 

@@ -46,6 +46,9 @@ def topk_ip_options(**overrides):
         raise ValueError(f"path must be 'auto', 'fused' or 'prefilter', got {overrides['path']!r}")
     if overrides.get("cuda_path", "auto") not in ("auto", "fused", "gemm"):
         raise ValueError(f"cuda_path must be 'auto', 'fused' or 'gemm', got {overrides['cuda_path']!r}")
+    chunk = overrides.get("cuda_chunk", 0)
+    if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 0:
+        raise ValueError(f"cuda_chunk must be an int >= 0 (0 = automatic), got {chunk!r}")
     with _options_lock:
         saved = dict(_options)
         _options.update(overrides)

@@ -91,7 +91,7 @@ def _save_checkpoint(out: Path, model, opt, sched, state: dict) -> Path:
         save_model(model, str(tmp / "model.safetensors"))
         torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": _rng_state(), **state},
                    tmp / "trainer.pt")
-        (tmp / "state.json").write_text(json.dumps({k: state[k] for k in ("step", "data_pos")}) + "\n")
+        (tmp / "state.json").write_text(json.dumps({k: v for k, v in state.items() if k != "best_dev_em"}) + "\n")
     return path
 
 
@@ -185,18 +185,21 @@ def train_rag(model, train_data, dev_data=None, *, steps: int, batch_size: int =
     sched = torch.optim.lr_scheduler.LambdaLR(opt, [schedule(qe_warmup)] * qe_groups +
                                               [schedule(warmup_steps)] * (len(opt.param_groups) - qe_groups))
     step, pos, best = 0, 0, None
+    # what decides the examples, the schedule and the update: resuming under other values would not continue
+    # the same run (checked against the checkpoint's state.json before anything is loaded into the model;
+    # checkpoints written before a key was recorded are taken as matching)
     run_config = {"seed": seed, "batch_size": batch_size, "steps": steps, "grad_accum": grad_accum,
                   "lr_generator": lr_generator, "lr_question_encoder": lr_question_encoder,
-                  "warmup_steps": warmup_steps, "warmup_steps_question_encoder": qe_warmup}
+                  "warmup_steps": warmup_steps, "warmup_steps_question_encoder": qe_warmup,
+                  "weight_decay": weight_decay, "max_grad_norm": max_grad_norm, "n_docs": n_docs, "epsilon": epsilon}
     if resume and (out / CHECKPOINT / "trainer.pt").exists():
-        st = _load_checkpoint(out, model, opt, sched)
-        step, pos, best = st["step"], st["data_pos"], st.get("best_dev_em")
-        # everything that decides the examples, the schedule or the update: resuming with other values would not
-        # continue the same run (checkpoints written before a key was recorded are taken as matching)
-        diff = [f"{k}={st[k]!r} (now {v!r})" for k, v in run_config.items() if k in st and st[k] != v]
+        saved = json.loads((out / CHECKPOINT / "state.json").read_text())
+        diff = [f"{k}={saved[k]!r} (now {v!r})" for k, v in run_config.items() if k in saved and saved[k] != v]
         if diff:
             raise ValueError(f"{out / CHECKPOINT} was written with {', '.join(diff)}; resume with the same settings "
                              f"or use another out_dir")
+        st = _load_checkpoint(out, model, opt, sched)
+        step, pos, best = st["step"], st["data_pos"], st.get("best_dev_em")
         _truncate_metrics(out, step)
     else:
         torch.manual_seed(seed)
