@@ -188,7 +188,7 @@ def _encoder_record(enc, fingerprint: str) -> dict:
     try:
         if path is not None and Path(path) == default_encoder_path().resolve():
             path = DEFAULT_ENCODER_REF  # so the KB stays openable on a machine with another site-packages
-    except (ImportError, FileNotFoundError):
+    except (ImportError, FileNotFoundError):  # no packaged MiniLM here: the path is recorded as it is
         pass
     return {**enc.config_dict(), "path": path, "fingerprint": fingerprint, "dim": enc.dim}
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
 import torch
 
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -43,13 +42,3 @@ def tiny_encoder(path, words=BASE_WORDS, *, pooling="mean", normalize=False, max
 
     save_tiny_bert(path, words, **kw)
     return Encoder.from_pretrained(path, pooling=pooling, normalize=normalize, max_length=max_length)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine OpenMP's spinning threads
-    make them 10x slower; the module's tests run single-threaded (restored afterwards)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from retriever_helpers import one_thread, save_tiny_bert, tiny_encoder, tiny_tokenizer  # noqa: F401 (one_thread: autouse fixture)
+from retriever_helpers import save_tiny_bert, tiny_encoder, tiny_tokenizer
 
 from pyrag.models.encoders import BiEncoder, Encoder, default_encoder_path, format_passage
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 TEXTS = ["who is the king", "the capital of france is paris", "red", "where was the queen of the north born",
          "the old city lies on a large river in the west of the country", "tokyo"]

@@ -8,13 +8,15 @@ import sqlite3
 
 import pytest
 import torch
-from retriever_helpers import BASE_WORDS, one_thread, tiny_encoder  # noqa: F401 (one_thread: autouse fixture)
+from retriever_helpers import BASE_WORDS, tiny_encoder
 
 import pyrag
 import pyrag.kb as kbmod
 from pyrag.kb import KnowledgeBase, build_kb
 from pyrag.metrics import has_answer
 from pyrag.models.encoders import BiEncoder, Encoder
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 NAMES = ["zorvex", "quillan", "marbeth", "tovanni", "elkhorn", "brisa", "caldor", "umbrin", "vesska", "dolmar"]
 WORDS = BASE_WORDS + NAMES

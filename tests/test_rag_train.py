@@ -13,14 +13,7 @@ from test_rag_model import tiny_setup
 from pyrag.models.rag import RagModel
 from pyrag.train.rag import ask_cli, eval_cli, evaluate_rag, train_cli, train_rag
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and lose a lot on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _train_kwargs(**kw):

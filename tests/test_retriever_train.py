@@ -9,7 +9,7 @@ import random
 
 import pytest
 import torch
-from retriever_helpers import BASE_WORDS, one_thread, save_tiny_bert  # noqa: F401 (one_thread: autouse fixture)
+from retriever_helpers import BASE_WORDS, save_tiny_bert
 
 import pyrag
 from pyrag.kb import KnowledgeBase, build_kb
@@ -22,6 +22,8 @@ from pyrag.train.retriever import (
     train_retriever,
     uncached_step,
 )
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 SYL = ["ka", "lo", "mi", "ru", "te", "vo", "zan", "bel", "dor", "fin"]
 NAMES = ["".join(p) for p in itertools.product(SYL, SYL[:6])][:60]  # 60 made-up single-word names
@@ -121,12 +123,19 @@ def test_grad_cache_gradients_equal_uncached(tmp_path, shared):
         torch.testing.assert_close(got[n], want[n], rtol=1e-4, atol=1e-6, msg=lambda m, n=n: f"{n}: {m}")
 
 
-@pytest.mark.skipif(not pyrag.has_cuda_kernels(), reason="needs a GPU and pyrag's CUDA kernels")
-def test_grad_cache_on_cuda_replays_dropout_and_matches_uncached(tmp_path):
+@pytest.mark.parametrize("device, atol", [
+    ("cpu", 1e-6),
+    pytest.param("cuda", 1e-5, marks=pytest.mark.skipif(not pyrag.has_cuda_kernels(),
+                                                        reason="needs a GPU and pyrag's CUDA kernels")),
+])
+def test_grad_cache_replays_dropout_masks(tmp_path, device, atol):
+    """With dropout on, the re-forward must draw the same masks as the first pass (RNG state replay, the CUDA
+    generator's too): the gradients then equal an uncached computation that encodes the same chunks from the
+    same RNG state."""
     passages, questions = _corpus()
     ex = [{**e, "hard_negatives": [passages[(i + 5) % len(passages)]]} for i, e in enumerate(questions[:6])]
     qs, ps, pos, mask = make_batch(ex, 1)
-    model = _tiny_bi(tmp_path, dropout=0.3).to("cuda")
+    model = _tiny_bi(tmp_path, dropout=0.3).to(device)
     model.train()
     torch.manual_seed(123)
     uncached_step(model, qs, ps, pos, mask, chunk_size=4)
@@ -135,28 +144,9 @@ def test_grad_cache_on_cuda_replays_dropout_and_matches_uncached(tmp_path):
     torch.manual_seed(123)
     grad_cache_step(model, qs, ps, pos, mask, chunk_size=4)
     got = _grads(model)
-    assert all(g.device.type == "cuda" for g in got.values())
+    assert all(g.device.type == device for g in got.values())
     for n in want:
-        torch.testing.assert_close(got[n], want[n], rtol=1e-4, atol=1e-5, msg=lambda m, n=n: f"{n}: {m}")
-
-
-def test_grad_cache_replays_dropout_masks(tmp_path):
-    """With dropout on, the re-forward must draw the same masks as the first pass (RNG state replay): the
-    gradients then equal an uncached computation that encodes the same chunks from the same RNG state."""
-    passages, questions = _corpus()
-    ex = [{**e, "hard_negatives": [passages[(i + 5) % len(passages)]]} for i, e in enumerate(questions[:6])]
-    qs, ps, pos, mask = make_batch(ex, 1)
-    model = _tiny_bi(tmp_path, dropout=0.3)
-    model.train()
-    torch.manual_seed(123)
-    uncached_step(model, qs, ps, pos, mask, chunk_size=4)
-    want = _grads(model)
-    model.zero_grad(set_to_none=True)
-    torch.manual_seed(123)
-    grad_cache_step(model, qs, ps, pos, mask, chunk_size=4)
-    got = _grads(model)
-    for n in want:
-        torch.testing.assert_close(got[n], want[n], rtol=1e-4, atol=1e-6, msg=lambda m, n=n: f"{n}: {m}")
+        torch.testing.assert_close(got[n], want[n], rtol=1e-4, atol=atol, msg=lambda m, n=n: f"{n}: {m}")
     model.zero_grad(set_to_none=True)
     torch.manual_seed(999)  # other masks -> other gradients: the comparison above is not vacuous
     grad_cache_step(model, qs, ps, pos, mask, chunk_size=4)

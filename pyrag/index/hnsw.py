@@ -258,7 +258,7 @@ class HNSWIndex:
         gq = self._graph_queries(q)
         try:
             return self._graph.knn_query(gq, k=fetch, num_threads=threads)[0].astype(np.int64)
-        except RuntimeError:
+        except RuntimeError:  # some query reached fewer than `fetch` points: retried one by one below
             pass
         cand = np.full((q.shape[0], fetch), -1, dtype=np.int64)
         short = 0

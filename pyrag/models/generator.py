@@ -82,13 +82,21 @@ def tokenize_contexts(tokenizer, questions: list[str], titles: list[list[str]], 
     return ids
 
 
+def _with_offsets(tokenizer, text):
+    """tokenizer(text) (a str or a list) without special tokens and with character offsets, or None where the
+    tokenizer cannot give offsets (a slow, Python tokenizer)."""
+    try:
+        return tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    except (NotImplementedError, ValueError, TypeError, KeyError):
+        return None
+
+
 def _truncate_batch(tokenizer, strings, tails, ids, long, fmt, suffix, max_length, add_special_tokens) -> list[int]:
     """Cuts the passage of each long row by the number of tokens it is over, in two batched tokenizer calls
     (needs a fast tokenizer's offsets). Writes the rows that fit into ids; returns the rows left to do."""
     split = [_split_tail(strings[i], tails[i], fmt, suffix) for i in long]
-    try:
-        enc = tokenizer([h for h, _ in split], add_special_tokens=False, return_offsets_mapping=True)
-    except (NotImplementedError, ValueError, TypeError, KeyError):  # slow tokenizer: no offsets
+    enc = _with_offsets(tokenizer, [h for h, _ in split])
+    if enc is None:
         return long
     todo, cuts, rows = [], [], []
     for j, i in enumerate(long):
@@ -110,10 +118,10 @@ def _truncate_batch(tokenizer, strings, tails, ids, long, fmt, suffix, max_lengt
 
 def _truncate_passage(tokenizer, full, question, fmt, suffix, max_length, add_special_tokens, row) -> list[int]:
     head, tail = _split_tail(full, question, fmt, suffix)
-    try:
-        enc = tokenizer(head, add_special_tokens=False, return_offsets_mapping=True)
+    enc = _with_offsets(tokenizer, head)
+    if enc is not None:
         ends = [e for _, e in enc["offset_mapping"]]
-    except (NotImplementedError, ValueError, TypeError, KeyError):  # slow tokenizer: cut through decode instead
+    else:  # slow tokenizer: cut through decode instead
         enc = tokenizer(head, add_special_tokens=False)
         ends = None
     head_ids = enc["input_ids"]

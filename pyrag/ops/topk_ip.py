@@ -350,14 +350,13 @@ def _topk_ip_cuda_gemm(queries, docs, k, scores, ids) -> None:
     nbytes = cuda.topk_select_workspace_bytes(nq, k, chunk)
     workspace = torch.empty(max(nbytes, 1), dtype=torch.uint8, device=docs.device)
     stream = _common.stream(docs)
-    qmul_ptr = _common.ptr(qmul.contiguous()) if qmul is not None else 0
     for lo in range(0, nb, chunk):
         n = min(chunk, nb - lo)
         s = torch.mm(qp, docs[lo : lo + n].T, out_dtype=torch.float32)  # [parts * Q, n], fp32 accumulation
         for i in range(1, nparts):
             s[:nq] += s[i * nq : (i + 1) * nq]
         cuda.topk_select(
-            _common.ptr(s), n, qmul_ptr, nq, lo, n, k, chunk, lo == 0, lo + n >= nb, _common.ptr(workspace),
+            _common.ptr(s), n, _common.ptr(qmul), nq, lo, n, k, chunk, lo == 0, lo + n >= nb, _common.ptr(workspace),
             nbytes, stream,
         )
     cuda.topk_select_finish(nq, k, chunk, _common.ptr(scores), _common.ptr(ids), _common.ptr(workspace), nbytes,
