@@ -15,6 +15,7 @@ from torch import nn
 from ..kb_io import atomic_dir
 from .decoding import DecodeSettings, rag_sequence_decode, rag_token_decode
 from .generator import CausalGenerator, InputFormat, Seq2SeqGenerator, _check_texts, load_generator
+from .lean_activations import lean_activations
 
 __all__ = ["CONFIG_NAME", "RagGeneration", "RagModel", "RagOutput", "RagSequence", "RagToken"]
 
@@ -99,8 +100,11 @@ class RagModel(nn.Module):
         self.label_smoothing = float(label_smoothing)
         self.exclude_bos_score = bool(exclude_bos_score)
         self.generation = dict(generation or {})
-        # logits larger than this are never built whole: the loss projects a few questions at a time (see _logits)
-        self.head_chunk_bytes = 512 << 20
+        # logits larger than this are never built whole: the loss projects a few questions at a time (see _logits).
+        # Each chunk's logits sit on top of all activations at the start of backward; 128 MiB keeps BART-large's
+        # K=10, 40-token chunks to one question each (~0.6 GiB less peak than 512 MiB; each chunk's GEMM is still
+        # [K*T, d] x [d, V], large enough to keep the GPU busy)
+        self.head_chunk_bytes = 128 << 20
         self.kb = None
         if kb is not None:
             self.set_kb(kb)
@@ -196,6 +200,13 @@ class RagModel(nn.Module):
         [B*K, T, V] allocation less; RagOutput.logits is garbage after backward then)."""
         if reduction not in _REDUCTIONS:
             raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction=!r}")
+        # keeps fewer activations for backward (shared autocast casts, no GELU outputs), same numbers: lean_activations.py
+        with lean_activations(self.generator.device):
+            return self._forward(questions, answers, context_input_ids, context_attention_mask, doc_scores, labels,
+                                 n_docs, epsilon, exclude_bos_score, reduction, return_posterior, inplace_backward)
+
+    def _forward(self, questions, answers, context_input_ids, context_attention_mask, doc_scores, labels, n_docs,
+                 epsilon, exclude_bos_score, reduction, return_posterior, inplace_backward) -> RagOutput:
         eps = self.label_smoothing if epsilon is None else float(epsilon)
         excl = self.exclude_bos_score if exclude_bos_score is None else bool(exclude_bos_score)
         gen = self.generator
