@@ -170,6 +170,8 @@ def main(argv=None) -> int:
     ap.add_argument("--max-new-tokens", type=int, default=20)
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast for the training step (CUDA)")
     ap.add_argument("--what", default="train,token-greedy,token-beam4,sequence-thorough,sequence-fast")
+    ap.add_argument("--systems", default="hf,pyrag",
+                    help="which systems to run (pyrag alone: quick A/B runs of pyrag changes; no ratios then)")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
@@ -178,6 +180,9 @@ def main(argv=None) -> int:
                     help="tokenizer directory for the DPR question encoder (default: the MiniLM package's)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
+    systems = args.systems.split(",")
+    if set(systems) - {"hf", "pyrag"}:
+        ap.error(f"--systems must name hf and/or pyrag, got {args.systems!r}")
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.time()
@@ -236,6 +241,8 @@ def main(argv=None) -> int:
             py_opt.zero_grad(set_to_none=True)
 
         for name, fn in (("hf", hf_step), ("pyrag", py_step)):
+            if name not in systems:
+                continue
             fn()  # optimizer state allocated outside the measurements
             t = time_fn(fn, s.dev, warmup=args.warmup, repeat=args.repeat)
             mem = peak_extra_memory(fn, s.dev)
@@ -274,10 +281,12 @@ def main(argv=None) -> int:
             return py_model.generate(context_input_ids=ids, context_attention_mask=mask, doc_scores=scores,
                                      num_beams=nb, max_new_tokens=args.max_new_tokens, decoding=decoding, **gen_kw)
 
-        systems = [("pyrag", py_gen)]
+        runs = [("pyrag", py_gen)]
         if key != "sequence-fast":  # HF has no fast decoding: its thorough decoding is the reference
-            systems.insert(0, ("hf", hf_gen))
-        for name, fn in systems:
+            runs.insert(0, ("hf", hf_gen))
+        for name, fn in runs:
+            if name not in systems:
+                continue
             t = time_fn(fn, s.dev, warmup=min(args.warmup, 1), repeat=max(1, args.repeat - 1))
             sync(s.dev)
             rows.append({"what": f"generate {key}", "system": name, "ms": t["median_ms"], "min_ms": t["min_ms"],

@@ -109,6 +109,31 @@ def test_batched_decoding_equals_one_question_at_a_time(gen, kind, decoding):
             torch.testing.assert_close(batched.scores[b], one.scores[0], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("kind,num_beams", [("token", 3), ("sequence", 3), ("sequence", 4)])
+def test_shared_cross_attention_keys_give_bit_identical_decoding(gen, kind, num_beams, monkeypatch):
+    # the beams of one input read one copy of its cross-attention keys/values (grouped-query sdpa) instead of
+    # num_beams copies: the same arithmetic, so the same bits as decoding with the copies
+    assert gen._can_share_cross()  # CPU, sdpa, BART: the shared path is the one taken
+    ids, mask, scores = _contexts(gen.vocab_size, seed=4)
+    s = DecodeSettings(**SET, length_penalty=0.7)
+
+    def run():
+        with torch.no_grad():
+            if kind == "token":
+                return rag_token_decode(gen, ids, mask, scores, s, num_beams)
+            return rag_sequence_decode(gen, ids, mask, scores, s, num_beams, "fast")
+
+    shared = run()
+    monkeypatch.setattr(gen, "_shared_cross", [])  # no layer to swap: every row gets its own copy
+    assert not gen._can_share_cross()
+    copied = run()
+    assert torch.equal(shared.sequences, copied.sequences) and torch.equal(shared.lengths, copied.lengths)
+    assert torch.equal(shared.scores, copied.scores)
+    if kind == "sequence":
+        for a, b in zip(shared.extra["candidate_scores"], copied.extra["candidate_scores"]):
+            assert torch.equal(a, b)
+
+
 def _teacher_forced(gen, ids, mask, b, cand):
     """log p(cand | x, z_k) for the K passages of question b, the forced <s> excluded (as thorough scores it)."""
     rows = slice(b * K, (b + 1) * K)

@@ -189,7 +189,12 @@ def beam_search(step: StepFn, reorder: Callable[[torch.Tensor], None], prompt: t
         if not go_on:
             break
         reorder((run_src + offsets).reshape(-1))
-        logits = step(running[:, :, cur - 1].reshape(-1))
+        if s.forced_eos_token_id is not None and cur == L - 1:
+            # HF's forced EOS will replace every processed log-prob of this last step (process_logits), so the
+            # model's logits cannot matter: skip running it (one decoder step of B*K*num_beams rows saved)
+            logits = torch.zeros_like(logits)
+        else:
+            logits = step(running[:, :, cur - 1].reshape(-1))
     out_len = int(fin_len[:, :num_return].max())
     seqs = fin[:, :num_return, :out_len].reshape(G * num_return, out_len)
     lens = fin_len[:, :num_return].reshape(-1)
@@ -205,28 +210,36 @@ def rag_token_decode(gen, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     the K passages, log sum_k p(z_k|x) p(y_t|x,z_k,y_<t) (rag_token_marginal_logprobs).
 
     input_ids / attention_mask [B*K, L] generator inputs (row b*K + k), doc_scores [B, K]. The generator runs
-    B*num_beams*K rows in (question, beam, passage) order, as HF's RagTokenForGeneration does; reordering the
-    beams moves the K rows of a beam together."""
+    B*K*num_beams rows in (question, passage, beam) order — the beams of one passage side by side, so that they can
+    share that passage's cross-attention keys/values (Seq2SeqGenerator.start) — and the logits are permuted to
+    (question, beam, passage) for the marginal; HF's RagTokenForGeneration runs (question, beam, passage) rows, which
+    computes the same per-row values. Reordering the beams moves the K rows of a beam together."""
     from ..losses import rag_token_marginal_logprobs
 
     B, K = doc_scores.shape
     nb = num_beams
     dev = input_ids.device
-    expand = (torch.arange(B, device=dev)[:, None, None] * K + torch.arange(K, device=dev)[None, None, :])
-    state = gen.start(input_ids, attention_mask, expand.expand(B, nb, K).reshape(-1))
+    state = gen.start(input_ids, attention_mask, torch.arange(B * K, device=dev).repeat_interleave(nb))
     scores = doc_scores.float().repeat_interleave(nb, dim=0)  # [B*nb, K]
+    # generator row (b, k, j) <-> decoding row (b, j) and passage k
+    gen_rows = torch.arange(B * K * nb, device=dev).view(B, K, nb)
+    to_beam_major = gen_rows.transpose(1, 2).reshape(-1)  # logits (b, k, j) -> (b, j, k)
+    beam_of_row = (torch.arange(B, device=dev)[:, None, None] * nb
+                   + torch.arange(nb, device=dev)[None, None, :]).expand(B, K, nb).reshape(-1)
 
     def step(tokens):
-        logits = gen.step(state, None if tokens is None else tokens.repeat_interleave(K))
-        return rag_token_marginal_logprobs(logits, scores)
+        logits = gen.step(state, None if tokens is None else tokens.index_select(0, beam_of_row))
+        return rag_token_marginal_logprobs(logits.index_select(0, to_beam_major) if nb > 1 else logits, scores)
 
     prompt = gen.decoder_prompt(B)
     if nb == 1:
         return greedy_search(step, prompt, s)
-    ks = torch.arange(K, device=dev)
 
     def reorder(index):
-        gen.reorder(state, (index[:, None] * K + ks[None, :]).reshape(-1))
+        # index [B*nb]: decoding row (b, j) continues from row index[b*nb + j] = (b, j'); generator row (b, k, j)
+        # then continues from (b, k, j')
+        src = index.view(B, 1, nb) - torch.arange(B, device=dev).view(B, 1, 1) * nb
+        gen.reorder(state, (gen_rows[:, :, :1] + src).reshape(-1))
 
     return beam_search(step, reorder, prompt, nb, s)
 

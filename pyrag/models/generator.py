@@ -5,6 +5,7 @@ decoders use: teacher-forced logits, and start / step / reorder for cached step-
 from __future__ import annotations
 
 import inspect
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -209,6 +210,7 @@ class _Seq2SeqState:
     mask: torch.Tensor  # [N, L]
     cache: object = None
     first_logits: torch.Tensor | None = None  # [N, V] after the decoder start token, consumed by step(None)
+    shared: bool = False  # the cache's cross-attention part has one row per input, not per decoding row
 
 
 class Seq2SeqGenerator(nn.Module):
@@ -251,6 +253,7 @@ class Seq2SeqGenerator(nn.Module):
         self.bucket_overhead = bucket_overhead
         self._cache_kw = _cache_kwarg(model)
         self._split: bool | None = None  # whether decoder_hidden + _head reproduce the model's logits
+        self._shared_cross: list | None = None  # see _cross_sharing
 
     # ---- inputs ----
     @property
@@ -351,18 +354,27 @@ class Seq2SeqGenerator(nn.Module):
         bias = getattr(m, "final_logits_bias", None)  # BART-family models add a vocabulary bias
         return z + bias.to(z.device) if bias is not None else z
 
-    def _check_split(self) -> bool:
-        from transformers.modeling_outputs import BaseModelOutput
-
+    @contextmanager
+    def _probe(self):
+        """For the one-time probes of _check_split / _check_shared_cross: the model in eval mode without
+        gradients (its training flag restored after), yielding (model, device, hidden size)."""
         m = self.model
         was = m.training
         m.eval()
         try:
             with torch.no_grad():
-                dev = self.device
+                d = m.config.d_model if hasattr(m.config, "d_model") else m.get_input_embeddings().weight.shape[1]
+                yield m, self.device, d
+        finally:
+            m.train(was)
+
+    def _check_split(self) -> bool:
+        from transformers.modeling_outputs import BaseModelOutput
+
+        try:
+            with self._probe() as (m, dev, d):
                 ids = torch.tensor([[self.decoder_start_token_id, self.eos_token_id]], device=dev)
-                enc = torch.randn(1, 3, m.config.d_model if hasattr(m.config, "d_model") else
-                                  m.get_input_embeddings().weight.shape[1], device=dev)
+                enc = torch.randn(1, 3, d, device=dev)
                 mask = torch.ones(1, 3, dtype=torch.bool, device=dev)
                 full = m(encoder_outputs=BaseModelOutput(last_hidden_state=enc), attention_mask=mask,
                          decoder_input_ids=ids, use_cache=False).logits
@@ -371,29 +383,33 @@ class Seq2SeqGenerator(nn.Module):
                 return bool(torch.allclose(self._head(h), full, rtol=1e-4, atol=1e-4))
         except Exception:  # noqa: BLE001 - a model this probe cannot drive takes the full-logits path
             return False
-        finally:
-            m.train(was)
 
     # ---- decoding ----
-    def _prefill(self, hidden, mask, expand: torch.Tensor):
+    def _prefill(self, hidden, mask, expand: torch.Tensor, share: bool = False):
         """Run the decoder start token over the M distinct inputs (computing each one's cross-attention keys and
         values once), then copy the cache and logits out to the rows expand [N] (HF computes the cross-attention
-        keys/values of every decoding row itself: num_beams times the work)."""
+        keys/values of every decoding row itself: num_beams times the work). share: leave the cross-attention
+        keys/values at M rows (expand must then be arange(M).repeat_interleave(N // M); see _cross_sharing)."""
         from transformers.modeling_outputs import BaseModelOutput
 
         start = self.decoder_prompt(hidden.shape[0])
         out = self.model(encoder_outputs=BaseModelOutput(last_hidden_state=hidden), attention_mask=mask,
                          decoder_input_ids=start, use_cache=True)
-        cache = _reorder_cache(_out_cache(out), expand, cross=True)
+        cache = _reorder_cache(_out_cache(out), expand, cross=not share)
         return cache, out.logits[:, -1].float().index_select(0, expand)
 
     def start(self, input_ids, attention_mask, expand: torch.Tensor) -> _Seq2SeqState:
         """Encode the M distinct inputs once and feed the decoder start token; decoding row r reads input
         expand[r]. The first step(state, None) returns the logits after the start token."""
         h = self.encode(input_ids, attention_mask)
-        cache, logits = self._prefill(h, attention_mask, expand)
+        M, N = h.shape[0], expand.shape[0]
+        # rows in runs of N // M per input (RAG-Sequence's beams): they can read one copy of their input's
+        # cross-attention keys/values instead of N // M copies
+        share = (N > M and N % M == 0 and self._can_share_cross()
+                 and torch.equal(expand, torch.arange(M, device=expand.device).repeat_interleave(N // M)))
+        cache, logits = self._prefill(h, attention_mask, expand, share)
         return _Seq2SeqState(h, attention_mask, h.index_select(0, expand), attention_mask.index_select(0, expand),
-                             cache, logits)
+                             cache, logits, share)
 
     def step(self, state: _Seq2SeqState, tokens: torch.Tensor | None) -> torch.Tensor:
         """Feed tokens [N] (one per decoding row) and return the next-token logits [N, V] in fp32; None: the
@@ -405,8 +421,10 @@ class Seq2SeqGenerator(nn.Module):
             return logits
         # the encoder output is passed along only so that the model takes its cross-attention branch: the keys and
         # values come from the cache
-        out = self.model(encoder_outputs=BaseModelOutput(last_hidden_state=state.hidden), attention_mask=state.mask,
-                         decoder_input_ids=tokens[:, None], use_cache=True, **{self._cache_kw: state.cache})
+        with self._cross_sharing(state.shared):
+            out = self.model(encoder_outputs=BaseModelOutput(last_hidden_state=state.hidden),
+                             attention_mask=state.mask, decoder_input_ids=tokens[:, None], use_cache=True,
+                             **{self._cache_kw: state.cache})
         state.cache = _out_cache(out)
         return out.logits[:, -1].float()
 
@@ -415,6 +433,87 @@ class Seq2SeqGenerator(nn.Module):
         then the cross-attention keys/values and the encoder output are already right and only the decoder's
         self-attention cache is permuted (HF permutes all of them)."""
         state.cache = _reorder_cache(state.cache, index, cross=False)
+
+    @contextmanager
+    def _cross_sharing(self, on: bool):
+        """While on, the decoder's cross-attention layers run _shared_kv_sdpa, which lets the N query rows read the
+        M = N / r rows of keys/values in the cache. Only those layers' config is swapped (a copy naming the shared
+        function), so the masks are built as for sdpa and self-attention is untouched; restored on exit."""
+        if not on:
+            yield
+            return
+        mods = self._shared_cross
+        old = [m.config for m, _ in mods]
+        try:
+            for m, cfg in mods:
+                m.config = cfg
+            yield
+        finally:
+            for (m, _), cfg in zip(mods, old):
+                m.config = cfg
+
+    def _can_share_cross(self) -> bool:
+        """Whether this model's cross-attention can read shared keys/values with bit-identical results: on CPU,
+        with sdpa attention, for decoders whose cross-attention layers (`encoder_attn`, the BART family) look up
+        their attention function in transformers' AttentionInterface; checked once on a small case against the
+        copied cache. On GPU the fused kernels may pick another algorithm for the grouped shape, so the copies stay.
+        Reading one copy per input saves copying the keys/values num_beams times and, each step, reading them
+        num_beams times: the cross-attention is memory-bound (BART-base, 160 rows x 300 tokens: 1.2 GB a step)."""
+        if self.device.type != "cpu" or getattr(self.model.config, "_attn_implementation", None) != "sdpa":
+            return False
+        if self._shared_cross is None:
+            self._shared_cross = self._find_shared_cross()
+        return bool(self._shared_cross)
+
+    def _find_shared_cross(self) -> list:
+        """[(cross-attention module, config copy naming _shared_kv_sdpa)] if the probe passes, else []."""
+        import copy
+
+        try:
+            from transformers import AttentionInterface
+        except ImportError:  # transformers 4.x without the interface
+            return []
+        m = self.model
+        mods = [mod for name, mod in m.get_decoder().named_modules()
+                if name.endswith("encoder_attn") and isinstance(getattr(mod, "config", None), type(m.config))]
+        if not mods:
+            return []
+        AttentionInterface.register(_SHARED_KV, _shared_kv_sdpa)
+        pairs = []
+        for mod in mods:
+            cfg = copy.copy(mod.config)
+            cfg._attn_implementation_internal = _SHARED_KV  # the attribute behind the property; no sub-config walk
+            pairs.append((mod, cfg))
+        self._shared_cross = pairs
+        try:
+            ok = self._check_shared_cross()
+        except Exception:  # noqa: BLE001 - a model this probe cannot drive keeps the copied keys/values
+            ok = False
+        return pairs if ok else []
+
+    def _check_shared_cross(self) -> bool:
+        """Decode 2 inputs (one padded) x 3 rows for a few steps, with a row reorder, with the cross-attention
+        keys/values shared and copied; True when every logit is bit-identical."""
+        with self._probe() as (_, dev, d):
+            g = torch.Generator().manual_seed(0)
+            h = torch.randn(2, 7, d, generator=g).to(dev)
+            mask = torch.ones(2, 7, dtype=torch.bool, device=dev)
+            mask[1, 4:] = False
+            expand = torch.arange(2, device=dev).repeat_interleave(3)
+            index = torch.tensor([1, 1, 0, 5, 3, 3], device=dev)
+            V = self.vocab_size
+            runs = []
+            for share in (False, True):
+                cache, first = self._prefill(h, mask, expand, share)
+                st = _Seq2SeqState(h, mask, h.index_select(0, expand), mask.index_select(0, expand), cache, first,
+                                   share)
+                logits = [self.step(st, None)]
+                for t in range(3):
+                    tokens = torch.randint(0, V, (6,), generator=torch.Generator().manual_seed(t)).to(dev)
+                    logits.append(self.step(st, tokens))
+                    self.reorder(st, index)
+                runs.append(torch.stack(logits))
+            return bool(torch.equal(runs[0], runs[1]))
 
     def candidate_logits(self, state: _Seq2SeqState, src: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
         """Teacher-forced logits [M, T, V] of candidates [M, T] (decoder inputs, starting with the decoder start)
@@ -441,6 +540,38 @@ class Seq2SeqGenerator(nn.Module):
     def save_pretrained(self, path: str | Path) -> None:
         self.model.save_pretrained(path, safe_serialization=True)
         self.tokenizer.save_pretrained(path)
+
+
+_SHARED_KV = "pyrag_shared_kv_sdpa"
+
+
+def _shared_kv_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """transformers' sdpa attention function for query rows [N, H, 1, d] over keys/values [M, H, S, d] with
+    N = r * M, rows i*r .. i*r + r - 1 reading key row i (the beams of one input, decoding one token). The r rows
+    become r query heads per key/value head of one batch row (sdpa's grouped-query attention), so every (row, head)
+    does the same arithmetic on the same keys as with r copies of them (bit-identical on CPU: _check_shared_cross),
+    without the copies. Equal row counts go to transformers' sdpa function unchanged. Returns ([N, 1, H, d], None)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    N, M = query.shape[0], key.shape[0]
+    if N == M:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    _, H, q, d = query.shape
+    if (q != 1 or N % M or kwargs.get("position_bias") is not None or kwargs.get("output_attentions", False)
+            or (attention_mask is not None and attention_mask.shape[1] != 1)):
+        raise ValueError(f"shared keys/values need one query token per row and N = r*M rows: {query.shape=} "
+                         f"{key.shape=}")
+    r = N // M
+    # query head j = head * r + row: grouped-query attention maps it to key/value head j // r = head
+    qg = query.reshape(M, r, H, 1, d).transpose(1, 2).reshape(M, H * r, 1, d)
+    mask = attention_mask
+    if mask is not None and mask.shape[0] == N:
+        mask = mask[::r]  # the r rows of an input share its mask
+    out = torch.nn.functional.scaled_dot_product_attention(qg, key, value, attn_mask=mask, dropout_p=dropout,
+                                                           scale=scaling, enable_gqa=True)
+    dv = out.shape[-1]
+    return out.reshape(M, H, r, dv).transpose(1, 2).reshape(N, 1, H, dv), None
 
 
 def _reorder_cache(cache, index: torch.Tensor, cross: bool):
