@@ -17,7 +17,7 @@ Forward values and gradients are bit-identical to plain autograd (tests/test_lea
 under CPU autocast and in fp32): the same kernels run on the same values, only what is kept differs. (A GELU
 output that something else reads too gets its GELU backward once per read instead of once on the summed
 gradient: equal up to rounding. HF's feed-forward blocks read it once.) On the GPU
-training benchmark's shape (BART-large, B=8, K=10, 200-token contexts) this removes ~3.5 GiB of the peak
+training benchmark's shape (BART-large, B=8, K=10, 200-token contexts) this removes ~3.4 GiB of the peak
 (benchmarks/estimate_train_memory.py). Without gradients it is never entered (see lean_activations()).
 """
 
