@@ -86,6 +86,56 @@ def test_frozen_feed_forward_weights_still_pass_the_gradient_through():
     assert torch.equal(grads[0], grads[1])
 
 
+def test_stands_aside_in_a_non_reentrant_checkpoint():
+    """checkpoint recomputes without the mode and hands back what the first pass saved, by position: inside it the
+    mode must save what plain autograd saves (here the fc1 output stays referenced, so the GELU rewrite could fire)."""
+    from torch.utils.checkpoint import checkpoint
+
+    w1, w2 = torch.randn(8, 8, requires_grad=True), torch.randn(8, 8, requires_grad=True)
+
+    def ffn(x):
+        pre = F.linear(x, w1)
+        h = F.gelu(pre)
+        return F.linear(h, w2)
+
+    for rows in (8, 4):  # square: silently wrong gradients once; otherwise checkpoint's metadata check fires
+        x = torch.randn(rows, 8, requires_grad=True)
+        grads = []
+        for lean in (False, True):
+            with LeanActivations() if lean else torch.enable_grad():
+                y = checkpoint(ffn, x, use_reentrant=False)
+            grads.append(torch.autograd.grad(y.square().sum(), (x, w1, w2)))
+        assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
+def test_stands_aside_under_torch_compile():
+    x = torch.randn(6, 16)
+    w1, wq = torch.randn(32, 16, requires_grad=True), torch.randn(16, 16, requires_grad=True)
+
+    def f(x):
+        return F.gelu(F.linear(F.linear(x * 1.0, wq).float(), w1))
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = torch.compile(f, backend="aot_eager")(x)
+        torch._dynamo.reset()
+        with LeanActivations():
+            out = torch.compile(f, backend="aot_eager")(x)
+    assert torch.equal(out, ref)
+
+
+def test_a_leaf_read_by_two_linears_under_autocast_is_left_to_autocast():
+    """autocast caches the cast of a leaf that requires grad and sums its reads' gradients through that cache:
+    the mode leaves such tensors alone, so the gradients stay the same bits."""
+    x = torch.randn(5, 8, requires_grad=True)
+    w, v = torch.randn(3, 8, requires_grad=True), torch.randn(3, 8, requires_grad=True)
+    grads = []
+    for lean in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16), (LeanActivations() if lean else torch.enable_grad()):
+            y = F.linear(x, w).float().tanh().sum() + F.linear(x, v).float().sin().sum()
+        grads.append(torch.autograd.grad(y, (x, w, v)))
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
 def test_a_gelu_output_read_elsewhere_too_keeps_its_gradient():
     x = torch.randn(5, 8, requires_grad=True)
     w = torch.randn(3, 8, requires_grad=True)

@@ -134,6 +134,37 @@ def test_shared_cross_attention_keys_give_bit_identical_decoding(gen, kind, num_
             assert torch.equal(a, b)
 
 
+def test_decoding_from_several_threads_with_one_generator(gen):
+    """Threads decoding with one generator at once (shared and per-row keys/values interleaved) get the results of
+    a lone run, and the cross-attention layers end with their own configs."""
+    import threading
+
+    ids, mask, scores = _contexts(gen.vocab_size, seed=5)
+    s = DecodeSettings(**SET)
+    with torch.no_grad():
+        refs = {nb: rag_token_decode(gen, ids, mask, scores, s, nb) for nb in (1, 3)}
+    failures = []
+
+    def worker(nb):
+        for _ in range(15):
+            try:
+                with torch.no_grad():
+                    r = rag_token_decode(gen, ids, mask, scores, s, nb)
+                if not (torch.equal(r.sequences, refs[nb].sequences) and torch.equal(r.scores, refs[nb].scores)):
+                    failures.append(f"num_beams={nb}: other results")
+            except Exception as e:  # noqa: BLE001 - collected and asserted below
+                failures.append(f"num_beams={nb}: {type(e).__name__}: {e}")
+
+    threads = [threading.Thread(target=worker, args=(nb,)) for nb in (3, 3, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not failures, failures[:3]
+    cross = [m for n, m in gen.model.get_decoder().named_modules() if n.endswith("encoder_attn")]
+    assert cross and all(m.config is gen.model.config for m in cross)
+
+
 def _teacher_forced(gen, ids, mask, b, cand):
     """log p(cand | x, z_k) for the K passages of question b, the forced <s> excluded (as thorough scores it)."""
     rows = slice(b * K, (b + 1) * K)

@@ -5,6 +5,7 @@ decoders use: teacher-forced logits, and start / step / reorder for cached step-
 from __future__ import annotations
 
 import inspect
+import threading
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -254,6 +255,8 @@ class Seq2SeqGenerator(nn.Module):
         self._cache_kw = _cache_kwarg(model)
         self._split: bool | None = None  # whether decoder_hidden + _head reproduce the model's logits
         self._shared_cross: list | None = None  # see _cross_sharing
+        self._shared_for = 0  # id() of the model _shared_cross was probed on (it holds that model's modules)
+        self._swap_depth, self._swap_saved = 0, []  # threads inside _cross_sharing; the configs it replaced
 
     # ---- inputs ----
     @property
@@ -443,14 +446,24 @@ class Seq2SeqGenerator(nn.Module):
             yield
             return
         mods = self._shared_cross
-        old = [m.config for m, _ in mods]
+        # Several threads may decode with one generator: the first to enter installs the copies, the last to leave
+        # restores the originals. Steps that do not share meanwhile are unaffected: _shared_kv_sdpa hands equal
+        # row counts to transformers' sdpa function, which is what these layers ran before.
+        with _SWAP_LOCK:
+            if self._swap_depth == 0:
+                self._swap_saved = [m.config for m, _ in mods]
+                for m, cfg in mods:
+                    m.config = cfg
+            self._swap_depth += 1
         try:
-            for m, cfg in mods:
-                m.config = cfg
             yield
         finally:
-            for (m, _), cfg in zip(mods, old):
-                m.config = cfg
+            with _SWAP_LOCK:
+                self._swap_depth -= 1
+                if self._swap_depth == 0:
+                    for (m, _), cfg in zip(mods, self._swap_saved):
+                        m.config = cfg
+                    self._swap_saved = []
 
     def _can_share_cross(self) -> bool:
         """Whether this model's cross-attention can read shared keys/values with bit-identical results: on CPU,
@@ -461,8 +474,9 @@ class Seq2SeqGenerator(nn.Module):
         num_beams times: the cross-attention is memory-bound (BART-base, 160 rows x 300 tokens: 1.2 GB a step)."""
         if self.device.type != "cpu" or getattr(self.model.config, "_attn_implementation", None) != "sdpa":
             return False
-        if self._shared_cross is None:
+        if self._shared_cross is None or self._shared_for != id(self.model):  # probed for this very model
             self._shared_cross = self._find_shared_cross()
+            self._shared_for = id(self.model)
         return bool(self._shared_cross)
 
     def _find_shared_cross(self) -> list:
@@ -543,6 +557,7 @@ class Seq2SeqGenerator(nn.Module):
 
 
 _SHARED_KV = "pyrag_shared_kv_sdpa"
+_SWAP_LOCK = threading.Lock()  # guards Seq2SeqGenerator._cross_sharing's install / restore (module-level: picklable)
 
 
 def _shared_kv_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):

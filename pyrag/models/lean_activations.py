@@ -14,9 +14,12 @@ Two copies that plain autograd keeps and pyrag's training forward does not:
    GELU (elementwise, cheap) in backward.
 
 Forward values and gradients are bit-identical to plain autograd (tests/test_lean_activations.py checks it
-under CPU autocast and in fp32): the same kernels run on the same values, only what is kept differs. (A GELU
-output that something else reads too gets its GELU backward once per read instead of once on the summed
-gradient: equal up to rounding. HF's feed-forward blocks read it once.) On the GPU
+under CPU autocast and in fp32): the same kernels run on the same values, only what is kept differs. Two cases
+are equal only up to rounding, and HF's encoder-decoders meet neither: a GELU output that something else reads
+too (its GELU backward then runs once per read instead of once on the summed gradient), and one weight read by
+several feed-forward blocks under autocast (autocast sums its reads' gradients in bf16 through its cast cache;
+here each read's gradient reaches the weight in fp32). Inside torch.compile and non-reentrant checkpoints the
+mode stands aside (plain autograd). On the GPU
 training benchmark's shape (BART-large, B=8, K=10, 200-token contexts) this removes ~3.4 GiB of the peak
 (benchmarks/estimate_train_memory.py). Without gradients it is never entered (see lean_activations()).
 """
@@ -117,7 +120,10 @@ class LeanActivations(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if not torch.is_grad_enabled():
+        # torch.compile traces this method badly (id() breaks the graph, and a compiled piece can be reused for
+        # the wrong op); a non-reentrant checkpoint recomputes without the mode and must save what the first
+        # pass saved: both get plain autograd
+        if not torch.is_grad_enabled() or torch.compiler.is_compiling() or _under_checkpoint():
             return func(*args, **kwargs)
         if func is F.gelu:
             out = func(*args, **kwargs)
@@ -147,12 +153,22 @@ class LeanActivations(TorchFunctionMode):
                 wc = w.to(dtype) if w.dtype != dtype else w
                 bc = b.to(dtype) if b is not None and b.dtype != dtype else b
                 return _GeluLinear.apply(pre, x.detach(), wc, bc, approximate)
-        if auto and x.dtype == torch.float32 and low != torch.float32:
+        # autocast already shares the cast of a leaf that requires grad (its own cache): leave those to it
+        if auto and x.dtype == torch.float32 and low != torch.float32 and not (x.is_leaf and x.requires_grad):
             c = self._low(x, low)
             x = _Use.apply(x, c) if x.requires_grad else c
             if len(args) > 0:
                 args = (x, *args[1:])
         return func(*args, **kwargs)
+
+
+def _under_checkpoint() -> bool:
+    """Whether torch.utils.checkpoint's non-reentrant saved-tensor hooks are active (unknown: assume so)."""
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    if top is None:
+        return True
+    hooks = top(False)
+    return hooks is not None and getattr(hooks[0], "__module__", "") == "torch.utils.checkpoint"
 
 
 def lean_activations(device: torch.device | str):
