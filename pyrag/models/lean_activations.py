@@ -120,6 +120,8 @@ class LeanActivations(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func is not F.linear and func is not F.gelu:  # most calls: out first, the mode's cost is per call
+            return func(*args, **kwargs)
         # torch.compile traces this method badly (id() breaks the graph, and a compiled piece can be reused for
         # the wrong op); a non-reentrant checkpoint recomputes without the mode and must save what the first
         # pass saved: both get plain autograd
