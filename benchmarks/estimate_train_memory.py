@@ -16,7 +16,6 @@ them. On the lent H200 the same setting measured HF 16.4 GiB and pyrag 13.1 GiB 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 from pathlib import Path
 
@@ -78,31 +77,21 @@ def peak_gib(system: str, layers: int, args) -> float:
                                  n_docs=K).train()
         if system == "pyrag-before":  # the code measured on the H200 (512 MiB head chunks, no LeanActivations)
             model.head_chunk_bytes = 512 << 20
+            model.use_lean_activations = False
 
         def fwd():
             return model(context_input_ids=ids, context_attention_mask=mask.bool(), doc_scores=scores,
                          labels=labels, reduction="sum", return_posterior=False, inplace_backward=True).loss
 
-    unshared = contextlib.nullcontext() if system != "pyrag-before" else _without_lean_activations(rag_mod)
     tracker = MemTracker()
     tracker.track_external(model)
-    with unshared, tracker:
+    with tracker:
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss = fwd()
         loss.backward()
     snap = tracker.get_tracker_snapshot("peak")[torch.device("cpu")]
     params = sum(v for k, v in snap.items() if str(k).endswith(("PARAM", "BUFFER")))
     return (snap["Total"] - params) / 2 ** 30
-
-
-@contextlib.contextmanager
-def _without_lean_activations(rag_mod):
-    old = rag_mod.lean_activations
-    rag_mod.lean_activations = lambda device: contextlib.nullcontext()
-    try:
-        yield
-    finally:
-        rag_mod.lean_activations = old
 
 
 def main(argv=None) -> int:

@@ -175,12 +175,10 @@ def test_entered_only_with_gradients():
 
 
 @pytest.mark.parametrize("head_chunk_bytes", [1 << 40, 1])  # whole logits; one question per checkpointed chunk
-def test_rag_training_forward_under_autocast_is_unchanged(monkeypatch, head_chunk_bytes):
-    """RagToken's forward enters the mode under autocast: loss and every gradient equal a run without it, also
+def test_rag_training_forward_under_autocast_is_unchanged(head_chunk_bytes):
+    """RagToken's forward enters the mode (use_lean_activations, on by default): loss and every gradient under
+    autocast equal a run without it (use_lean_activations=False), also
     when the vocabulary projection is recomputed in backward (checkpointed chunks, recomputed without the mode)."""
-    import contextlib
-
-    import pyrag.models.rag as rag_mod
     from pyrag.models.generator import InputFormat, Seq2SeqGenerator
     from pyrag.models.rag import RagToken
 
@@ -194,11 +192,10 @@ def test_rag_training_forward_under_autocast_is_unchanged(monkeypatch, head_chun
     scores0 = torch.randn(B, K)
     runs = []
     for share in (True, False):
-        if not share:
-            monkeypatch.setattr(rag_mod, "lean_activations", lambda dev: contextlib.nullcontext())
         model = RagToken(torch.nn.Identity(), Seq2SeqGenerator(copy.deepcopy(bart), tok, InputFormat()), None,
                          n_docs=K).train()
         model.head_chunk_bytes = head_chunk_bytes
+        model.use_lean_activations = share
         scores = scores0.clone().requires_grad_(True)
 
         def fwd(model=model, scores=scores):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -105,6 +106,9 @@ class RagModel(nn.Module):
         # K=10, 40-token chunks to one question each (~0.6 GiB less peak than 512 MiB; each chunk's GEMM is still
         # [K*T, d] x [d, V], large enough to keep the GPU busy)
         self.head_chunk_bytes = 128 << 20
+        # training forwards keep fewer activations for backward, same numbers (lean_activations.py); False: plain
+        # autograd (it costs a few microseconds of Python per torch call, which only tiny models notice)
+        self.use_lean_activations = True
         self.kb = None
         if kb is not None:
             self.set_kb(kb)
@@ -201,7 +205,7 @@ class RagModel(nn.Module):
         if reduction not in _REDUCTIONS:
             raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction=!r}")
         # keeps fewer activations for backward (shared autocast casts, no GELU outputs), same numbers: lean_activations.py
-        with lean_activations(self.generator.device):
+        with lean_activations(self.generator.device) if self.use_lean_activations else nullcontext():
             return self._forward(questions, answers, context_input_ids, context_attention_mask, doc_scores, labels,
                                  n_docs, epsilon, exclude_bos_score, reduction, return_posterior, inplace_backward)
 
