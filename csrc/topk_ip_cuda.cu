@@ -604,10 +604,28 @@ int64_t blocks_per_sm() {
   return v > 0 && v <= 64 ? v : 4;
 }
 
-Plan make_plan(int64_t nq, int64_t nb, int64_t dim, int64_t k, int dtype, bool exact_queries) {
+int64_t sm_count() {
   int dev = 0, sms = 0;
   check_cuda(cudaGetDevice(&dev), "cudaGetDevice");
   check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev), "cudaDeviceGetAttribute");
+  return std::max(sms, 1);
+}
+
+// How both paths cut n doc columns among blocks: about `blocks` blocks over `qtiles` query tiles, each chunk at least
+// one bn-column tile, the candidate lists (list_bytes per chunk) within budget, at most 65535 chunks (a grid
+// dimension). Sets len (a multiple of bn) and count = ceil(n / len).
+void split_columns(int64_t n, int64_t blocks, int64_t qtiles, int64_t bn, int64_t list_bytes, int64_t budget,
+                   int64_t& len, int64_t& count) {
+  int64_t c = std::max<int64_t>(1, (blocks + qtiles - 1) / qtiles);
+  c = std::min(c, (n + bn - 1) / bn);
+  if (c * list_bytes > budget) c = std::max<int64_t>(1, budget / list_bytes);
+  c = std::min<int64_t>(c, 65535);
+  const int64_t per = (n + c - 1) / c;
+  len = (per + bn - 1) / bn * bn;
+  count = (n + len - 1) / len;
+}
+
+Plan make_plan(int64_t nq, int64_t nb, int64_t dim, int64_t k, int dtype, bool exact_queries) {
   Plan p{};
   const bool half_docs = dtype == int(DType::f16) || dtype == int(DType::bf16);
   if (nq <= 8) {
@@ -630,14 +648,8 @@ Plan make_plan(int64_t nq, int64_t nb, int64_t dim, int64_t k, int dtype, bool e
   p.cap = 2 * k + p.bn;
   const int64_t slot = p.cap + k;
   // Enough blocks to fill the GPU a few times over, each chunk at least a tile, the lists within budget.
-  int64_t chunks = std::max<int64_t>(1, (blocks_per_sm() * int64_t(std::max(sms, 1)) + p.qtiles - 1) / p.qtiles);
-  chunks = std::min(chunks, (nb + p.bn - 1) / p.bn);
-  const int64_t per_chunk = std::max<int64_t>(nq, 1) * slot * 8;
-  if (chunks * per_chunk > int64_t(kBudget)) chunks = std::max<int64_t>(1, int64_t(kBudget) / per_chunk);
-  chunks = std::min<int64_t>(chunks, 65535);
-  const int64_t per = (nb + chunks - 1) / chunks;
-  p.chunk_len = (per + p.bn - 1) / p.bn * p.bn;
-  p.chunks = (nb + p.chunk_len - 1) / p.chunk_len;
+  split_columns(nb, blocks_per_sm() * sm_count(), p.qtiles, p.bn, std::max<int64_t>(nq, 1) * slot * 8,
+                int64_t(kBudget), p.chunk_len, p.chunks);
   size_t off = 0;
   p.keys_off = off;
   off = align_up(off + size_t(nq) * size_t(p.chunks) * size_t(slot) * 8);
@@ -714,22 +726,12 @@ struct SelectPlan {
 };
 
 SelectPlan make_select_plan(int64_t nq, int64_t k, int64_t chunk) {
-  int dev = 0, sms = 0;
-  check_cuda(cudaGetDevice(&dev), "cudaGetDevice");
-  check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev), "cudaDeviceGetAttribute");
   SelectPlan p{};
   p.qtiles = (nq + Scores::BQ - 1) / Scores::BQ;
   p.cap = 2 * k + Scores::BN;
   const int64_t slot = p.cap + k;
-  int64_t cols = std::max<int64_t>(1, (4 * int64_t(std::max(sms, 1)) + p.qtiles - 1) / p.qtiles);
-  cols = std::min(cols, (chunk + Scores::BN - 1) / Scores::BN);
-  const int64_t per_col = nq * slot * 8;
   // a third of the budget: the caller also holds a score chunk (pyrag/ops/topk_ip.py keeps it under 64 MiB)
-  if (cols * per_col > int64_t(kBudget / 3)) cols = std::max<int64_t>(1, int64_t(kBudget / 3) / per_col);
-  cols = std::min<int64_t>(cols, 65535);
-  const int64_t per = (chunk + cols - 1) / cols;
-  p.col_len = (per + Scores::BN - 1) / Scores::BN * Scores::BN;
-  p.cols = (chunk + p.col_len - 1) / p.col_len;
+  split_columns(chunk, 4 * sm_count(), p.qtiles, Scores::BN, nq * slot * 8, int64_t(kBudget / 3), p.col_len, p.cols);
   size_t off = 0;
   p.keys_off = off;
   off = align_up(off + size_t(nq) * size_t(p.cols) * size_t(slot) * 8);

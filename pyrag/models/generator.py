@@ -89,7 +89,7 @@ def _with_offsets(tokenizer, text):
     tokenizer cannot give offsets (a slow, Python tokenizer)."""
     try:
         return tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    except (NotImplementedError, ValueError, TypeError, KeyError):
+    except (NotImplementedError, ValueError, TypeError, KeyError):  # slow tokenizer: callers cut through decode
         return None
 
 

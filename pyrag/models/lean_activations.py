@@ -158,9 +158,7 @@ class LeanActivations(TorchFunctionMode):
         # autocast already shares the cast of a leaf that requires grad (its own cache): leave those to it
         if auto and x.dtype == torch.float32 and low != torch.float32 and not (x.is_leaf and x.requires_grad):
             c = self._low(x, low)
-            x = _Use.apply(x, c) if x.requires_grad else c
-            if len(args) > 0:
-                args = (x, *args[1:])
+            args = (_Use.apply(x, c) if x.requires_grad else c, *args[1:])
         return func(*args, **kwargs)
 
 
