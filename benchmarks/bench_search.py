@@ -17,7 +17,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import peak_extra_memory, print_table, time_fn, write_results
 
 import pyrag
+from pyrag.ops.sketch import make_sketch
 from pyrag.ops.topk_ip import cpu_has_amx
+
+SKETCH_MAX_Q = 12  # topk_ip reads a given sketch up to this many queries (csrc/topk_ip_cpu.cpp, kSketchMaxQ)
 
 
 def _ints(s: str) -> list[int]:
@@ -41,6 +44,8 @@ def bench_cpu(args) -> list[dict]:
     docs = torch.randn(args.n, args.d, generator=g)
     docs16 = docs.half()
     docs8, scale8 = _quantise_int8(docs)
+    # The int8 sketches FlatIndex(sketch=True) keeps: exact results (the same bits), a quarter of fp32's bytes read.
+    sketch32, sketch16 = make_sketch(docs), make_sketch(docs16)
     peers = {}
     if not args.no_faiss:
         try:
@@ -57,24 +62,31 @@ def bench_cpu(args) -> list[dict]:
         "pyrag fp32": lambda q: pyrag.topk_ip(q, docs, args.k),
         "pyrag fp16": lambda q: pyrag.topk_ip(q, docs16, args.k),
         "pyrag int8": lambda q: pyrag.topk_ip(q, docs8, args.k, doc_scale=scale8),
+        "pyrag fp32+sketch": lambda q: pyrag.topk_ip(q, docs, args.k, sketch=sketch32),
+        "pyrag fp16+sketch": lambda q: pyrag.topk_ip(q, docs16, args.k, sketch=sketch16),
     }
     rows = []
     for nq in args.q:
         q = torch.randn(nq, args.d, generator=g)
-        ref_ids = pyrag.topk_ip(q, docs, args.k)[1]
+        ref_scores, ref_ids = pyrag.topk_ip(q, docs, args.k)
+        ref16 = pyrag.topk_ip(q, docs16, args.k)
         block = []
         for name, fn in {**peers, **ours}.items():
             t = time_fn(lambda fn=fn, q=q: fn(q), warmup=1, repeat=args.repeat)
             mem = peak_extra_memory(lambda fn=fn, q=q: fn(q))
-            ids = fn(q)[1]
-            ids = torch.as_tensor(ids)
+            scores, ids = (torch.as_tensor(x) for x in fn(q))
             storage = name.split()[-1] if name.startswith("pyrag") else "fp32"
-            # Which pyrag CPU path ran (topk_ip picks the AMX prefilter from 48 queries on where AMX exists).
-            path = (
-                ("amx-prefilter" if nq >= 48 and cpu_has_amx() else "fused")
-                if name.startswith("pyrag")
-                else ""
-            )
+            # Which pyrag CPU path ran (topk_ip reads a sketch up to 12 queries and takes the AMX prefilter from
+            # 48 queries on where AMX exists).
+            path = ""
+            if name.startswith("pyrag"):
+                path = "amx-prefilter" if nq >= 48 and cpu_has_amx() else "fused"
+                if name.endswith("sketch") and nq <= SKETCH_MAX_Q:
+                    path = "sketch"
+            extra = {}
+            if name.endswith("sketch"):  # the sketch must not change a single bit of the result
+                want = (ref_scores, ref_ids) if "fp32" in name else ref16
+                extra["identical_to_unsketched"] = bool(torch.equal(scores, want[0]) and torch.equal(ids, want[1]))
             block.append(
                 dict(
                     section="cpu",
@@ -89,6 +101,7 @@ def bench_cpu(args) -> list[dict]:
                     **t,
                     peak_extra_mb=mem / 2**20,
                     id_overlap_vs_pyrag_fp32=_overlap(ids, ref_ids),
+                    **extra,
                 )
             )
         best = min((r for r in block if r["method"] in peers), key=lambda r: r["median_ms"])
@@ -106,6 +119,7 @@ def bench_cpu(args) -> list[dict]:
                 "peak_extra_mb",
                 "speedup_vs_best_peer",
                 "id_overlap_vs_pyrag_fp32",
+                "identical_to_unsketched",
             ],
         )
         print(flush=True)

@@ -98,26 +98,31 @@ PYBIND11_MODULE(_C, m) {
     m.def(
         "topk_ip",
         [](int dtype, P queries, P docs, P scale, int64_t nq, int64_t nb, int64_t dim, int64_t k, P scores, P ids,
-           int threads, int64_t tile_n, int split, int parts, int isa, int path) {
+           int threads, int64_t tile_n, int split, int parts, int isa, int path, P sk_codes, P sk_scale, P sk_norm,
+           P sk_res) {
           const tk::CpuOptions opt{threads, tile_n, split, parts, isa, path};
+          const tk::Sketch sk{reinterpret_cast<const int8_t*>(sk_codes), reinterpret_cast<const float*>(sk_scale),
+                              reinterpret_cast<const float*>(sk_norm), reinterpret_cast<const float*>(sk_res)};
+          const tk::Sketch* skp = sk_codes != 0 ? &sk : nullptr;
           const auto* q = reinterpret_cast<const float*>(queries);
           const auto* s = reinterpret_cast<const float*>(scale);
           auto* os = reinterpret_cast<float*>(scores);
           auto* oi = reinterpret_cast<int64_t*>(ids);
           switch (static_cast<pyrag::DType>(dtype)) {
             case pyrag::DType::f32:
-              return tk::topk_ip_cpu(q, reinterpret_cast<const float*>(docs), s, nq, nb, dim, k, os, oi, opt);
+              return tk::topk_ip_cpu(q, reinterpret_cast<const float*>(docs), s, nq, nb, dim, k, os, oi, opt, skp);
             case pyrag::DType::f16:
-              return tk::topk_ip_cpu(q, reinterpret_cast<const pyrag::half_t*>(docs), s, nq, nb, dim, k, os, oi, opt);
+              return tk::topk_ip_cpu(q, reinterpret_cast<const pyrag::half_t*>(docs), s, nq, nb, dim, k, os, oi, opt, skp);
             case pyrag::DType::bf16:
-              return tk::topk_ip_cpu(q, reinterpret_cast<const pyrag::bf16_t*>(docs), s, nq, nb, dim, k, os, oi, opt);
+              return tk::topk_ip_cpu(q, reinterpret_cast<const pyrag::bf16_t*>(docs), s, nq, nb, dim, k, os, oi, opt, skp);
             case pyrag::DType::i8:
-              return tk::topk_ip_cpu(q, reinterpret_cast<const int8_t*>(docs), s, nq, nb, dim, k, os, oi, opt);
+              return tk::topk_ip_cpu(q, reinterpret_cast<const int8_t*>(docs), s, nq, nb, dim, k, os, oi, opt, skp);
           }
           throw std::invalid_argument("topk_ip: unknown dtype code " + std::to_string(dtype));
         },
         py::call_guard<py::gil_scoped_release>(),
-        "Top-k inner products: queries [nq,dim] fp32, docs [nb,dim] (dtype code), scale [nb] or 0 -> scores, ids.");
+        "Top-k inner products: queries [nq,dim] fp32, docs [nb,dim] (dtype code), scale [nb] or 0, optional int8 "
+        "sketch (codes, scale, norm, res; codes 0 = none) -> scores, ids.");
   }
   // ---- end topk_ip ----
 }

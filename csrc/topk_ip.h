@@ -28,7 +28,19 @@ struct CpuOptions {
   int split = 0;        // 0: auto, 1: threads split the docs (then merge), 2: threads split the queries
   int parts = 0;        // with split 1: number of doc partitions (0: one per thread); tests force more
   int isa = -1;         // -1: best available; otherwise an Isa value no higher than best_cpu_isa()
-  int path = 0;         // 0: auto, 1: fused SIMD dot products, 2: AMX bf16 prefilter + exact fp32 rescoring
+  int path = 0;  // 0: auto, 1: fused SIMD dot products, 2: AMX bf16 prefilter + exact fp32 rescoring,
+                 // 3: int8 sketch prefilter + exact rescoring (needs a Sketch)
+};
+
+// An int8 copy of float docs kept next to them (pyrag.ops.topk_ip.make_sketch builds it), read first so that a
+// few-query search, which is memory bound, streams a quarter of the fp32 bytes. Per row i:
+//   codes[i] * scale[i] approximates docs[i]; norm[i] >= |docs[i]| and res[i] >= |docs[i] - codes[i] * scale[i]|
+//   (Euclidean norms, rounded up to fp32).
+struct Sketch {
+  const int8_t* codes;  // [nb, dim]
+  const float* scale;   // [nb], >= 0
+  const float* norm;    // [nb]
+  const float* res;     // [nb]
 };
 
 // Whether the AMX prefilter can run here (AMX-TILE + AMX-BF16, AVX-512, Linux granted the tile state).
@@ -39,9 +51,12 @@ bool amx_usable();
 // and only docs that a rigorous error bound cannot rule out get their exact fp32 score -- the same bits as the
 // fused path. scores [nq, k] fp32 and ids [nq, k] int64 are written in full. Throws std::invalid_argument on bad
 // options. Extra memory: O(threads * nq * k) candidates plus per-thread tiles.
+// With a sketch (float docs only) and few queries (path 0 up to 12 queries, or path 3), every doc is first scored
+// against its int8 codes, and only docs a rigorous bound cannot rule out get their exact score: again the same
+// bits as the fused path.
 template <class T>
 void topk_ip_cpu(const float* queries, const T* docs, const float* scale, int64_t nq, int64_t nb, int64_t dim,
-                 int64_t k, float* scores, int64_t* ids, const CpuOptions& opt);
+                 int64_t k, float* scores, int64_t* ids, const CpuOptions& opt, const Sketch* sketch = nullptr);
 
 // The CUDA entry points are declared in csrc/topk_ip_cuda.h (it needs cuda_runtime.h for cudaStream_t).
 

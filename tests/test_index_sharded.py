@@ -52,9 +52,10 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     try:
         results = {}
         own, shared = _queries()
-        for dtype in ("float32", "int8"):
+        for dtype in ("float32", "int8", "float32-sketch"):
             _, slices = _data()
-            index = ShardedIndex(D, dtype)
+            index = ShardedIndex(D, dtype.split("-")[0], sketch=dtype.endswith("sketch"))
+            results[dtype, "sketch"] = index.local.sketch
             for call in slices:
                 index.add(call[rank])
             results[dtype, "len"] = (len(index), index.local_len)
@@ -128,8 +129,9 @@ def test_two_process_gloo_sharded_index_equals_single_flat_index(tmp_path):
     ranks = _run_two_ranks(tmp_path)
     own, shared = _queries()
     x, _ = _data()
-    for dtype in ("float32", "int8"):
-        single = _single(dtype)
+    for dtype in ("float32", "int8", "float32-sketch"):
+        single = _single(dtype.split("-")[0])  # with or without a sketch, the results are the same bits
+        assert ranks[0][dtype, "sketch"] == ranks[1][dtype, "sketch"] == dtype.endswith("sketch")
         assert ranks[0][dtype, "len"] == (1006, 600) and ranks[1][dtype, "len"] == (1006, 406)
         for k in (1, 50, 1006):
             for rank in range(2):

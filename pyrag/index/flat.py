@@ -5,24 +5,13 @@ from __future__ import annotations
 
 import torch
 
+from ..ops.sketch import Sketch, make_sketch, quantize_int8  # quantize_int8 also re-exported from here
 from ..ops.topk_ip import topk_ip
 from . import _format
 from ._util import LabelMap, RowBuffer, RWLock, check_dim, check_dtype, check_ids_arg, check_k, check_matrix
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int8": torch.int8}
 _FP16_MAX = 65504.0
-
-
-def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-row int8: x [N, D] float -> (q [N, D] int8, scale [N] fp32) with x ~= q * scale[:, None].
-
-    scale = max|x_row| / 127, so the largest entry of each row maps to +-127 exactly; an all-zero row gets
-    scale 0 and q = 0 (dequantises to zeros instead of dividing by zero)."""
-    x = x.to(torch.float32)
-    scale = x.abs().amax(dim=1) / 127.0 if x.shape[1] else torch.zeros(x.shape[0], device=x.device)
-    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-    q = torch.round(x / safe[:, None]).clamp_(-127, 127).to(torch.int8)
-    return q, scale
 
 
 class FlatIndex:
@@ -32,6 +21,11 @@ class FlatIndex:
         dim: vector dimension D.
         dtype: storage dtype, "float32" | "float16" | "bfloat16" | "int8" (symmetric per-row quantisation with an
             fp32 scale per row; scores are computed against the dequantised vectors q * scale).
+        sketch: also keep an int8 sketch of the float vectors (N * (D + 12) bytes: +25% memory for float32, +50%
+            for float16/bfloat16). CPU searches with fewer than 13 queries then read the sketch first and compute
+            exact scores only where a rigorous error bound says a row could still make the top k: the same results
+            bit for bit, a quarter of the bytes read (few-query search is bound by memory bandwidth, about 2.5x
+            faster at 1 query on a 2-core machine). Not for dtype="int8" (already that compact).
 
     `add(embeddings [N, D], ids=None)` appends rows with int64 labels (default: continuing after the largest
     label so far, i.e. 0..N-1 for a fresh index); `search(queries [Q, D], k)` returns (scores [Q, k] fp32,
@@ -44,11 +38,21 @@ class FlatIndex:
 
     kind = "flat"
 
-    def __init__(self, dim: int, dtype: str | torch.dtype = "float32"):
+    def __init__(self, dim: int, dtype: str | torch.dtype = "float32", *, sketch: bool = False):
         self._dim = check_dim(dim)
         self.dtype = check_dtype(dtype, DTYPES)
+        if not isinstance(sketch, bool):
+            raise TypeError(f"sketch must be True or False, got {sketch!r}")
+        if sketch and self.dtype == "int8":
+            raise ValueError("sketch=True is for float storage; dtype='int8' is already stored as int8 codes")
         self._vectors = RowBuffer(torch.empty(0, self._dim, dtype=DTYPES[self.dtype]))
         self._scales = RowBuffer(torch.empty(0, dtype=torch.float32)) if self.dtype == "int8" else None
+        # The sketch's four parts (codes [N, D] int8; scale, norm, res [N] fp32), appended with the vectors.
+        self._sketch = (
+            [RowBuffer(torch.empty(0, self._dim, dtype=torch.int8))]
+            + [RowBuffer(torch.empty(0, dtype=torch.float32)) for _ in range(3)]
+            if sketch else None
+        )
         self._labels = LabelMap()
         self._lock = RWLock()
         self.extra_meta: dict = {}  # free-form JSON saved with the index (e.g. a shard's rank)
@@ -62,11 +66,17 @@ class FlatIndex:
     def device(self) -> torch.device:
         return self._vectors.buf.device
 
+    @property
+    def sketch(self) -> bool:
+        """Whether the index keeps an int8 sketch of its vectors (see the class docstring)."""
+        return self._sketch is not None
+
     def __len__(self) -> int:
         return self._vectors.n
 
     def __repr__(self) -> str:
-        return f"FlatIndex(dim={self._dim}, dtype={self.dtype!r}, len={len(self)}, device={self.device})"
+        sk = ", sketch=True" if self.sketch else ""
+        return f"FlatIndex(dim={self._dim}, dtype={self.dtype!r}{sk}, len={len(self)}, device={self.device})"
 
     # ---- building ----
     def add(self, embeddings, ids=None) -> None:
@@ -84,8 +94,23 @@ class FlatIndex:
                 self._vectors.append(q)
                 self._scales.append(scale)
             else:
-                self._vectors.append(x.to(DTYPES[self.dtype]))
+                stored = x.to(DTYPES[self.dtype])
+                if self._sketch is not None:
+                    for buf, part in zip(self._sketch, make_sketch(stored)):
+                        buf.append(part)
+                self._vectors.append(stored)
             self._labels.append(labels, x.shape[0])
+
+    def build_sketch(self) -> FlatIndex:
+        """Add the int8 sketch (see the class docstring) to an index built or loaded without one -- e.g. a
+        knowledge base's index: `kb.index.build_sketch()` -- and return self. Costs one pass over the vectors;
+        a no-op if the index already has a sketch. save() then stores it with the vectors."""
+        if self.dtype == "int8":
+            raise ValueError("build_sketch() is for float storage; dtype='int8' is already stored as int8 codes")
+        with self._lock.write():
+            if self._sketch is None:
+                self._sketch = [RowBuffer(t) for t in make_sketch(self._vectors.view())]
+        return self
 
     def to(self, device) -> FlatIndex:
         """Move the stored vectors (and labels) to `device` in place and return self; searches then run there
@@ -93,8 +118,9 @@ class FlatIndex:
         device = torch.device(device)
         with self._lock.write():
             self._vectors.to(device)
-            if self._scales is not None:
-                self._scales.to(device)
+            for buf in [self._scales] + (self._sketch or []):
+                if buf is not None:
+                    buf.to(device)
             self._labels.to(device)
         return self
 
@@ -114,7 +140,8 @@ class FlatIndex:
                         torch.empty(0, k, dtype=torch.int64, device=self.device))
             docs = self._vectors.view()
             scale = self._scales.view() if self._scales is not None else None
-            scores, rows = topk_ip(q, docs, k, doc_scale=scale)
+            sketch = Sketch(*(b.view() for b in self._sketch)) if self._sketch is not None else None
+            scores, rows = topk_ip(q, docs, k, doc_scale=scale, sketch=sketch)
             return scores, self._labels.to_labels(rows)
 
     def reconstruct(self, ids) -> torch.Tensor:
@@ -134,6 +161,9 @@ class FlatIndex:
             sections = {"vectors": self._vectors.view()}
             if self._scales is not None:
                 sections["scales"] = self._scales.view()
+            if self._sketch is not None:
+                for name, buf in zip(Sketch._fields, self._sketch):
+                    sections["sketch_" + name] = buf.view()
             if not self._labels.identity:
                 sections["labels"] = self._labels.labels()
             return sections
@@ -142,7 +172,7 @@ class FlatIndex:
         """Write the index to `path` atomically (temporary file in the same directory, then os.replace)."""
         sections = self._sections()
         _format.save_container(path, kind=self.kind, dim=self._dim, dtype=self.dtype, count=len(self),
-                               meta={"extra": self.extra_meta}, sections=sections)
+                               meta={"extra": self.extra_meta, "sketch": self.sketch}, sections=sections)
 
     @classmethod
     def load(cls, path, mmap: bool = True, *, verify: bool = True) -> FlatIndex:
@@ -156,7 +186,10 @@ class FlatIndex:
     def _from_container(cls, c: _format.Container) -> FlatIndex:
         if c.dtype not in DTYPES:
             raise ValueError(f"{c.path}: unknown storage dtype {c.dtype!r} in the header")
-        self = cls(c.dim, c.dtype)
+        sketch = c.meta.get("sketch", False)  # absent in files written before sketches existed
+        if not isinstance(sketch, bool) or (sketch and c.dtype == "int8"):
+            raise ValueError(f"{c.path}: invalid sketch={sketch!r} in the header meta for dtype={c.dtype}")
+        self = cls(c.dim, c.dtype, sketch=sketch)
         vectors = c.section("vectors")
         if tuple(vectors.shape) != (c.count, c.dim) or vectors.dtype != DTYPES[c.dtype]:
             raise ValueError(f"{c.path}: vectors section {tuple(vectors.shape)} {vectors.dtype} does not match "
@@ -167,6 +200,15 @@ class FlatIndex:
             if tuple(scales.shape) != (c.count,):
                 raise ValueError(f"{c.path}: scales section has shape {tuple(scales.shape)}, expected ({c.count},)")
             self._scales = RowBuffer(scales)
+        if sketch:
+            parts = []
+            for name in Sketch._fields:
+                t = c.section("sketch_" + name)
+                want = (c.count, c.dim) if name == "codes" else (c.count,)
+                if tuple(t.shape) != want:
+                    raise ValueError(f"{c.path}: sketch_{name} section has shape {tuple(t.shape)}, expected {want}")
+                parts.append(t)
+            self._sketch = [RowBuffer(t) for t in parts]
         labels = c.section("labels") if c.has("labels") else None
         if labels is not None and tuple(labels.shape) != (c.count,):
             raise ValueError(f"{c.path}: labels section has shape {tuple(labels.shape)}, expected ({c.count},)")

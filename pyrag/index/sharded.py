@@ -24,19 +24,20 @@ class ShardedIndex:
     included (a FlatIndex breaks ties toward the earlier row).
 
     Args:
-        dim: vector dimension. dtype: storage dtype of the default local FlatIndex.
+        dim: vector dimension. dtype, sketch: storage dtype and int8 sketch (see FlatIndex) of the default local
+            FlatIndex.
         group: the process group (default: the world). local: an existing local index (FlatIndex or HNSWIndex,
             e.g. loaded from a shard file) holding this rank's slice with global labels; with HNSW the local
             top-k is approximate, the merge is the same.
     """
 
-    def __init__(self, dim: int, dtype: str = "float32", *, group=None, local=None):
+    def __init__(self, dim: int, dtype: str = "float32", *, sketch: bool = False, group=None, local=None):
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError("ShardedIndex needs torch.distributed initialised (dist.init_process_group)")
         self.group = group
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
-        self.local = FlatIndex(dim, dtype) if local is None else local
+        self.local = FlatIndex(dim, dtype, sketch=sketch) if local is None else local
         if self.local.dim != dim:
             raise ValueError(f"local index has dim {self.local.dim}, ShardedIndex was given {dim=}")
         # NCCL only moves CUDA tensors; gloo moves CPU ones.

@@ -11,6 +11,7 @@ import torch
 
 from .. import _ext
 from . import _common
+from .sketch import Sketch, check_sketch
 
 QUERY_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 DOC_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.int8)
@@ -18,8 +19,9 @@ DOC_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.int8)
 # Knobs for tests and benchmarks (defaults are what users get). threads: None = torch.get_num_threads();
 # tile_n: docs per tile (0 = auto); split: 0 auto, 1 threads split the docs, 2 threads split the queries;
 # parts: doc partitions with split=1 (0 = one per thread); isa: -1 best, 0 scalar, 1 AVX2, 2 AVX-512;
-# path: "auto", "fused" (SIMD fp32 dot products for every doc) or "prefilter" (AMX bf16 scores for every doc,
-# exact fp32 rescoring of the docs its error bound cannot rule out; same results, needs AMX). "auto" takes the
+# path: "auto", "fused" (SIMD fp32 dot products for every doc), "prefilter" (AMX bf16 scores for every doc,
+# exact fp32 rescoring of the docs its error bound cannot rule out; same results, needs AMX) or "sketch" (the same
+# with the int8 scores of a sketch; needs one). "auto" takes the sketch, when given, up to 12 queries and the AMX
 # prefilter from 48 queries on where AMX exists: below that the fused kernel is memory bound and wins.
 # On CUDA: cuda_path "auto" (the chunked-GEMM path for 9+ queries on fp16/bf16 docs, the fused kernel otherwise),
 # "fused" or "gemm"; cuda_chunk: docs per GEMM chunk (0 = as many as fit in 64 MiB of fp32 scores).
@@ -27,7 +29,7 @@ _DEFAULT_OPTIONS = {
     "threads": None, "tile_n": 0, "split": 0, "parts": 0, "isa": -1, "path": "auto", "cuda_path": "auto",
     "cuda_chunk": 0,
 }
-_PATH_CODES = {"auto": 0, "fused": 1, "prefilter": 2}
+_PATH_CODES = {"auto": 0, "fused": 1, "prefilter": 2, "sketch": 3}
 _options = dict(_DEFAULT_OPTIONS)
 _options_lock = threading.Lock()
 
@@ -42,8 +44,8 @@ def topk_ip_options(**overrides):
     unknown = set(overrides) - set(_DEFAULT_OPTIONS)
     if unknown:
         raise ValueError(f"unknown topk_ip option(s) {sorted(unknown)}; known: {sorted(_DEFAULT_OPTIONS)}")
-    if overrides.get("path", "auto") not in ("auto", "fused", "prefilter"):
-        raise ValueError(f"path must be 'auto', 'fused' or 'prefilter', got {overrides['path']!r}")
+    if overrides.get("path", "auto") not in _PATH_CODES:
+        raise ValueError(f"path must be one of {sorted(_PATH_CODES)}, got {overrides['path']!r}")
     if overrides.get("cuda_path", "auto") not in ("auto", "fused", "gemm"):
         raise ValueError(f"cuda_path must be 'auto', 'fused' or 'gemm', got {overrides['cuda_path']!r}")
     chunk = overrides.get("cuda_chunk", 0)
@@ -71,7 +73,12 @@ def cpu_has_amx() -> bool:
 
 
 def topk_ip(
-    queries: torch.Tensor, docs: torch.Tensor, k: int, *, doc_scale: torch.Tensor | None = None
+    queries: torch.Tensor,
+    docs: torch.Tensor,
+    k: int,
+    *,
+    doc_scale: torch.Tensor | None = None,
+    sketch: Sketch | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact top-k inner-product search: the k docs with the largest q . d for each query.
 
@@ -81,6 +88,10 @@ def topk_ip(
         k: 1 <= k <= N (k > N raises rather than padding, so every returned id is a real doc).
         doc_scale: [N] float (used as fp32), required for int8 docs and refused for float docs; the score of doc i
             is (q . docs[i]) * doc_scale[i], i.e. the inner product with the dequantised row.
+        sketch: optional `pyrag.ops.sketch.make_sketch(docs)` for float docs. On the CPU, up to 12 queries
+            then scan its int8 codes first and compute exact scores only for docs a rigorous error bound cannot
+            rule out: the same results bit for bit, about a quarter of the bytes read per search (few-query search
+            is memory bound). Costs N * (D + 12) bytes; build it once per doc matrix. Ignored on CUDA.
 
     Returns:
         (scores [Q, k] float32 sorted descending, ids [Q, k] int64 row numbers into docs); equal scores are
@@ -110,6 +121,9 @@ def topk_ip(
     docs = docs.detach().contiguous()
     if doc_scale is not None:
         doc_scale = doc_scale.detach().to(torch.float32).contiguous()
+    if sketch is not None:
+        sketch = check_sketch(sketch, docs)
+        return torch.ops.pyrag.topk_ip(queries, docs, k, doc_scale, *sketch)
     return torch.ops.pyrag.topk_ip(queries, docs, k, doc_scale)
 
 
@@ -164,7 +178,14 @@ def _check_inputs(queries, docs, k, doc_scale) -> None:
 
 @torch.library.custom_op("pyrag::topk_ip", mutates_args=())
 def _topk_ip_op(
-    queries: torch.Tensor, docs: torch.Tensor, k: int, doc_scale: torch.Tensor | None
+    queries: torch.Tensor,
+    docs: torch.Tensor,
+    k: int,
+    doc_scale: torch.Tensor | None,
+    sketch_codes: torch.Tensor | None = None,
+    sketch_scale: torch.Tensor | None = None,
+    sketch_norm: torch.Tensor | None = None,
+    sketch_res: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     # Devices without a pyrag kernel (CUDA in a CPU-only build, MPS, ...): plain torch, chunked over the docs.
     _check_finite(queries)
@@ -172,7 +193,7 @@ def _topk_ip_op(
 
 
 @_topk_ip_op.register_fake
-def _(queries, docs, k, doc_scale):
+def _(queries, docs, k, doc_scale, sketch_codes=None, sketch_scale=None, sketch_norm=None, sketch_res=None):
     torch._check(queries.dim() == 2 and docs.dim() == 2, lambda: "queries and docs must be 2-D")
     torch._check(queries.shape[1] == docs.shape[1], lambda: "queries and docs must have the same D")
     torch._check(1 <= k, lambda: f"k must be >= 1, got {k}")
@@ -212,7 +233,8 @@ def _topk_ip_torch_chunked(queries, docs, k, doc_scale, chunk=None):
 
 
 @_topk_ip_op.register_kernel("cpu")
-def _topk_ip_cpu(queries, docs, k, doc_scale):
+def _topk_ip_cpu(queries, docs, k, doc_scale, sketch_codes=None, sketch_scale=None, sketch_norm=None,
+                 sketch_res=None):
     _check_finite(queries)
     nq, dim = queries.shape
     nb = docs.shape[0]
@@ -239,12 +261,16 @@ def _topk_ip_cpu(queries, docs, k, doc_scale):
         opts["parts"],
         opts["isa"],
         _PATH_CODES[opts["path"]],
+        _common.ptr(sketch_codes),
+        _common.ptr(sketch_scale),
+        _common.ptr(sketch_norm),
+        _common.ptr(sketch_res),
     )
     return scores, ids
 
 
 @_topk_ip_op.register_kernel("cuda")
-def _topk_ip_cuda(queries, docs, k, doc_scale):
+def _topk_ip_cuda(queries, docs, k, doc_scale, *_sketch):  # the sketch serves the memory-bound CPU kernel only
     _check_finite(queries)
     cuda = _ext.cuda
     nq, dim = queries.shape

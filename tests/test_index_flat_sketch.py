@@ -1,0 +1,104 @@
+"""FlatIndex(sketch=True): same results as without the sketch, built incrementally, saved and loaded (mapped), and
+refused where it makes no sense."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pyrag.index import FlatIndex, _format, load_index
+
+FLOATS = ["float32", "float16", "bfloat16"]
+
+
+def _pair(dtype, batches, d=24, seed=0, labels=False):
+    g = torch.Generator().manual_seed(seed)
+    plain, sk = FlatIndex(d, dtype), FlatIndex(d, dtype, sketch=True)
+    start = 0
+    for n in batches:
+        x = torch.randn(n, d, generator=g)
+        ids = torch.arange(start, start + n) * 3 + 7 if labels else None
+        plain.add(x, ids=ids)
+        sk.add(x, ids=ids)
+        start += n
+    return plain, sk
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_sketch_index_gives_identical_results_across_appends(dtype):
+    plain, sk = _pair(dtype, [1, 700, 3000, 13], labels=True)
+    assert sk.sketch and not plain.sketch and "sketch=True" in repr(sk)
+    g = torch.Generator().manual_seed(1)
+    for nq in (1, 5, 12, 13, 40):
+        q = torch.randn(nq, 24, generator=g)
+        for k in (1, 10, 3714):
+            for a, b in zip(plain.search(q, k), sk.search(q, k)):
+                assert torch.equal(a, b), (nq, k)
+    ids = torch.tensor([7, 10, 7 + 3 * 3713])
+    assert torch.equal(plain.reconstruct(ids), sk.reconstruct(ids))
+
+
+@pytest.mark.parametrize("mmap", [True, False])
+def test_sketch_round_trips_through_save_and_load(tmp_path, mmap):
+    plain, sk = _pair("float32", [2000])
+    path = tmp_path / "sk.idx"
+    sk.save(path)
+    loaded = FlatIndex.load(path, mmap=mmap)
+    assert loaded.sketch and len(loaded) == 2000
+    assert isinstance(load_index(path), FlatIndex) and load_index(path).sketch
+    q = torch.randn(3, 24)
+    for a, b in zip(plain.search(q, 50), loaded.search(q, 50)):
+        assert torch.equal(a, b)
+    loaded.add(torch.randn(5, 24))  # appending after a (mapped) load extends the sketch too
+    plain.add(loaded.reconstruct(torch.arange(2000, 2005)))
+    for a, b in zip(plain.search(q, 50), loaded.search(q, 50)):
+        assert torch.equal(a, b)
+
+
+def test_files_without_sketch_meta_still_load(tmp_path):
+    # Indexes saved before sketches existed carry no "sketch" key in their meta.
+    x = torch.randn(40, 8)
+    path = tmp_path / "old.idx"
+    _format.save_container(path, kind="flat", dim=8, dtype="float32", count=40, meta={"extra": {}},
+                           sections={"vectors": x})
+    loaded = FlatIndex.load(path)
+    assert not loaded.sketch and torch.equal(loaded.reconstruct(torch.arange(40)), x)
+
+
+def test_inconsistent_sketch_sections_are_refused(tmp_path):
+    x = torch.randn(40, 8)
+    path = tmp_path / "bad.idx"
+    sections = {"vectors": x, "sketch_codes": torch.zeros(39, 8, dtype=torch.int8)}
+    sections.update({f"sketch_{n}": torch.zeros(40) for n in ("scale", "norm", "res")})
+    _format.save_container(path, kind="flat", dim=8, dtype="float32", count=40,
+                           meta={"extra": {}, "sketch": True}, sections=sections)
+    with pytest.raises(ValueError, match=r"sketch_codes section has shape \(39, 8\), expected \(40, 8\)"):
+        FlatIndex.load(path)
+    _format.save_container(path, kind="flat", dim=8, dtype="int8", count=40,
+                           meta={"extra": {}, "sketch": True}, sections={"vectors": x.to(torch.int8)})
+    with pytest.raises(ValueError, match="invalid sketch=True .* dtype=int8"):
+        FlatIndex.load(path)
+
+
+def test_bad_sketch_arguments():
+    with pytest.raises(ValueError, match="sketch=True is for float storage"):
+        FlatIndex(8, "int8", sketch=True)
+    with pytest.raises(TypeError, match="sketch must be True or False, got 'int8'"):
+        FlatIndex(8, sketch="int8")
+
+
+def test_build_sketch_on_an_existing_index(tmp_path):
+    plain, _ = _pair("bfloat16", [500, 77])
+    path = tmp_path / "plain.idx"
+    plain.save(path)
+    late = FlatIndex.load(path)
+    assert not late.sketch
+    assert late.build_sketch() is late and late.sketch
+    late.build_sketch()  # idempotent
+    q = torch.randn(4, 24)
+    for a, b in zip(plain.search(q, 30), late.search(q, 30)):
+        assert torch.equal(a, b)
+    late.save(tmp_path / "late.idx")
+    assert FlatIndex.load(tmp_path / "late.idx").sketch
+    with pytest.raises(ValueError, match="build_sketch\\(\\) is for float storage"):
+        FlatIndex(8, "int8").build_sketch()

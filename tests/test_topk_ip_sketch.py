@@ -1,0 +1,158 @@
+"""The int8 sketch prefilter of the CPU top-k kernel (pyrag.ops.sketch, csrc/topk_ip_cpu.cpp SketchPass): its
+results must be bit-identical to the fused path's on every shape, dtype, SIMD level and adversarial input, and the
+bounds it rests on must hold."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_topk_ip import ISAS, SHAPES, _adversarial_docs, _make, assert_topk_exact
+
+from pyrag.ops.sketch import Sketch, make_sketch
+from pyrag.ops.topk_ip import topk_ip, topk_ip_options
+
+FLOATS = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def _both(q, d, k, **opts):
+    """(fused result, sketch result) with the same options."""
+    with topk_ip_options(path="fused", **opts):
+        a = topk_ip(q, d, k)
+    with topk_ip_options(path="sketch", **opts):
+        b = topk_ip(q, d, k, sketch=make_sketch(d))
+    return a, b
+
+
+def _assert_same(a, b):
+    assert torch.equal(a[1], b[1]), f"ids differ in rows {torch.nonzero((a[1] != b[1]).any(1)).flatten().tolist()}"
+    assert torch.equal(a[0], b[0]), "scores differ"
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("Q,N,D,k", [s for s in SHAPES if s[0] < 300] + [(12, 5000, 64, 5000)])
+def test_sketch_path_is_bit_identical_to_fused_and_exact(Q, N, D, k, dtype):
+    q, d, _ = _make(Q, N, D, dtype, seed=31)
+    a, b = _both(q, d, k)
+    _assert_same(a, b)
+    assert_topk_exact(q, d, k, *b)
+
+
+@pytest.mark.parametrize("isa", ISAS, ids=lambda v: ["scalar", "avx2", "avx512"][v])
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_sketch_path_on_every_simd_path(isa, dtype):
+    q, d, _ = _make(6, 2500, 100, dtype, seed=32)
+    _assert_same(*_both(q, d, 25, isa=isa, tile_n=96))
+
+
+@pytest.mark.parametrize(
+    "opts",
+    [{"tile_n": 7, "split": 1, "parts": 5}, {"tile_n": 24, "split": 2, "threads": 3},
+     {"split": 1, "parts": 64, "threads": 2}],
+    ids=["tiny-tiles", "query-split", "many-parts"],
+)
+def test_sketch_path_with_forced_tiles_partitions_and_threads(opts):
+    q, d, _ = _make(9, 3001, 33, torch.float32, seed=33)
+    _assert_same(*_both(q, d, 40, **opts))
+
+
+@pytest.mark.parametrize("kind", ["near_duplicates", "magnitudes", "zeros_and_copies"])
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_sketch_path_is_bit_identical_on_adversarial_data(kind, dtype):
+    """Near-duplicates tie within the int8 error (most docs become candidates), magnitudes from 1e-30 to 1e30 with
+    a 1e20 query overflow fp32 (the overflow guard), zero rows and exact copies tie exactly (id order)."""
+    g = torch.Generator().manual_seed(34)
+    d, _ = _adversarial_docs(kind, dtype, g)
+    q = torch.randn(8, d.shape[1], generator=g)
+    q[0] *= 1e-20
+    q[1] *= 1e20
+    a, b = _both(q, d, 70, tile_n=64)
+    assert torch.equal(a[1], b[1]), f"ids differ in rows {torch.nonzero((a[1] != b[1]).any(1)).flatten().tolist()}"
+    assert torch.equal(a[0].nan_to_num(), b[0].nan_to_num())
+
+
+def test_huge_query_falls_back_to_the_fused_path():
+    # |q| * 127 * sqrt(D) beyond 2^120 could overflow the int8 scores: the kernel must search without the sketch.
+    q, d, _ = _make(2, 2000, 16, torch.float32, seed=35)
+    q[1] *= 1e35
+    _assert_same(*_both(q, d, 10))
+
+
+def _corrupt(sk: Sketch) -> Sketch:
+    """A sketch that claims every doc scores ~0 within a zero error: trusting it drops the real top k."""
+    return Sketch(torch.zeros_like(sk.codes), sk.scale, torch.full_like(sk.norm, 1e-30), torch.zeros_like(sk.res))
+
+
+def test_auto_path_consults_the_sketch_up_to_12_queries():
+    """Through a deliberately wrong sketch: results change exactly when the sketch is read, i.e. with up to 12
+    queries on the default path (and never on the fused path)."""
+    q, d, _ = _make(13, 20000, 32, torch.float32, seed=36)
+    q = q + 3 * d[:1]  # every query's top k is far above zero, so a sketch saying "all ~0" prunes them
+    bad = _corrupt(make_sketch(d))
+    ref = topk_ip(q, d, 10)
+    for n in (1, 12):
+        s, i = topk_ip(q[:n], d, 10, sketch=bad)
+        assert not torch.equal(i, ref[1][:n]), f"{n} queries: the sketch was not used"
+    s, i = topk_ip(q, d, 10, sketch=bad)  # 13 queries: fused path, the sketch is not read
+    assert torch.equal(i, ref[1]) and torch.equal(s, ref[0])
+    with topk_ip_options(path="fused"):
+        assert torch.equal(topk_ip(q[:1], d, 10, sketch=bad)[1], ref[1][:1])
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_make_sketch_bounds_hold(dtype):
+    g = torch.Generator().manual_seed(37)
+    span = 3 if dtype == torch.float16 else 20  # fp16 overflows past 65504
+    d = (torch.randn(3000, 77, generator=g) * torch.logspace(-span, span, 3000)[:, None]).to(dtype)
+    d[5] = 0
+    sk = make_sketch(d)
+    x = d.double()
+    assert sk.codes.dtype == torch.int8 and sk.codes.shape == d.shape
+    assert all(t.dtype == torch.float32 and t.shape == (3000,) and t.is_contiguous() for t in sk[1:])
+    deq = sk.codes.double() * sk.scale.double()[:, None]
+    assert bool((sk.norm.double() >= x.norm(dim=1)).all())
+    assert bool((sk.res.double() >= (x - deq).norm(dim=1)).all())
+    # Tight as well as safe: within 1e-6 relative of the fp64 values, and far below the norm for int8 codes.
+    assert bool((sk.norm.double() <= x.norm(dim=1) * (1 + 1e-6) + 1e-300).all())
+    assert float(((x - deq).norm(dim=1) / x.norm(dim=1).clamp_min(1e-300)).max()) < 0.02
+    assert float(sk.norm[5]) == 0.0 and float(sk.res[5]) == 0.0
+
+
+def test_make_sketch_of_empty_docs():
+    sk = make_sketch(torch.empty(0, 8))
+    assert sk.codes.shape == (0, 8) and all(t.shape == (0,) for t in sk[1:])
+
+
+def test_make_sketch_refuses_bad_docs():
+    with pytest.raises(ValueError, match="NaN or inf.*row 3"):
+        d = torch.randn(10, 4)
+        d[3, 1] = float("inf")
+        make_sketch(d)
+    with pytest.raises(ValueError, match="2-D float32/float16/bfloat16"):
+        make_sketch(torch.zeros(3, 4, dtype=torch.int8))
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        make_sketch([[1.0]])
+
+
+def test_bad_sketch_arguments_are_refused():
+    q, d, _ = _make(2, 100, 8, torch.float32)
+    sk = make_sketch(d)
+    with pytest.raises(TypeError, match="sketch must be a pyrag.ops.sketch.Sketch"):
+        topk_ip(q, d, 5, sketch=(sk.codes, sk.scale, sk.norm, sk.res))
+    with pytest.raises(ValueError, match=r"sketch.codes must be int8 \[100, 8\]"):
+        topk_ip(q, d, 5, sketch=sk._replace(codes=sk.codes[:50]))
+    with pytest.raises(ValueError, match=r"sketch.res must be float32 \[100\]"):
+        topk_ip(q, d, 5, sketch=sk._replace(res=sk.res.double()))
+    q8, d8, scale = _make(2, 100, 8, torch.int8)
+    with pytest.raises(ValueError, match="sketch is for float docs"):
+        topk_ip(q8, d8, 5, doc_scale=scale, sketch=sk)
+    with topk_ip_options(path="sketch"), pytest.raises(ValueError, match="path=sketch needs a sketch"):
+        topk_ip(q, d, 5)
+    with pytest.raises(ValueError, match="path must be one of"), topk_ip_options(path="sketchy"):
+        pass
+
+
+def test_sketch_of_a_non_contiguous_view_is_used_as_given():
+    q, d, _ = _make(3, 500, 16, torch.float32, seed=38)
+    sk = make_sketch(d)
+    wide = Sketch(torch.cat([sk.codes, sk.codes], 1)[:, :16], sk.scale, sk.norm, sk.res)  # non-contiguous codes
+    _assert_same(topk_ip(q, d, 7, sketch=sk), topk_ip(q, d, 7, sketch=wide))
