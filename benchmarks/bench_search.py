@@ -18,7 +18,7 @@ from common import peak_extra_memory, print_table, time_fn, write_results
 
 import pyrag
 from pyrag.ops.sketch import make_sketch
-from pyrag.ops.topk_ip import cpu_has_amx
+from pyrag.ops.topk_ip import cpu_has_amx, topk_ip_options
 
 SKETCH_MAX_Q = 12  # topk_ip reads a given sketch up to this many queries (csrc/topk_ip_cpu.cpp, kSketchMaxQ)
 
@@ -126,6 +126,11 @@ def bench_cpu(args) -> list[dict]:
     return rows
 
 
+def _with_warp_select(fn):
+    with topk_ip_options(cuda_select="warp"):
+        return fn()
+
+
 def bench_cuda(args) -> list[dict]:
     dev = "cuda"
     g = torch.Generator(device=dev).manual_seed(args.seed)
@@ -144,6 +149,8 @@ def bench_cuda(args) -> list[dict]:
             "pyrag fp16": lambda qh=qh: pyrag.topk_ip(qh, docs, args.k),
             "pyrag fp16 docs, fp32 queries": lambda q=q: pyrag.topk_ip(q, docs, args.k),
         }
+        if nq >= 9:  # the chunked-GEMM path: also time the warp-per-list selection kernel
+            fns["pyrag fp16, warp select"] = lambda qh=qh: _with_warp_select(lambda: pyrag.topk_ip(qh, docs, args.k))
         block = []
         for name, fn in fns.items():
             try:

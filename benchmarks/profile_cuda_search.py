@@ -2,7 +2,7 @@
 
 Times, on one GPU: the fused kernel at Q=1 for several blocks-per-SM settings; at Q=64 and Q=1024, the chunked
 GEMM alone (torch.mm with fp32 output, and with fp16 output for reference), the selection alone, and the whole
-search, for several chunk sizes. Writes JSON (--out).
+search, for several chunk sizes and both selection kernels (cuda_select "block" and "warp"). Writes JSON (--out).
 """
 
 from __future__ import annotations
@@ -64,23 +64,27 @@ def main(argv=None) -> int:
                 for lo in range(0, args.n, chunk):
                     torch.mm(q, docs[lo : lo + chunk].T)
 
+            # One score chunk reused by every call: after the first call almost nothing is admitted, so "select only"
+            # times the streaming (plus the first call's cuts); "full search" has the real admissions.
             s = torch.mm(q, docs[:chunk].T, out_dtype=torch.float32)
-            nbytes = cuda.topk_select_workspace_bytes(nq, args.k, chunk)
-            ws = torch.empty(nbytes, dtype=torch.uint8, device=dev)
-
-            def select(chunk=chunk, s=s, ws=ws, nbytes=nbytes, nq=nq):
-                st = _common.stream(s)
-                for lo in range(0, args.n, chunk):
-                    n = min(chunk, args.n - lo)
-                    cuda.topk_select(_common.ptr(s), chunk, 0, nq, lo, n, args.k, chunk, lo == 0, lo + n >= args.n,
-                                     _common.ptr(ws), nbytes, st)
-
             rec("gemm fp32 out only", mm32, Q=nq, chunk=chunk)
             rec("gemm fp16 out only", mm16, Q=nq, chunk=chunk)
-            rec("select only", select, Q=nq, chunk=chunk)
-            with topk_ip_options(cuda_chunk=chunk):
-                rec("full search", lambda q=q: pyrag.topk_ip(q, docs, args.k), Q=nq, chunk=chunk)
-            del s, ws
+            for variant, name in enumerate(("block", "warp")):
+                nbytes = cuda.topk_select_workspace_bytes(nq, args.k, chunk, variant)
+                ws = torch.empty(nbytes, dtype=torch.uint8, device=dev)
+
+                def select(chunk=chunk, s=s, ws=ws, nbytes=nbytes, nq=nq, variant=variant):
+                    st = _common.stream(s)
+                    for lo in range(0, args.n, chunk):
+                        n = min(chunk, args.n - lo)
+                        cuda.topk_select(_common.ptr(s), chunk, 0, nq, lo, n, args.k, chunk, lo == 0,
+                                         lo + n >= args.n, _common.ptr(ws), nbytes, st, variant)
+
+                rec("select only", select, Q=nq, chunk=chunk, select=name)
+                with topk_ip_options(cuda_chunk=chunk, cuda_select=name):
+                    rec("full search", lambda q=q: pyrag.topk_ip(q, docs, args.k), Q=nq, chunk=chunk, select=name)
+                del ws
+            del s
     write_results("profile_cuda_search", rows, {"args": vars(args)}, args.out)
     return 0
 

@@ -124,24 +124,31 @@ PYBIND11_MODULE(_C_cuda, m) {
           throw std::invalid_argument("topk_ip: unknown dtype code " + std::to_string(dtype));
         },
         py::call_guard<py::gil_scoped_release>(), "Top-k inner products on the GPU (see csrc/topk_ip_cuda.h).");
-    m.def("topk_select_workspace_bytes", &tk::cuda_select_workspace_bytes,
-          "Bytes of scratch the chunked-GEMM selection needs on the current device.");
+    m.def("topk_select_workspace_bytes", &tk::cuda_select_workspace_bytes, py::arg("nq"), py::arg("k"),
+          py::arg("chunk"), py::arg("variant") = 0,
+          "Bytes of scratch the chunked-GEMM selection needs on the current device (variant 0 block, 1 warp).");
     m.def(
         "topk_select",
         [](P scores, int64_t ld, P qmul, int64_t nq, int64_t doc0, int64_t n, int64_t k, int64_t chunk, bool first,
-           bool last, P workspace, size_t workspace_bytes, P stream) {
+           bool last, P workspace, size_t workspace_bytes, P stream, int variant) {
           tk::topk_select_cuda(reinterpret_cast<const float*>(scores), ld, reinterpret_cast<const float*>(qmul), nq,
                                doc0, n, k, chunk, first, last, reinterpret_cast<void*>(workspace), workspace_bytes,
-                               as_stream(stream));
+                               as_stream(stream), variant);
         },
-        py::call_guard<py::gil_scoped_release>(), "Folds one chunk of precomputed scores into the candidate lists.");
+        py::arg("scores"), py::arg("ld"), py::arg("qmul"), py::arg("nq"), py::arg("doc0"), py::arg("n"), py::arg("k"),
+        py::arg("chunk"), py::arg("first"), py::arg("last"), py::arg("workspace"), py::arg("workspace_bytes"),
+        py::arg("stream"), py::arg("variant") = 0, py::call_guard<py::gil_scoped_release>(),
+        "Folds one chunk of precomputed scores into the candidate lists.");
     m.def(
         "topk_select_finish",
-        [](int64_t nq, int64_t k, int64_t chunk, P scores, P ids, P workspace, size_t workspace_bytes, P stream) {
+        [](int64_t nq, int64_t k, int64_t chunk, P scores, P ids, P workspace, size_t workspace_bytes, P stream,
+           int variant) {
           tk::topk_select_finish_cuda(nq, k, chunk, reinterpret_cast<float*>(scores), reinterpret_cast<int64_t*>(ids),
-                                      reinterpret_cast<void*>(workspace), workspace_bytes, as_stream(stream));
+                                      reinterpret_cast<void*>(workspace), workspace_bytes, as_stream(stream), variant);
         },
-        py::call_guard<py::gil_scoped_release>(), "Merges the candidate lists into sorted scores and ids.");
+        py::arg("nq"), py::arg("k"), py::arg("chunk"), py::arg("scores"), py::arg("ids"), py::arg("workspace"),
+        py::arg("workspace_bytes"), py::arg("stream"), py::arg("variant") = 0, py::call_guard<py::gil_scoped_release>(),
+        "Merges the candidate lists into sorted scores and ids.");
   }
   // ---- end topk_ip ----
 }

@@ -459,6 +459,165 @@ __global__ void __launch_bounds__(NT) search_kernel(Args a) {
   }
 }
 
+// ---- warp-per-list selection of precomputed scores (chunked-GEMM path, select variant 1) -----------------------
+// The block kernel above (search_kernel<Scores>) reads the scores at ~0.5 TB/s on an H100 at 1024 queries
+// (benchmarks/results/profile_cuda_search.json); by a count of its source, not a profile, it spends some 60
+// instructions per score (index arithmetic, shared-memory staging, two barriers per tile) at 4 blocks per SM.
+// Here one warp owns one (query, column segment) list: it streams its segment of the score row with 16-byte loads,
+// two in flight per lane (59 registers on sm_90: 4 blocks = 32 warps per SM; four loads took 80), and tests each
+// score against the list's threshold in the float domain -- one compare per score; the key, the ballot and the
+// append only for the rare scores that pass. No block barriers: a list that could overflow is cut back to its best
+// k by its warp alone (radix select over the list, which sits in L2, with a warp-private histogram in shared
+// memory). Same lists, counts and thresholds as the block kernel, so the merge is shared.
+constexpr unsigned kFull = 0xffffffffu;
+constexpr int kWarps = NT / 32;
+constexpr int kSelLoads = 2;               // float4 loads in flight per lane
+constexpr int kSelStep = 128 * kSelLoads;  // columns a warp reads per step
+
+// The k-th largest key of buf[0, n) (keys unique, n >= k), by one warp; hist: its 256 shared counters.
+__device__ u64 warp_kth_largest(const u64* buf, int64_t n, int64_t k, unsigned* hist) {
+  const int lane = threadIdx.x & 31;
+  u64 prefix = 0, mask = 0;
+  unsigned krem = static_cast<unsigned>(k);
+  for (int shift = 56; shift >= 0; shift -= 8) {
+    for (int i = lane; i < 256; i += 32) hist[i] = 0;
+    __syncwarp();
+    for (int64_t i0 = 0; i0 < n; i0 += 32) {
+      const int64_t i = i0 + lane;
+      const u64 x = i < n ? buf[i] : 0;
+      const bool in = i < n && (x & mask) == prefix;
+      const unsigned bin = static_cast<unsigned>(x >> shift) & 255u;
+      // Keys of one list share their top bits, so most land in one bin: one atomic per distinct bin.
+      const unsigned same = __match_any_sync(kFull, in ? bin : 256u + bin);
+      if (in && lane == __ffs(same) - 1) atomicAdd(&hist[bin], static_cast<unsigned>(__popc(same)));
+    }
+    __syncwarp();
+    // Lane L holds bins 255 - 8L down to 248 - 8L; an inclusive scan over lanes finds the bin of the krem-th key.
+    unsigned own[8], sum = 0;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      own[j] = hist[255 - 8 * lane - j];
+      sum += own[j];
+    }
+    unsigned incl = sum;
+#pragma unroll
+    for (int d = 1; d < 32; d <<= 1) {
+      const unsigned v = __shfl_up_sync(kFull, incl, d);
+      if (lane >= d) incl += v;
+    }
+    const unsigned excl = incl - sum;
+    const int src = __ffs(__ballot_sync(kFull, excl < krem && incl >= krem)) - 1;
+    unsigned bin = 0, above = excl;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      if (bin == 0 && above + own[j] >= krem) bin = 256u + (255u - 8u * lane - j);  // 256+: found (bin may be 0)
+      if (bin == 0) above += own[j];
+    }
+    bin = __shfl_sync(kFull, bin, src) - 256u;
+    above = __shfl_sync(kFull, above, src);
+    prefix |= u64(bin) << shift;
+    mask |= u64(255) << shift;
+    krem -= above;
+    __syncwarp();  // every lane has read hist before the next pass clears it
+  }
+  return prefix;  // all 64 bits fixed: the k-th key itself
+}
+
+// Keeps the k best of buf[0, n) (n > k) in buf[0, k), staging through buf[cap, cap + k); returns the k-th key.
+__device__ u64 warp_compact(u64* buf, int64_t n, int64_t k, int64_t cap, unsigned* hist) {
+  const int lane = threadIdx.x & 31;
+  const u64 kth = warp_kth_largest(buf, n, k, hist);
+  int64_t kept = 0;
+  for (int64_t i0 = 0; i0 < n; i0 += 32) {
+    const int64_t i = i0 + lane;
+    const u64 x = i < n ? buf[i] : 0;
+    const bool keep = i < n && x >= kth;
+    const unsigned b = __ballot_sync(kFull, keep);
+    if (keep) buf[cap + kept + __popc(b & ((1u << lane) - 1u))] = x;
+    kept += __popc(b);
+  }
+  __syncwarp();  // orders the staging writes before other lanes read them
+  for (int64_t i = lane; i < k; i += 32) buf[i] = buf[cap + i];
+  __syncwarp();
+  return kth;
+}
+
+// Appends the keys of this lane's 4 scores v[0..3] (columns j..j+3 of a step of rem columns, doc ids id0 + column)
+// that beat the threshold; first cuts the list to its best k if 128 more keys might not fit. (Inlined: as a call,
+// the ABI's saved registers raised the kernel from 59 to 80 registers, i.e. fewer warps per SM.)
+__device__ __forceinline__ void admit(u64* list, const float* v, int j, int rem, int64_t id0, int64_t k, int64_t cap,
+                                   u64& thr, float& thr_s, int64_t& cnt, unsigned* hist) {
+  const int lane = threadIdx.x & 31;
+  if (cnt + 128 > cap) {  // cap = 2k + 128, so cnt > 2k >= k: a cut is possible
+    thr = warp_compact(list, cnt, k, cap, hist);
+    cnt = k;
+    thr_s = key_score(thr);
+  }
+#pragma unroll
+  for (int e = 0; e < 4; ++e) {
+    const bool in = j + e < rem;
+    const u64 key = in ? make_key(v[e], id0 + j + e) : 0;
+    const bool pass = in && key > thr;
+    const unsigned b = __ballot_sync(kFull, pass);
+    if (pass) list[cnt + __popc(b & ((1u << lane) - 1u))] = key;
+    cnt += __popc(b);
+  }
+}
+
+// Warp w of the grid owns list (q, c) = (w / chunks, w % chunks): docs [c * chunk_len, ...) of this score chunk.
+__global__ void __launch_bounds__(NT) select_warp_kernel(Args a) {
+  __shared__ unsigned hist[kWarps][256];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int64_t w = int64_t(blockIdx.x) * kWarps + warp;
+  if (w >= a.nq * a.chunks) return;  // a whole warp: nothing below synchronises more than one warp
+  const int64_t q = w / a.chunks, c = w % a.chunks, slot = a.cap + a.k;
+  u64* list = a.keys + w * slot;  // == keys + (q * chunks + c) * slot, the block kernel's layout
+  u64 thr = a.first ? 0 : a.thr_g[w];
+  int64_t cnt = a.first ? 0 : a.counts[w];
+  // thr 0 admits everything (even NaN scores, as -inf keys); otherwise a score below key_score(thr) cannot pass.
+  float thr_s = thr == 0 ? -INFINITY : key_score(thr);
+  const float mul = a.qmul != nullptr ? a.qmul[q] : 1.0f;
+  const int64_t lo = c * a.chunk_len, hi = min(a.nb, lo + a.chunk_len);
+  const float* row = a.scores + q * a.ld_scores;
+  const bool vec = a.ld_scores % 4 == 0 && reinterpret_cast<uintptr_t>(a.scores) % 16 == 0;  // lo % 4 == 0 too
+  for (int64_t g0 = lo; g0 < hi; g0 += kSelStep) {
+    const float* base = row + g0;
+    const int rem = static_cast<int>(min(hi - g0, int64_t{kSelStep}));  // columns of this step
+    float v[4 * kSelLoads];
+#pragma unroll
+    for (int u = 0; u < kSelLoads; ++u) {
+      const int j = u * 128 + lane * 4;
+      if (vec && j + 3 < rem) {
+        const float4 f = __ldcs(reinterpret_cast<const float4*>(base + j));
+        v[4 * u] = f.x, v[4 * u + 1] = f.y, v[4 * u + 2] = f.z, v[4 * u + 3] = f.w;
+      } else {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) v[4 * u + e] = j + e < rem ? __ldcs(base + j + e) : 0.0f;
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kSelLoads; ++u) {
+      const int j = u * 128 + lane * 4;
+      bool any = false;
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        v[4 * u + e] *= mul;
+        any |= j + e < rem && !(v[4 * u + e] < thr_s);
+      }
+      if (!__any_sync(kFull, any)) continue;  // the common case once the threshold has risen
+      admit(list, v + 4 * u, j, rem, a.doc0 + g0, a.k, a.cap, thr, thr_s, cnt, hist[warp]);
+    }
+  }
+  if (a.last && cnt > a.k) {
+    warp_compact(list, cnt, a.k, a.cap, hist[warp]);
+    cnt = a.k;
+  }
+  if (lane == 0) {
+    a.counts[w] = static_cast<int>(cnt);
+    if (!a.last) a.thr_g[w] = thr;
+  }
+}
+
 // Merge of the chunks' candidate lists, in levels. At a level the live lists sit at chunks 0, s, 2s, ... (s = the
 // stride); block (query, g) merges G consecutive live lists in shared memory (one global read of each key, then
 // radix select on-chip) and writes the best k back in place, at chunk g*G*s, so the next level's stride is G*s.
@@ -725,13 +884,18 @@ struct SelectPlan {
   size_t keys_off, counts_off, thr_off, total;
 };
 
-SelectPlan make_select_plan(int64_t nq, int64_t k, int64_t chunk) {
+// variant 0: search_kernel<Scores> (blocks of 16 queries x a column range); 1: select_warp_kernel (a warp per query
+// and column range, aiming at 64 warps per SM; a range is a whole number of its 512-column steps).
+SelectPlan make_select_plan(int64_t nq, int64_t k, int64_t chunk, int variant) {
+  if (variant != 0 && variant != 1)
+    throw std::invalid_argument("topk_select CUDA: variant=" + std::to_string(variant) + " (0 block, 1 warp)");
   SelectPlan p{};
-  p.qtiles = (nq + Scores::BQ - 1) / Scores::BQ;
-  p.cap = 2 * k + Scores::BN;
+  p.qtiles = variant == 0 ? (nq + Scores::BQ - 1) / Scores::BQ : nq;
+  p.cap = 2 * k + Scores::BN;  // both kernels append at most 128 keys between cuts
   const int64_t slot = p.cap + k;
   // a third of the budget: the caller also holds a score chunk (pyrag/ops/topk_ip.py keeps it under 64 MiB)
-  split_columns(chunk, 4 * sm_count(), p.qtiles, Scores::BN, nq * slot * 8, int64_t(kBudget / 3), p.col_len, p.cols);
+  split_columns(chunk, (variant == 0 ? 4 : 64) * sm_count(), p.qtiles, variant == 0 ? Scores::BN : kSelStep,
+                nq * slot * 8, int64_t(kBudget / 3), p.col_len, p.cols);
   size_t off = 0;
   p.keys_off = off;
   off = align_up(off + size_t(nq) * size_t(p.cols) * size_t(slot) * 8);
@@ -745,24 +909,24 @@ SelectPlan make_select_plan(int64_t nq, int64_t k, int64_t chunk) {
 
 }  // namespace
 
-size_t cuda_select_workspace_bytes(int64_t nq, int64_t k, int64_t chunk) {
+size_t cuda_select_workspace_bytes(int64_t nq, int64_t k, int64_t chunk, int variant) {
   if (chunk < 1 || k < 1)
     throw std::invalid_argument("topk_select CUDA: chunk=" + std::to_string(chunk) + " k=" + std::to_string(k) +
                                 " must be >= 1");
   if (nq <= 0) return 0;
-  return make_select_plan(nq, k, chunk).total;
+  return make_select_plan(nq, k, chunk, variant).total;
 }
 
 void topk_select_cuda(const float* scores_chunk, int64_t ld, const float* qmul, int64_t nq, int64_t doc0, int64_t n,
                       int64_t k, int64_t chunk, bool first, bool last, void* workspace, size_t workspace_bytes,
-                      cudaStream_t stream) {
+                      cudaStream_t stream, int variant) {
   if (nq < 0 || k < 1 || k > kCudaMaxK || chunk < 1 || n < 0 || n > chunk || ld < n || doc0 < 0 ||
       doc0 + n > kCudaMaxN)
     throw std::invalid_argument("topk_select CUDA: unsupported sizes nq=" + std::to_string(nq) + " k=" +
                                 std::to_string(k) + " chunk=" + std::to_string(chunk) + " n=" + std::to_string(n) +
                                 " ld=" + std::to_string(ld) + " doc0=" + std::to_string(doc0));
   if (nq == 0) return;
-  const SelectPlan p = make_select_plan(nq, k, chunk);
+  const SelectPlan p = make_select_plan(nq, k, chunk, variant);
   if (workspace_bytes < p.total)
     throw std::invalid_argument("topk_select CUDA: workspace of " + std::to_string(workspace_bytes) +
                                 " bytes, need " + std::to_string(p.total));
@@ -775,17 +939,22 @@ void topk_select_cuda(const float* scores_chunk, int64_t ld, const float* qmul, 
   a.doc0 = doc0;
   a.first = first;
   a.last = last;
-  const dim3 grid(static_cast<unsigned>(p.qtiles), static_cast<unsigned>(p.cols));
-  search_kernel<Scores><<<grid, NT, Scores::smem_bytes(0), stream>>>(a);
+  if (variant == 1) {
+    const int64_t warps = nq * p.cols;
+    select_warp_kernel<<<static_cast<unsigned>((warps + kWarps - 1) / kWarps), NT, 0, stream>>>(a);
+  } else {
+    const dim3 grid(static_cast<unsigned>(p.qtiles), static_cast<unsigned>(p.cols));
+    search_kernel<Scores><<<grid, NT, Scores::smem_bytes(0), stream>>>(a);
+  }
   check_cuda(cudaGetLastError(), "select kernel launch");
 }
 
 void topk_select_finish_cuda(int64_t nq, int64_t k, int64_t chunk, float* scores, int64_t* ids, void* workspace,
-                             size_t workspace_bytes, cudaStream_t stream) {
+                             size_t workspace_bytes, cudaStream_t stream, int variant) {
   if (chunk < 1 || k < 1 || k > kCudaMaxK)
     throw std::invalid_argument("topk_select CUDA: chunk=" + std::to_string(chunk) + " k=" + std::to_string(k));
   if (nq <= 0) return;
-  const SelectPlan p = make_select_plan(nq, k, chunk);
+  const SelectPlan p = make_select_plan(nq, k, chunk, variant);
   if (workspace_bytes < p.total)
     throw std::invalid_argument("topk_select CUDA: workspace too small");
   auto* ws = static_cast<unsigned char*>(workspace);

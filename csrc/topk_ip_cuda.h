@@ -37,11 +37,12 @@ void topk_ip_cuda(const float* queries, const T* docs, const float* scale, int64
 // (row stride ld, docs doc0 .. doc0 + n, scores times qmul[q] when qmul is not null) into candidate lists kept in
 // the workspace: first = the first chunk (lists start empty), last = the last one; then topk_select_finish_cuda
 // writes scores [nq, k] and ids [nq, k]. Extra memory O(nq * k * columns), the lists only.
-size_t cuda_select_workspace_bytes(int64_t nq, int64_t k, int64_t chunk);
+// variant: 0 the block kernel (16 queries per block), 1 the warp-per-list kernel; the same for all calls of a search.
+size_t cuda_select_workspace_bytes(int64_t nq, int64_t k, int64_t chunk, int variant = 0);
 void topk_select_cuda(const float* scores_chunk, int64_t ld, const float* qmul, int64_t nq, int64_t doc0, int64_t n,
                       int64_t k, int64_t chunk, bool first, bool last, void* workspace, size_t workspace_bytes,
-                      cudaStream_t stream);
+                      cudaStream_t stream, int variant = 0);
 void topk_select_finish_cuda(int64_t nq, int64_t k, int64_t chunk, float* scores, int64_t* ids, void* workspace,
-                             size_t workspace_bytes, cudaStream_t stream);
+                             size_t workspace_bytes, cudaStream_t stream, int variant = 0);
 
 }  // namespace pyrag::topk

@@ -553,17 +553,47 @@ def test_cuda_many_chunks_merge_in_several_levels(Q, N, D, k):
     assert_topk_exact(q, d, k, s.cpu(), i.cpu())
 
 
+SELECTS = ["block", "warp"]  # the two kernels that fold GEMM score chunks into the candidate lists
+
+
 @cuda
+@pytest.mark.parametrize("select", SELECTS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("qdtype", [torch.float32, None])  # None: queries in the docs' dtype (one exact part)
-@pytest.mark.parametrize("chunk", [0, 1000, 333])  # 0: one chunk; else several, the last one short
-def test_cuda_gemm_path_over_chunks(dtype, qdtype, chunk):
+@pytest.mark.parametrize("chunk", [0, 1000, 333])  # 0: one chunk; else several, the last one short (333: unaligned)
+def test_cuda_gemm_path_over_chunks(dtype, qdtype, chunk, select):
     q, d, _ = _make(40, 5000, 96, dtype, seed=17)
     q = q * 3e3 if dtype == torch.float16 else q  # fp16 query parts need the power-of-two rescale to stay finite
     qq = q if qdtype is not None else q.to(dtype)
-    with topk_ip_options(cuda_path="gemm", cuda_chunk=chunk):
+    with topk_ip_options(cuda_path="gemm", cuda_chunk=chunk, cuda_select=select):
         s, i = topk_ip(qq.cuda(), d.cuda(), 64)
     assert_topk_exact(qq.float(), d, 64, s.cpu(), i.cpu())
+
+
+@cuda
+@pytest.mark.parametrize("k", [1, 100, 4096])
+def test_cuda_select_kernels_agree_bit_for_bit(k):
+    # Ties everywhere (integer-valued scores, duplicated docs), NaN docs, many chunks: both selection kernels must
+    # return exactly the same scores and ids as each other and as the fused kernel's exact order.
+    g = torch.Generator().manual_seed(23)
+    base = torch.randint(-3, 4, (700, 32), generator=g).to(torch.float16)
+    d = base[torch.randint(0, 700, (9000,), generator=g)]
+    d[::97] = float("nan")
+    q = torch.randint(-2, 3, (70, 32), generator=g).to(torch.float16)
+    out = {}
+    for select in SELECTS:
+        with topk_ip_options(cuda_path="gemm", cuda_chunk=1024, cuda_select=select):
+            out[select] = [t.cpu() for t in topk_ip(q.cuda(), d.cuda(), k)]
+    with topk_ip_options(cuda_path="fused"):
+        ref = [t.cpu() for t in topk_ip(q.cuda(), d.cuda(), k)]
+    for select in SELECTS:
+        assert torch.equal(out[select][1], ref[1]), f"{select}: ids differ from the fused kernel"
+        assert torch.equal(out[select][0].nan_to_num(), ref[0].nan_to_num()), f"{select}: scores differ"
+
+
+def test_cuda_select_option_is_checked():
+    with pytest.raises(ValueError, match="cuda_select"), topk_ip_options(cuda_select="thread"):
+        pass
 
 
 @cuda
@@ -582,10 +612,11 @@ def test_cuda_path_option_is_checked():
 
 
 @cuda
-def test_cuda_gemm_path_with_k_larger_than_the_chunk():
+@pytest.mark.parametrize("select", SELECTS)
+def test_cuda_gemm_path_with_k_larger_than_the_chunk(select):
     # every chunk holds fewer docs than k: the lists carry candidates over many chunks before the first cut
     q, d, _ = _make(20, 3000, 40, torch.float16, seed=19)
-    with topk_ip_options(cuda_path="gemm", cuda_chunk=128):
+    with topk_ip_options(cuda_path="gemm", cuda_chunk=128, cuda_select=select):
         s, i = topk_ip(q.cuda(), d.cuda(), 500)
     assert_topk_exact(q, d, 500, s.cpu(), i.cpu())
 

@@ -24,11 +24,14 @@ DOC_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.int8)
 # with the int8 scores of a sketch; needs one). "auto" takes the sketch, when given, up to 12 queries and the AMX
 # prefilter from 48 queries on where AMX exists: below that the fused kernel is memory bound and wins.
 # On CUDA: cuda_path "auto" (the chunked-GEMM path for 9+ queries on fp16/bf16 docs, the fused kernel otherwise),
-# "fused" or "gemm"; cuda_chunk: docs per GEMM chunk (0 = as many as fit in 64 MiB of fp32 scores).
+# "fused" or "gemm"; cuda_chunk: docs per GEMM chunk (0 = as many as fit in 64 MiB of fp32 scores); cuda_select: the
+# kernel that folds GEMM score chunks into the candidate lists, "block" (16 queries per block, measured) or "warp"
+# (a warp per query and column range, no block barriers; written to lift the Q >= 64 bottleneck, to be measured).
 _DEFAULT_OPTIONS = {
     "threads": None, "tile_n": 0, "split": 0, "parts": 0, "isa": -1, "path": "auto", "cuda_path": "auto",
-    "cuda_chunk": 0,
+    "cuda_chunk": 0, "cuda_select": "block",
 }
+_SELECT_CODES = {"block": 0, "warp": 1}
 _PATH_CODES = {"auto": 0, "fused": 1, "prefilter": 2, "sketch": 3}
 _options = dict(_DEFAULT_OPTIONS)
 _options_lock = threading.Lock()
@@ -48,6 +51,8 @@ def topk_ip_options(**overrides):
         raise ValueError(f"path must be one of {sorted(_PATH_CODES)}, got {overrides['path']!r}")
     if overrides.get("cuda_path", "auto") not in ("auto", "fused", "gemm"):
         raise ValueError(f"cuda_path must be 'auto', 'fused' or 'gemm', got {overrides['cuda_path']!r}")
+    if overrides.get("cuda_select", "block") not in _SELECT_CODES:
+        raise ValueError(f"cuda_select must be 'block' or 'warp', got {overrides['cuda_select']!r}")
     chunk = overrides.get("cuda_chunk", 0)
     if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 0:
         raise ValueError(f"cuda_chunk must be an int >= 0 (0 = automatic), got {chunk!r}")
@@ -373,7 +378,8 @@ def _topk_ip_cuda_gemm(queries, docs, k, scores, ids) -> None:
     nparts = qp.shape[0] // nq
     chunk = _options["cuda_chunk"] or max(128, _SCORE_CHUNK_BYTES // (4 * qp.shape[0]) // 128 * 128)
     chunk = min(chunk, nb)
-    nbytes = cuda.topk_select_workspace_bytes(nq, k, chunk)
+    variant = _SELECT_CODES[_options["cuda_select"]]
+    nbytes = cuda.topk_select_workspace_bytes(nq, k, chunk, variant)
     workspace = torch.empty(max(nbytes, 1), dtype=torch.uint8, device=docs.device)
     stream = _common.stream(docs)
     for lo in range(0, nb, chunk):
@@ -383,7 +389,7 @@ def _topk_ip_cuda_gemm(queries, docs, k, scores, ids) -> None:
             s[:nq] += s[i * nq : (i + 1) * nq]
         cuda.topk_select(
             _common.ptr(s), n, _common.ptr(qmul), nq, lo, n, k, chunk, lo == 0, lo + n >= nb, _common.ptr(workspace),
-            nbytes, stream,
+            nbytes, stream, variant,
         )
     cuda.topk_select_finish(nq, k, chunk, _common.ptr(scores), _common.ptr(ids), _common.ptr(workspace), nbytes,
-                            stream)
+                            stream, variant)
