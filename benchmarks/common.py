@@ -10,8 +10,8 @@ import platform
 import statistics
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -34,14 +34,19 @@ def machine_info() -> dict:
     for mod in ("transformers", "numpy", "faiss", "hnswlib", "pyrag"):
         try:
             info[mod] = getattr(__import__(mod), "__version__", "installed")
-        except Exception:
-            pass
+        except ImportError:
+            continue  # not installed: nothing to report
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
         info["cuda"] = torch.version.cuda
     try:
-        info["git"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                     cwd=Path(__file__).parent).stdout.strip()
+        here = Path(__file__).parent
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=here,
+                              check=False).stdout.strip()
+        # Uncommitted changes to tracked files mean the numbers come from code no commit holds: say so.
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, cwd=here, check=False).stdout.strip()
+        info["git"] = head + ("-dirty" if head and dirty else "")
     except OSError:
         pass
     return info

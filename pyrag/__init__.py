@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from ._ext import has_cuda_kernels
+from .index import FlatIndex, HNSWIndex
+from .kb import KnowledgeBase, build_kb
 from .losses import (
     RagSequenceLoss,
     RagTokenLoss,
@@ -10,29 +12,27 @@ from .losses import (
     rag_token_loss,
     rag_token_marginal_logprobs,
 )
-from .ops.topk_ip import topk_ip
-from .index import FlatIndex, HNSWIndex
-from .kb import KnowledgeBase, build_kb
 from .models.encoders import BiEncoder, Encoder
 from .models.rag import RagSequence, RagToken
+from .ops.topk_ip import topk_ip
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "has_cuda_kernels",
+    "BiEncoder",
+    "Encoder",
+    "FlatIndex",
+    "HNSWIndex",
+    "KnowledgeBase",
+    "RagSequence",
+    "RagSequenceLoss",
+    "RagToken",
+    "RagTokenLoss",
     "__version__",
+    "build_kb",
+    "has_cuda_kernels",
     "rag_sequence_loss",
     "rag_token_loss",
     "rag_token_marginal_logprobs",
-    "RagSequenceLoss",
-    "RagTokenLoss",
     "topk_ip",
-    "FlatIndex",
-    "HNSWIndex",
-    "Encoder",
-    "BiEncoder",
-    "KnowledgeBase",
-    "build_kb",
-    "RagToken",
-    "RagSequence",
 ]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 
+__all__ = ["cpu", "cuda", "has_cuda_kernels"]
+
 try:
     from . import _C as cpu
 except ImportError as e:  # a source checkout that was never built, or a broken wheel
@@ -18,7 +20,7 @@ except ImportError:  # CPU-only build: nvcc was not found when the wheel was bui
     cuda = None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def has_cuda_kernels() -> bool:
     """True when the CUDA module was built, torch sees a GPU, and the module can see a device too."""
     if cuda is None:
