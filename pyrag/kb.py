@@ -202,7 +202,7 @@ def _short(fp: str) -> str:
 
 def build_kb(passages, out_dir, *, encoder=None, index: str = "flat", dtype: str = "float32", batch_size: int = 64,
              shard_size: int = 4096, show_progress: bool = True, hnsw_options: dict | None = None,
-             bm25: bool = False) -> KnowledgeBase:
+             bm25: bool = False, sketch: bool = False) -> KnowledgeBase:
     """Encode passages into a knowledge base directory and return it opened.
 
     passages: a path (.jsonl {"id","title","text"} / DPR .tsv / SQuAD .json) or an iterable of such dicts.
@@ -211,7 +211,10 @@ def build_kb(passages, out_dir, *, encoder=None, index: str = "flat", dtype: str
     Passages are encoded in shards of shard_size; each finished shard is saved atomically, so an interrupted
     build resumes from the last completed shard when called again with the same arguments. Calling it on a
     finished KB built from the same passages and encoder is a no-op; different ones are an error.
-    bm25=True also builds the BM25 index now (otherwise on the first bm25/hybrid search)."""
+    bm25=True also builds the BM25 index now (otherwise on the first bm25/hybrid search).
+    sketch=True (flat index, float dtypes) keeps an int8 sketch next to the vectors (FlatIndex(sketch=True)):
+    the same search results, faster CPU retrieval for batches of up to 12 questions, +25% index size for float32.
+    An existing KB's index can get one in memory instead: `kb.index.build_sketch()`."""
     out = Path(out_dir)
     if index not in ("flat", "hnsw"):
         raise ValueError(f"index must be 'flat' or 'hnsw', got {index!r}")
@@ -219,6 +222,10 @@ def build_kb(passages, out_dir, *, encoder=None, index: str = "flat", dtype: str
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
     if index == "hnsw" and dtype != "float32":
         raise ValueError(f"the hnsw index stores float32 vectors; got {dtype=}")
+    if not isinstance(sketch, bool):
+        raise TypeError(f"sketch must be True or False, got {sketch!r}")
+    if sketch and (index != "flat" or dtype == "int8"):
+        raise ValueError(f"sketch=True needs index='flat' with a float dtype; got {index=}, {dtype=}")
     if not isinstance(shard_size, int) or shard_size < 1:
         raise ValueError(f"shard_size must be a positive int, got {shard_size!r}")
     if not isinstance(batch_size, int) or batch_size < 1:
@@ -237,7 +244,7 @@ def build_kb(passages, out_dir, *, encoder=None, index: str = "flat", dtype: str
         space = "ip" if recorded is None else recorded.get("space", "augmented")
         hnsw_options = {**(hnsw_options or {}), "space": space}
     settings = {"index": index, "dtype": dtype, "passage_fingerprint": p_fp, "question_fingerprint": q_fp,
-                "hnsw_options": hnsw_options or {}}
+                "hnsw_options": hnsw_options or {}, "sketch": sketch}
 
     if (out / META).exists():
         meta = _read_meta(out)
@@ -245,13 +252,15 @@ def build_kb(passages, out_dir, *, encoder=None, index: str = "flat", dtype: str
         built = {"index": meta["index"], "dtype": meta["dtype"],
                  "passage_fingerprint": meta["passage_encoder"]["fingerprint"],
                  "question_fingerprint": meta["question_encoder"]["fingerprint"],
-                 "hnsw_options": _with_space(meta)}
+                 "hnsw_options": _with_space(meta), "sketch": meta.get("sketch", False)}
         diff = [k for k in settings if settings[k] != built[k]]
         if meta["passages_sha256"] != digest:
             diff.append("passages")
         if diff:
+            hint = (" (to search an existing KB with a sketch, open it and call kb.index.build_sketch())"
+                    if diff == ["sketch"] else "")
             raise ValueError(f"{out} already holds a finished knowledge base that differs in {', '.join(diff)}; "
-                             f"choose another out_dir or delete it")
+                             f"choose another out_dir or delete it{hint}")
         if show_progress:
             print(f"pyrag: knowledge base {out} is already built ({n} passages); nothing to do", file=sys.stderr)
         kb = KnowledgeBase.open(out, encoder=bi, verify=False)
@@ -264,7 +273,8 @@ def build_kb(passages, out_dir, *, encoder=None, index: str = "flat", dtype: str
     state = json.loads(state_path.read_text()) if state_path.exists() else None
     if state is not None and (out / PASSAGES).exists():
         digest, n = _scan_passages(passages)
-        old = {**{k: state.get(k) for k in settings}, "hnsw_options": _with_space(state)}
+        old = {**{k: state.get(k) for k in settings}, "hnsw_options": _with_space(state),
+               "sketch": state.get("sketch", False)}  # builds started before the option had none
         diff = [k for k in settings if settings[k] != old[k]]
         if state.get("passages_sha256") != digest:
             diff.append("passages")
@@ -341,7 +351,7 @@ def _finish(out: Path, bi, state: dict, show_progress: bool) -> None:
     n_shards = (n + shard_size - 1) // shard_size
     dim = bi.passage_encoder.dim
     if state["index"] == "flat":
-        idx = FlatIndex(dim, state["dtype"])
+        idx = FlatIndex(dim, state["dtype"], sketch=state.get("sketch", False))
         for j in range(n_shards):
             idx.add(torch.load(_shard_path(out, j)))
     else:
@@ -365,7 +375,8 @@ def _finish(out: Path, bi, state: dict, show_progress: bool) -> None:
         records[role] = rec
     meta = {
         "format": FORMAT, "version": VERSION, "count": n, "dim": dim, "dtype": state["dtype"],
-        "index": state["index"], "hnsw_options": state["hnsw_options"], "shared_encoder": bi.shared,
+        "index": state["index"], "hnsw_options": state["hnsw_options"], "sketch": state.get("sketch", False),
+        "shared_encoder": bi.shared,
         "passage_encoder": records["passage_encoder"], "question_encoder": records["question_encoder"],
         "passages_sha256": state["passages_sha256"], "shard_size": shard_size,
         "files": {PASSAGES: _file_record(out / PASSAGES), INDEX: _file_record(out / INDEX)},
@@ -719,6 +730,9 @@ def build_kb_cli(argv: list[str]) -> int:
                     help="hnswlib inner-product graph (the default for new KBs: better recall on real embeddings) "
                          "or DPR's L2 augmentation")
     ap.add_argument("--bm25", action="store_true", help="also build the BM25 index now")
+    ap.add_argument("--sketch", action="store_true",
+                    help="keep an int8 sketch next to the float vectors (flat index): the same results, faster CPU "
+                         "search for up to 12 questions at a time, +25%% index size for float32")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
@@ -732,7 +746,7 @@ def build_kb_cli(argv: list[str]) -> int:
     try:
         kb = build_kb(args.passages, args.out, encoder=args.encoder, index=args.index, dtype=args.dtype,
                       batch_size=args.batch_size, shard_size=args.shard_size, show_progress=not args.no_progress,
-                      hnsw_options=hnsw, bm25=args.bm25)
+                      hnsw_options=hnsw, bm25=args.bm25, sketch=args.sketch)
     except (ValueError, FileNotFoundError, TypeError) as e:
         print(f"pyrag build-kb: error: {e}", file=sys.stderr)
         return 2

@@ -283,6 +283,23 @@ def test_other_index_kinds_and_dtypes(tmp_path, enc, index, dtype, tol):
                                                3).indices[0])
 
 
+def test_sketch_option_gives_the_same_search_and_is_recorded(tmp_path, enc, built):
+    ps = _passages()
+    kb = build_kb(ps, tmp_path / "kb", encoder=enc, sketch=True, shard_size=8, show_progress=False)
+    assert kb.index.sketch and kb.meta["sketch"] is True
+    again = KnowledgeBase.open(tmp_path / "kb")
+    assert again.index.sketch
+    plain = KnowledgeBase.open(built)
+    assert not plain.index.sketch and plain.meta.get("sketch", False) is False
+    questions = ["where did zorvex live", "what did the committee decide", "who wrote it"]
+    for a, b in zip(plain.search(questions, 5).rows, again.search(questions, 5).rows):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match=r"differs in sketch; .*kb.index.build_sketch\(\)"):
+        build_kb(ps, built, encoder=enc, sketch=True, show_progress=False)
+    with pytest.raises(ValueError, match="sketch=True needs index='flat' with a float dtype"):
+        build_kb(ps, tmp_path / "kb8", encoder=enc, dtype="int8", sketch=True, show_progress=False)
+
+
 def test_trained_in_memory_encoder_is_saved_with_the_kb(tmp_path, enc):
     with torch.no_grad():
         enc.model.embeddings.word_embeddings.weight.mul_(1.5)  # now differs from its directory
@@ -338,6 +355,11 @@ def test_build_and_eval_commands(tmp_path, enc_dir, capsys):
         assert len(kb2.search([ps[3]["title"]], 3).ids[0]) == 3
         if index == "hnsw":  # the inner-product graph by default (DPR's augmentation loses recall on real data)
             assert kb2.index.space == "ip" and meta["hnsw_options"]["space"] == "ip"
+    # --sketch reaches the saved flat index
+    out = tmp_path / "kb_sketch"
+    assert build_kb_cli([str(tmp_path / "p.jsonl"), "--out", str(out), "--encoder", str(enc_dir), "--no-progress",
+                         "--sketch"]) == 0
+    assert json.loads((out / "meta.json").read_text())["sketch"] is True and KnowledgeBase.open(out).index.sketch
 
 
 def test_command_help_exits_cleanly(capsys):
