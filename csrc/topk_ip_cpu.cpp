@@ -609,9 +609,11 @@ class FusedPass {
 // g = D u / (1 - D u), u = 2^-24, and the approximate score a = fl(fl(q . codes) * scale):
 //   |a - q.d'| <= (g + 2u) |q| |d'| <= (g + 2u) |q| (|d| + |d - d'|),   |q.d' - q.d| <= |q| |d - d'|,
 //   the fused kernel's own error <= g |q| |d|,
-// plus 8u |q| (|d| + |d - d'|) for the fp32 evaluation of the test, all times 1.01, plus 2^-100 (D + sqrt(D) |q|)
-// (1 + max scale) for denormals (should the caller flush them). Docs beyond the overflow limit 2^126 / |q| are always
-// rescored; a query so large that its approximate scores could overflow sends the search to the fused path.
+// plus 8u |q| (|d| + |d - d'|) for the fp32 evaluation of the test, all times 1.01, plus, for denormals flushed to
+// zero (should the caller set FTZ/DAZ), 2^-100 (D + sqrt(D)) (|d| + |d - d'|) per doc (scale <= |d|, so a flushed
+// product of the approximate score costs at most 2^-126 |d|) and 2^-100 (D + sqrt(D) |q|) per query. Docs beyond the
+// overflow limit 2^126 / |q| are always rescored; a query so large that its approximate scores could overflow, or
+// D >= 2^22 (where g is no longer small), sends the search to the fused path.
 // Measured on a 2-core AVX-512 machine (N = 200k, D = 768, k = 100), fused vs sketch: 28 vs 12 ms at 1 query,
 // 35 vs 29 at 8, 43 vs 39 at 12, 47 vs 51 at 16 -- past a dozen queries the int8 -> fp32 conversions cost more
 // than the bytes saved, so path 0 takes the sketch up to kSketchMaxQ queries.
@@ -628,14 +630,13 @@ struct SketchShared {
   ExactFn<T> exact;
 };
 
-// Per-query constants of the sketch bound; false if some query is too large for the int8 scores (fused path then).
-inline bool sketch_bounds(const float* queries, int64_t nq, int64_t dim, const Sketch& sk, int64_t nb,
-                          std::vector<float>& ca, std::vector<float>& cb, std::vector<float>& e0,
+// Per-query constants of the sketch bound; false (fused path then) if some query is too large for the int8 scores or
+// D is too large for the error analysis.
+inline bool sketch_bounds(const float* queries, int64_t nq, int64_t dim, std::vector<float>& ca, std::vector<float>& cb, std::vector<float>& e0,
                           std::vector<float>& dlim) {
-  double smax = 1.0;
-  for (int64_t i = 0; i < nb; ++i) smax = std::max(smax, 1.0 + std::fabs(static_cast<double>(sk.scale[i])));
+  if (dim >= (int64_t{1} << 22)) return false;
   const double u = std::ldexp(1.0, -24), tiny = std::ldexp(1.0, -100), sd = std::sqrt(static_cast<double>(dim));
-  const double g = dim * u / (1 - dim * u), up = 1.01 * (1 + 1e-6);
+  const double g = dim * u / (1 - dim * u), up = 1.01 * (1 + 1e-6), flush = tiny * (dim + sd);
   ca.assign(nq, 0.0f);
   cb.assign(nq, 0.0f);
   e0.assign(nq, 0.0f);
@@ -645,9 +646,9 @@ inline bool sketch_bounds(const float* queries, int64_t nq, int64_t dim, const S
     for (int64_t j = 0; j < dim; ++j) ss += static_cast<double>(queries[i * dim + j]) * queries[i * dim + j];
     const double qn = std::sqrt(ss) * (1.0 + 1e-12);
     if (qn * 127.0 * sd > std::ldexp(1.0, 120)) return false;
-    ca[i] = round_up(up * (2 * g + 10 * u) * qn + tiny * sd);
-    cb[i] = round_up(up * (1 + g + 10 * u) * qn);
-    e0[i] = round_up(tiny * (dim + sd * qn) * smax);
+    ca[i] = round_up(up * (2 * g + 10 * u) * qn + flush);
+    cb[i] = round_up(up * (1 + g + 10 * u) * qn + flush);
+    e0[i] = round_up(tiny * (dim + sd * qn));
     dlim[i] = static_cast<float>(std::ldexp(1.0, 126) / std::max(qn, 1e-300) * (1.0 - 1e-6));
   }
   return true;
@@ -750,7 +751,7 @@ void topk_ip_cpu(const float* queries, const T* docs, const float* scale, int64_
       opt.split != 0 ? opt.split : (threads == 1 || nq >= 32 * threads || nb < 4096 * threads) ? 2 : 1;
   if (sketch != nullptr && (opt.path == 3 || (opt.path == 0 && nq <= kSketchMaxQ))) {
     std::vector<float> ca, cb, e0, dlim;
-    if (sketch_bounds(queries, nq, dim, *sketch, nb, ca, cb, e0, dlim)) {
+    if (sketch_bounds(queries, nq, dim, ca, cb, e0, dlim)) {
       const SketchShared<T> sh{queries, docs, *sketch, dim, ca.data(), cb.data(), e0.data(), dlim.data(),
                                score_kernel<int8_t>(isa), exact_kernel<T>(isa)};
       const int64_t tile_n = opt.tile_n > 0 ? opt.tile_n : std::clamp<int64_t>((192 << 10) / dim / 24 * 24, 24, 4080);
@@ -763,6 +764,8 @@ void topk_ip_cpu(const float* queries, const T* docs, const float* scale, int64_
   if (use_amx && !amx_usable())
     throw std::invalid_argument("topk_ip: path=prefilter needs AMX (AMX-TILE, AMX-BF16, Linux), not available here");
   if (opt.path == 0) use_amx = nq >= kAmxMinQ && amx_usable();
+  // The bound below needs D u well below 1 (g = D u / (1 - D u)); such huge rows take the fused path (same result).
+  if (dim >= (int64_t{1} << 22)) use_amx = false;
 
 #if defined(PYRAG_X86) && defined(__linux__)
   if (use_amx) {

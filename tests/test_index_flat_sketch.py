@@ -72,12 +72,36 @@ def test_inconsistent_sketch_sections_are_refused(tmp_path):
     sections.update({f"sketch_{n}": torch.zeros(40) for n in ("scale", "norm", "res")})
     _format.save_container(path, kind="flat", dim=8, dtype="float32", count=40,
                            meta={"extra": {}, "sketch": True}, sections=sections)
-    with pytest.raises(ValueError, match=r"sketch_codes section has shape \(39, 8\), expected \(40, 8\)"):
+    with pytest.raises(ValueError, match=r"sketch_codes section is torch.int8 \(39, 8\), expected torch.int8 \(40, 8\)"):
         FlatIndex.load(path)
     _format.save_container(path, kind="flat", dim=8, dtype="int8", count=40,
                            meta={"extra": {}, "sketch": True}, sections={"vectors": x.to(torch.int8)})
     with pytest.raises(ValueError, match="invalid sketch=True .* dtype=int8"):
         FlatIndex.load(path)
+
+
+def test_sketch_sections_of_the_wrong_dtype_are_refused_at_load(tmp_path):
+    x = torch.randn(40, 8)
+    path = tmp_path / "badtype.idx"
+    sections = {"vectors": x, "sketch_codes": torch.zeros(40, 8)}
+    sections.update({f"sketch_{n}": torch.zeros(40) for n in ("scale", "norm", "res")})
+    _format.save_container(path, kind="flat", dim=8, dtype="float32", count=40,
+                           meta={"extra": {}, "sketch": True}, sections=sections)
+    with pytest.raises(ValueError, match=r"badtype.idx: sketch_codes section is torch.float32 \(40, 8\), expected "
+                                         r"torch.int8"):
+        FlatIndex.load(path)
+
+
+@pytest.mark.parametrize("sketch", [False, True])
+def test_embeddings_that_overflow_the_storage_dtype_are_refused(sketch):
+    index = FlatIndex(4, "bfloat16", sketch=sketch)
+    x = torch.ones(3, 4)
+    x[1, 2] = 3.4e38  # finite in fp32, inf in bfloat16 (its largest finite value is 3.3895e38)
+    with pytest.raises(ValueError, match="embeddings overflow bfloat16"):
+        index.add(x)
+    assert len(index) == 0
+    with pytest.raises(ValueError, match="embeddings overflow float32"):
+        FlatIndex(4, sketch=sketch).add(torch.full((2, 4), 1e39, dtype=torch.float64))
 
 
 def test_bad_sketch_arguments():

@@ -77,6 +77,18 @@ def test_huge_query_falls_back_to_the_fused_path():
     _assert_same(*_both(q, d, 10))
 
 
+def test_rows_too_long_for_the_error_analysis_take_the_fused_path():
+    # D >= 2^22 makes D * 2^-24 too large for the bound's g = D u / (1 - D u): the kernel must not trust it.
+    g = torch.Generator().manual_seed(39)
+    D = 1 << 22
+    q = torch.randn(1, D, generator=g)
+    d = torch.randn(6, D, generator=g).to(torch.bfloat16)
+    d[5] = q[0].to(torch.bfloat16)  # clearly the best doc, last
+    a, b = _both(q, d, 2)
+    _assert_same(a, b)
+    assert int(b[1][0, 0]) == 5
+
+
 def _corrupt(sk: Sketch) -> Sketch:
     """A sketch that claims every doc scores ~0 within a zero error: trusting it drops the real top k."""
     return Sketch(torch.zeros_like(sk.codes), sk.scale, torch.full_like(sk.norm, 1e-30), torch.zeros_like(sk.res))

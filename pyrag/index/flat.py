@@ -95,6 +95,9 @@ class FlatIndex:
                 self._scales.append(scale)
             else:
                 stored = x.to(DTYPES[self.dtype])
+                if self.dtype != "float16" and stored.numel() and not bool(torch.isfinite(stored).all()):
+                    raise ValueError(f"embeddings overflow {self.dtype} (max |x| = {float(x.abs().max()):.4g}): "
+                                     f"they would be stored as inf")
                 if self._sketch is not None:
                     for buf, part in zip(self._sketch, make_sketch(stored)):
                         buf.append(part)
@@ -205,8 +208,10 @@ class FlatIndex:
             for name in Sketch._fields:
                 t = c.section("sketch_" + name)
                 want = (c.count, c.dim) if name == "codes" else (c.count,)
-                if tuple(t.shape) != want:
-                    raise ValueError(f"{c.path}: sketch_{name} section has shape {tuple(t.shape)}, expected {want}")
+                dtype = torch.int8 if name == "codes" else torch.float32
+                if tuple(t.shape) != want or t.dtype != dtype:
+                    raise ValueError(f"{c.path}: sketch_{name} section is {t.dtype} {tuple(t.shape)}, expected "
+                                     f"{dtype} {want}")
                 parts.append(t)
             self._sketch = [RowBuffer(t) for t in parts]
         labels = c.section("labels") if c.has("labels") else None

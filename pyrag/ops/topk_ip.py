@@ -96,7 +96,9 @@ def topk_ip(
         sketch: optional `pyrag.ops.sketch.make_sketch(docs)` for float docs. On the CPU, up to 12 queries
             then scan its int8 codes first and compute exact scores only for docs a rigorous error bound cannot
             rule out: the same results bit for bit, about a quarter of the bytes read per search (few-query search
-            is memory bound). Costs N * (D + 12) bytes; build it once per doc matrix. Ignored on CUDA.
+            is memory bound). Costs N * (D + 12) bytes; build it once per doc matrix. Ignored on CUDA. The sketch
+            describes the docs it was made from: after editing docs in place, make a new one (a stale sketch is
+            not detected and gives wrong results).
 
     Returns:
         (scores [Q, k] float32 sorted descending, ids [Q, k] int64 row numbers into docs); equal scores are
