@@ -464,7 +464,7 @@ __global__ void __launch_bounds__(NT) search_kernel(Args a) {
 // (benchmarks/results/profile_cuda_search.json); by a count of its source, not a profile, it spends some 60
 // instructions per score (index arithmetic, shared-memory staging, two barriers per tile) at 4 blocks per SM.
 // Here one warp owns one (query, column segment) list: it streams its segment of the score row with 16-byte loads,
-// two in flight per lane (59 registers on sm_90: 4 blocks = 32 warps per SM; four loads took 80), and tests each
+// two in flight per lane (64 registers on sm_90: 4 blocks = 32 warps per SM; four loads took 80), and tests each
 // score against the list's threshold in the float domain -- one compare per score; the key, the ballot and the
 // append only for the rare scores that pass. No block barriers: a list that could overflow is cut back to its best
 // k by its warp alone (radix select over the list, which sits in L2, with a warp-private histogram in shared
@@ -474,13 +474,18 @@ constexpr int kWarps = NT / 32;
 constexpr int kSelLoads = 2;               // float4 loads in flight per lane
 constexpr int kSelStep = 128 * kSelLoads;  // columns a warp reads per step
 
-// The k-th largest key of buf[0, n) (keys unique, n >= k), by one warp; hist: its 256 shared counters.
+// Bin b of a warp's histogram lives at word b + b / 8: the scan below reads bins 8 apart across lanes, which would
+// otherwise fall into 4 banks (8-way conflicts); the padding spreads them over all 32.
+constexpr int kHistWords = 256 + 32;
+__device__ __forceinline__ unsigned hslot(unsigned b) { return b + (b >> 3); }
+
+// The k-th largest key of buf[0, n) (keys unique, n >= k), by one warp; hist: its kHistWords shared counters.
 __device__ u64 warp_kth_largest(const u64* buf, int64_t n, int64_t k, unsigned* hist) {
   const int lane = threadIdx.x & 31;
   u64 prefix = 0, mask = 0;
   unsigned krem = static_cast<unsigned>(k);
   for (int shift = 56; shift >= 0; shift -= 8) {
-    for (int i = lane; i < 256; i += 32) hist[i] = 0;
+    for (int i = lane; i < kHistWords; i += 32) hist[i] = 0;
     __syncwarp();
     for (int64_t i0 = 0; i0 < n; i0 += 32) {
       const int64_t i = i0 + lane;
@@ -489,14 +494,14 @@ __device__ u64 warp_kth_largest(const u64* buf, int64_t n, int64_t k, unsigned* 
       const unsigned bin = static_cast<unsigned>(x >> shift) & 255u;
       // Keys of one list share their top bits, so most land in one bin: one atomic per distinct bin.
       const unsigned same = __match_any_sync(kFull, in ? bin : 256u + bin);
-      if (in && lane == __ffs(same) - 1) atomicAdd(&hist[bin], static_cast<unsigned>(__popc(same)));
+      if (in && lane == __ffs(same) - 1) atomicAdd(&hist[hslot(bin)], static_cast<unsigned>(__popc(same)));
     }
     __syncwarp();
     // Lane L holds bins 255 - 8L down to 248 - 8L; an inclusive scan over lanes finds the bin of the krem-th key.
     unsigned own[8], sum = 0;
 #pragma unroll
     for (int j = 0; j < 8; ++j) {
-      own[j] = hist[255 - 8 * lane - j];
+      own[j] = hist[hslot(255 - 8 * lane - j)];
       sum += own[j];
     }
     unsigned incl = sum;
@@ -544,7 +549,7 @@ __device__ u64 warp_compact(u64* buf, int64_t n, int64_t k, int64_t cap, unsigne
 
 // Appends the keys of this lane's 4 scores v[0..3] (columns j..j+3 of a step of rem columns, doc ids id0 + column)
 // that beat the threshold; first cuts the list to its best k if 128 more keys might not fit. (Inlined: as a call,
-// the ABI's saved registers raised the kernel from 59 to 80 registers, i.e. fewer warps per SM.)
+// the ABI's saved registers raised the kernel from 64 to 80 registers, i.e. fewer warps per SM.)
 __device__ __forceinline__ void admit(u64* list, const float* v, int j, int rem, int64_t id0, int64_t k, int64_t cap,
                                    u64& thr, float& thr_s, int64_t& cnt, unsigned* hist) {
   const int lane = threadIdx.x & 31;
@@ -566,7 +571,7 @@ __device__ __forceinline__ void admit(u64* list, const float* v, int j, int rem,
 
 // Warp w of the grid owns list (q, c) = (w / chunks, w % chunks): docs [c * chunk_len, ...) of this score chunk.
 __global__ void __launch_bounds__(NT) select_warp_kernel(Args a) {
-  __shared__ unsigned hist[kWarps][256];
+  __shared__ unsigned hist[kWarps][kHistWords];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int64_t w = int64_t(blockIdx.x) * kWarps + warp;
   if (w >= a.nq * a.chunks) return;  // a whole warp: nothing below synchronises more than one warp
@@ -885,7 +890,8 @@ struct SelectPlan {
 };
 
 // variant 0: search_kernel<Scores> (blocks of 16 queries x a column range); 1: select_warp_kernel (a warp per query
-// and column range, aiming at 64 warps per SM; a range is a whole number of its 512-column steps).
+// and column range, aiming at one wave: 32 resident warps per SM at its 64 registers; a range is a whole number of
+// its kSelStep-column steps).
 SelectPlan make_select_plan(int64_t nq, int64_t k, int64_t chunk, int variant) {
   if (variant != 0 && variant != 1)
     throw std::invalid_argument("topk_select CUDA: variant=" + std::to_string(variant) + " (0 block, 1 warp)");
@@ -894,7 +900,7 @@ SelectPlan make_select_plan(int64_t nq, int64_t k, int64_t chunk, int variant) {
   p.cap = 2 * k + Scores::BN;  // both kernels append at most 128 keys between cuts
   const int64_t slot = p.cap + k;
   // a third of the budget: the caller also holds a score chunk (pyrag/ops/topk_ip.py keeps it under 64 MiB)
-  split_columns(chunk, (variant == 0 ? 4 : 64) * sm_count(), p.qtiles, variant == 0 ? Scores::BN : kSelStep,
+  split_columns(chunk, (variant == 0 ? 4 : 32) * sm_count(), p.qtiles, variant == 0 ? Scores::BN : kSelStep,
                 nq * slot * 8, int64_t(kBudget / 3), p.col_len, p.cols);
   size_t off = 0;
   p.keys_off = off;
