@@ -76,13 +76,14 @@ def bench_cpu(args) -> list[dict]:
             mem = peak_extra_memory(lambda fn=fn, q=q: fn(q))
             scores, ids = (torch.as_tensor(x) for x in fn(q))
             storage = name.split()[-1] if name.startswith("pyrag") else "fp32"
-            # Which pyrag CPU path ran (topk_ip reads a sketch up to 12 queries and takes the AMX prefilter from
-            # 48 queries on where AMX exists).
+            # Which pyrag CPU path ran (topk_ip reads a sketch with SIMD up to 12 queries, with AMX beyond where
+            # AMX exists, and takes the AMX prefilter over the docs from 48 queries on).
             path = ""
             if name.startswith("pyrag"):
-                path = "amx-prefilter" if nq >= 48 and cpu_has_amx() else "fused"
-                if name.endswith("sketch") and nq <= SKETCH_MAX_Q:
-                    path = "sketch"
+                sketched = name.endswith("sketch")
+                path = "amx-prefilter" if (nq >= 48 or (sketched and nq > SKETCH_MAX_Q)) and cpu_has_amx() else "fused"
+                if sketched:
+                    path = "sketch" if nq <= SKETCH_MAX_Q else path + ("-sketch" if path != "fused" else "")
             extra = {}
             if name.endswith("sketch"):  # the sketch must not change a single bit of the result
                 want = (ref_scores, ref_ids) if "fp32" in name else ref16

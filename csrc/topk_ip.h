@@ -51,9 +51,9 @@ bool amx_usable();
 // and only docs that a rigorous error bound cannot rule out get their exact fp32 score -- the same bits as the
 // fused path. scores [nq, k] fp32 and ids [nq, k] int64 are written in full. Throws std::invalid_argument on bad
 // options. Extra memory: O(threads * nq * k) candidates plus per-thread tiles.
-// With a sketch (float docs only) and few queries (path 0 up to 12 queries, or path 3), every doc is first scored
-// against its int8 codes, and only docs a rigorous bound cannot rule out get their exact score: again the same
-// bits as the fused path.
+// With a sketch (float docs only), every doc is first scored against its int8 codes -- by the SIMD kernels up to 12
+// queries (path 0, or path 3), by the AMX prefilter beyond (path 0 where AMX exists, or path 2) -- and only docs a
+// rigorous bound cannot rule out get their exact score: again the same bits as the fused path.
 template <class T>
 void topk_ip_cpu(const float* queries, const T* docs, const float* scale, int64_t nq, int64_t nb, int64_t dim,
                  int64_t k, float* scores, int64_t* ids, const CpuOptions& opt, const Sketch* sketch = nullptr);

@@ -213,7 +213,8 @@ def build_kb(passages, out_dir, *, encoder=None, index: str = "flat", dtype: str
     finished KB built from the same passages and encoder is a no-op; different ones are an error.
     bm25=True also builds the BM25 index now (otherwise on the first bm25/hybrid search).
     sketch=True (flat index, float dtypes) keeps an int8 sketch next to the vectors (FlatIndex(sketch=True)):
-    the same search results, faster CPU retrieval for batches of up to 12 questions, +25% index size for float32.
+    the same search results, faster CPU retrieval (batches of up to 12 questions; any size on AMX CPUs), +25%
+    index size for float32.
     An existing KB's index can get one in memory instead: `kb.index.build_sketch()`."""
     out = Path(out_dir)
     if index not in ("flat", "hnsw"):
@@ -732,7 +733,8 @@ def build_kb_cli(argv: list[str]) -> int:
     ap.add_argument("--bm25", action="store_true", help="also build the BM25 index now")
     ap.add_argument("--sketch", action="store_true",
                     help="keep an int8 sketch next to the float vectors (flat index): the same results, faster CPU "
-                         "search for up to 12 questions at a time, +25%% index size for float32")
+                         "search (up to 12 questions at a time; any number on AMX CPUs), +25%% index size for "
+                         "float32")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)

@@ -9,16 +9,19 @@ import torch
 from test_topk_ip import ISAS, SHAPES, _adversarial_docs, _make, assert_topk_exact
 
 from pyrag.ops.sketch import Sketch, make_sketch
-from pyrag.ops.topk_ip import topk_ip, topk_ip_options
+from pyrag.ops.topk_ip import cpu_has_amx, topk_ip, topk_ip_options
 
 FLOATS = [torch.float32, torch.float16, torch.bfloat16]
+HAS_AMX = cpu_has_amx()
+# The two kernels that read a sketch: SIMD int8 scores ("sketch") and, on AMX CPUs, the AMX prefilter ("prefilter").
+SKETCH_PATHS = ["sketch", "prefilter"] if HAS_AMX else ["sketch"]
 
 
-def _both(q, d, k, **opts):
-    """(fused result, sketch result) with the same options."""
+def _both(q, d, k, path="sketch", **opts):
+    """(fused result, result through the sketch on `path`) with the same options."""
     with topk_ip_options(path="fused", **opts):
         a = topk_ip(q, d, k)
-    with topk_ip_options(path="sketch", **opts):
+    with topk_ip_options(path=path, **opts):
         b = topk_ip(q, d, k, sketch=make_sketch(d))
     return a, b
 
@@ -28,11 +31,12 @@ def _assert_same(a, b):
     assert torch.equal(a[0], b[0]), "scores differ"
 
 
+@pytest.mark.parametrize("path", SKETCH_PATHS)
 @pytest.mark.parametrize("dtype", FLOATS)
-@pytest.mark.parametrize("Q,N,D,k", [s for s in SHAPES if s[0] < 300] + [(12, 5000, 64, 5000)])
-def test_sketch_path_is_bit_identical_to_fused_and_exact(Q, N, D, k, dtype):
+@pytest.mark.parametrize("Q,N,D,k", [s for s in SHAPES if s[0] < 300] + [(12, 5000, 64, 5000), (300, 1001, 128, 10)])
+def test_sketch_path_is_bit_identical_to_fused_and_exact(Q, N, D, k, dtype, path):
     q, d, _ = _make(Q, N, D, dtype, seed=31)
-    a, b = _both(q, d, k)
+    a, b = _both(q, d, k, path=path)
     _assert_same(a, b)
     assert_topk_exact(q, d, k, *b)
 
@@ -44,28 +48,30 @@ def test_sketch_path_on_every_simd_path(isa, dtype):
     _assert_same(*_both(q, d, 25, isa=isa, tile_n=96))
 
 
+@pytest.mark.parametrize("path", SKETCH_PATHS)
 @pytest.mark.parametrize(
     "opts",
     [{"tile_n": 7, "split": 1, "parts": 5}, {"tile_n": 24, "split": 2, "threads": 3},
      {"split": 1, "parts": 64, "threads": 2}],
     ids=["tiny-tiles", "query-split", "many-parts"],
 )
-def test_sketch_path_with_forced_tiles_partitions_and_threads(opts):
-    q, d, _ = _make(9, 3001, 33, torch.float32, seed=33)
-    _assert_same(*_both(q, d, 40, **opts))
+def test_sketch_path_with_forced_tiles_partitions_and_threads(opts, path):
+    q, d, _ = _make(9 if path == "sketch" else 40, 3001, 33, torch.float32, seed=33)
+    _assert_same(*_both(q, d, 40, path=path, **opts))
 
 
+@pytest.mark.parametrize("path", SKETCH_PATHS)
 @pytest.mark.parametrize("kind", ["near_duplicates", "magnitudes", "zeros_and_copies"])
 @pytest.mark.parametrize("dtype", FLOATS)
-def test_sketch_path_is_bit_identical_on_adversarial_data(kind, dtype):
+def test_sketch_path_is_bit_identical_on_adversarial_data(kind, dtype, path):
     """Near-duplicates tie within the int8 error (most docs become candidates), magnitudes from 1e-30 to 1e30 with
     a 1e20 query overflow fp32 (the overflow guard), zero rows and exact copies tie exactly (id order)."""
     g = torch.Generator().manual_seed(34)
     d, _ = _adversarial_docs(kind, dtype, g)
-    q = torch.randn(8, d.shape[1], generator=g)
+    q = torch.randn(8 if path == "sketch" else 40, d.shape[1], generator=g)
     q[0] *= 1e-20
     q[1] *= 1e20
-    a, b = _both(q, d, 70, tile_n=64)
+    a, b = _both(q, d, 70, path=path, tile_n=64)
     assert torch.equal(a[1], b[1]), f"ids differ in rows {torch.nonzero((a[1] != b[1]).any(1)).flatten().tolist()}"
     assert torch.equal(a[0].nan_to_num(), b[0].nan_to_num())
 
@@ -94,18 +100,17 @@ def _corrupt(sk: Sketch) -> Sketch:
     return Sketch(torch.zeros_like(sk.codes), sk.scale, torch.full_like(sk.norm, 1e-30), torch.zeros_like(sk.res))
 
 
-def test_auto_path_consults_the_sketch_up_to_12_queries():
-    """Through a deliberately wrong sketch: results change exactly when the sketch is read, i.e. with up to 12
-    queries on the default path (and never on the fused path)."""
-    q, d, _ = _make(13, 20000, 32, torch.float32, seed=36)
+def test_auto_path_consults_the_sketch_where_documented():
+    """Through a deliberately wrong sketch: results change exactly when the sketch is read -- on the default path
+    with up to 12 queries, and beyond that on AMX CPUs (never on the fused path)."""
+    q, d, _ = _make(60, 20000, 32, torch.float32, seed=36)
     q = q + 3 * d[:1]  # every query's top k is far above zero, so a sketch saying "all ~0" prunes them
     bad = _corrupt(make_sketch(d))
     ref = topk_ip(q, d, 10)
-    for n in (1, 12):
+    for n in (1, 12, 13, 60):
         s, i = topk_ip(q[:n], d, 10, sketch=bad)
-        assert not torch.equal(i, ref[1][:n]), f"{n} queries: the sketch was not used"
-    s, i = topk_ip(q, d, 10, sketch=bad)  # 13 queries: fused path, the sketch is not read
-    assert torch.equal(i, ref[1]) and torch.equal(s, ref[0])
+        read = n <= 12 or HAS_AMX
+        assert torch.equal(i, ref[1][:n]) != read, f"{n} queries: sketch read={not torch.equal(i, ref[1][:n])}"
     with topk_ip_options(path="fused"):
         assert torch.equal(topk_ip(q[:1], d, 10, sketch=bad)[1], ref[1][:1])
 

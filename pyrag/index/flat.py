@@ -22,10 +22,10 @@ class FlatIndex:
         dtype: storage dtype, "float32" | "float16" | "bfloat16" | "int8" (symmetric per-row quantisation with an
             fp32 scale per row; scores are computed against the dequantised vectors q * scale).
         sketch: also keep an int8 sketch of the float vectors (N * (D + 12) bytes: +25% memory for float32, +50%
-            for float16/bfloat16). CPU searches with fewer than 13 queries then read the sketch first and compute
-            exact scores only where a rigorous error bound says a row could still make the top k: the same results
-            bit for bit, a quarter of the bytes read (few-query search is bound by memory bandwidth, about 2.5x
-            faster at 1 query on a 2-core machine). Not for dtype="int8" (already that compact).
+            for float16/bfloat16). CPU searches then read the sketch first (up to 12 queries; any number on CPUs
+            with AMX) and compute exact scores only where a rigorous error bound says a row could still make the
+            top k: the same results bit for bit, a quarter of the bytes read (about 2.5x faster at 1 query on a
+            2-core machine, where search is bound by memory bandwidth). Not for dtype="int8" (already compact).
 
     `add(embeddings [N, D], ids=None)` appends rows with int64 labels (default: continuing after the largest
     label so far, i.e. 0..N-1 for a fresh index); `search(queries [Q, D], k)` returns (scores [Q, k] fp32,

@@ -20,9 +20,10 @@ DOC_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.int8)
 # tile_n: docs per tile (0 = auto); split: 0 auto, 1 threads split the docs, 2 threads split the queries;
 # parts: doc partitions with split=1 (0 = one per thread); isa: -1 best, 0 scalar, 1 AVX2, 2 AVX-512;
 # path: "auto", "fused" (SIMD fp32 dot products for every doc), "prefilter" (AMX bf16 scores for every doc,
-# exact fp32 rescoring of the docs its error bound cannot rule out; same results, needs AMX) or "sketch" (the same
-# with the int8 scores of a sketch; needs one). "auto" takes the sketch, when given, up to 12 queries and the AMX
-# prefilter from 48 queries on where AMX exists: below that the fused kernel is memory bound and wins.
+# exact fp32 rescoring of the docs its error bound cannot rule out; same results, needs AMX; with a sketch it reads
+# the sketch's int8 codes instead) or "sketch" (the same with SIMD int8 scores of a sketch; needs one). "auto" takes
+# the SIMD sketch path up to 12 queries when given a sketch, and the AMX prefilter from 48 queries on where AMX
+# exists (from 13 with a sketch): below that the fused kernel is memory bound and wins.
 # On CUDA: cuda_path "auto" (the chunked-GEMM path for 9+ queries on fp16/bf16 docs, the fused kernel otherwise),
 # "fused" or "gemm"; cuda_chunk: docs per GEMM chunk (0 = as many as fit in 64 MiB of fp32 scores); cuda_select: the
 # kernel that folds GEMM score chunks into the candidate lists, "block" (16 queries per block, measured) or "warp"
@@ -93,10 +94,10 @@ def topk_ip(
         k: 1 <= k <= N (k > N raises rather than padding, so every returned id is a real doc).
         doc_scale: [N] float (used as fp32), required for int8 docs and refused for float docs; the score of doc i
             is (q . docs[i]) * doc_scale[i], i.e. the inner product with the dequantised row.
-        sketch: optional `pyrag.ops.sketch.make_sketch(docs)` for float docs. On the CPU, up to 12 queries
-            then scan its int8 codes first and compute exact scores only for docs a rigorous error bound cannot
-            rule out: the same results bit for bit, about a quarter of the bytes read per search (few-query search
-            is memory bound). Costs N * (D + 12) bytes; build it once per doc matrix. Ignored on CUDA. The sketch
+        sketch: optional `pyrag.ops.sketch.make_sketch(docs)` for float docs. On the CPU, searches then scan its
+            int8 codes first (SIMD up to 12 queries; beyond, on AMX CPUs, the AMX prefilter; elsewhere the sketch is
+            not used past 12 queries) and compute exact scores only for docs a rigorous error bound cannot rule
+            out: the same results bit for bit, about a quarter of the bytes read per search. Costs N * (D + 12) bytes; build it once per doc matrix. Ignored on CUDA. The sketch
             describes the docs it was made from: after editing docs in place, make a new one (a stale sketch is
             not detected and gives wrong results).
 
