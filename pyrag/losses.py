@@ -209,13 +209,25 @@ def rag_token_marginal_logprobs(step_logits: Tensor, doc_scores: Tensor) -> Tens
             f"step_logits must be [B*K, V] or [B*K, T, V] with B*K = {B * K} rows for "
             f"doc_scores.shape={_shape(doc_scores)}, got step_logits.shape={_shape(step_logits)}"
         )
+    check_some_finite_score(doc_scores)
+    acc = torch.float64 if doc_scores.dtype == torch.float64 else torch.float32
+    return marginal_with_log_prior(step_logits, torch.log_softmax(doc_scores.to(acc), dim=1))
+
+
+def check_some_finite_score(doc_scores: Tensor) -> None:
+    """Every question [B, K] needs a passage with a score above -inf (else its prior is NaN). Reads the scores back
+    to the host: a GPU sync, so loops check once."""
     if not torch.compiler.is_compiling() and bool(torch.isneginf(doc_scores).all(dim=1).any()):
         b = int(torch.isneginf(doc_scores).all(dim=1).nonzero()[0, 0])
         raise ValueError(f"doc_scores has no finite passage score for question {b}: every entry is -inf")
-    V = step_logits.shape[-1]
-    z = step_logits.reshape(B, K, -1, V)
-    acc = torch.float64 if doc_scores.dtype == torch.float64 else torch.float32
-    out = rag_token_marginal(z, torch.log_softmax(doc_scores.to(acc), dim=1))
+
+
+def marginal_with_log_prior(step_logits: Tensor, log_prior: Tensor) -> Tensor:
+    """rag_token_marginal_logprobs given the passage log-prior log_softmax(doc_scores) [B, K] instead of the
+    scores, without the checks: for decoding loops, which check and normalise the scores once rather than at
+    every step (the -inf check reads the scores back to the host, a GPU sync per step)."""
+    B, K = log_prior.shape
+    out = rag_token_marginal(step_logits.reshape(B, K, -1, step_logits.shape[-1]), log_prior)
     return out[:, 0] if step_logits.dim() == 2 else out
 
 

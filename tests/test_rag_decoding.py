@@ -247,3 +247,15 @@ def test_generate_length_limits_and_settings(gen):
         tok_model.generate(**kw, num_beams=0)
     with pytest.raises(ValueError, match="B\\*K rows"):
         tok_model.generate(context_input_ids=ids[:-1], context_attention_mask=mask[:-1], doc_scores=scores)
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_rag_token_decode_refuses_a_question_without_a_finite_passage_score(gen, num_beams):
+    # Checked once before decoding (not at every step): all -inf scores would give a NaN passage prior.
+    ids, mask, scores = _contexts(gen.vocab_size)
+    scores[2] = float("-inf")
+    with pytest.raises(ValueError, match="doc_scores has no finite passage score for question 2"):
+        rag_token_decode(gen, ids, mask, scores, DecodeSettings(**SET), num_beams=num_beams)
+    scores[2, 1] = 0.0  # one finite passage is enough
+    out = rag_token_decode(gen, ids, mask, scores, DecodeSettings(**SET), num_beams=num_beams)
+    assert out.sequences.shape[0] == B

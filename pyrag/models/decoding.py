@@ -214,13 +214,16 @@ def rag_token_decode(gen, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     share that passage's cross-attention keys/values (Seq2SeqGenerator.start) — and the logits are permuted to
     (question, beam, passage) for the marginal; HF's RagTokenForGeneration runs (question, beam, passage) rows, which
     computes the same per-row values. Reordering the beams moves the K rows of a beam together."""
-    from ..losses import rag_token_marginal_logprobs
+    from ..losses import check_some_finite_score, marginal_with_log_prior
 
     B, K = doc_scores.shape
     nb = num_beams
     dev = input_ids.device
     state = gen.start(input_ids, attention_mask, torch.arange(B * K, device=dev).repeat_interleave(nb))
     scores = doc_scores.float().repeat_interleave(nb, dim=0)  # [B*nb, K]
+    # Checked and normalised once here, not at every step (the check syncs with the GPU).
+    check_some_finite_score(doc_scores)
+    log_prior = torch.log_softmax(scores, dim=1)
     # generator row (b, k, j) <-> decoding row (b, j) and passage k
     gen_rows = torch.arange(B * K * nb, device=dev).view(B, K, nb)
     to_beam_major = gen_rows.transpose(1, 2).reshape(-1)  # logits (b, k, j) -> (b, j, k)
@@ -229,7 +232,7 @@ def rag_token_decode(gen, input_ids: torch.Tensor, attention_mask: torch.Tensor,
 
     def step(tokens):
         logits = gen.step(state, None if tokens is None else tokens.index_select(0, beam_of_row))
-        return rag_token_marginal_logprobs(logits.index_select(0, to_beam_major) if nb > 1 else logits, scores)
+        return marginal_with_log_prior(logits.index_select(0, to_beam_major) if nb > 1 else logits, log_prior)
 
     prompt = gen.decoder_prompt(B)
     if nb == 1:
