@@ -184,8 +184,10 @@ def beam_search(step: StepFn, reorder: Callable[[torch.Tensor], None], prompt: t
         best_possible = run_scores[:, :1] / (best_len ** s.length_penalty)
         worst = torch.where(fin_done, torch.min(fin_scores, dim=1, keepdim=True)[0], _NEG)
         improvable = improvable & torch.any(best_possible > worst, dim=-1, keepdim=True)
-        go_on = bool(torch.any(improvable)) and not (bool(torch.all(fin_done)) and s.early_stopping is True) \
-            and not bool(torch.all(done))
+        # one read-back of the three flags (on a GPU each bool() would be a sync of its own)
+        any_improvable, all_fin, all_done = torch.stack(
+            [torch.any(improvable), torch.all(fin_done), torch.all(done)]).tolist()
+        go_on = any_improvable and not (all_fin and s.early_stopping is True) and not all_done
         if not go_on:
             break
         reorder((run_src + offsets).reshape(-1))
