@@ -2,6 +2,7 @@
 // over docs (few queries: memory bound) or queries (many), SIMD kernels picked at run time, and an AMX bf16
 // prefilter with exact fp32 rescoring for many queries on CPUs that have AMX.
 #include "topk_ip.h"
+#include "topk_ip_vnni.h"
 
 #include <omp.h>
 
@@ -651,9 +652,13 @@ class FusedPass {
 // product of the approximate score costs at most 2^-126 |d|) and 2^-100 (D + sqrt(D) |q|) per query. Docs beyond the
 // overflow limit 2^126 / |q| are always rescored; a query so large that its approximate scores could overflow, or
 // D >= 2^22 (where g is no longer small), sends the search to the fused path.
-// Measured on a 2-core AVX-512 machine (N = 200k, D = 768, k = 100), fused vs sketch: 28 vs 12 ms at 1 query,
-// 35 vs 29 at 8, 43 vs 39 at 12, 47 vs 51 at 16 -- past a dozen queries the int8 -> fp32 conversions cost more
-// than the bytes saved, so path 0 takes the sketch up to kSketchMaxQ queries.
+// The codes are scored with AVX-512 VNNI where the CPU has it (integer dot products with int8-quantised queries,
+// csrc/topk_ip_vnni_cpu.cpp), else with the fp32 SIMD kernels. Measured on a 2-core AVX-512 + AMX machine
+// (N = 200k, D = 768, k = 100; min of 9), fused / VNNI sketch / fp32-SIMD sketch (AVX2) / AMX sketch, ms:
+//   1 query 28 / 9 / 10 / 36;  8: 43 / 27 / 54 / 41;  12: 51 / 31 / 55 / 37;  16: 57 / 37 / 73 / 39;
+//   32: 88 / 68 / 152 / 53.
+// Path 0 takes the SIMD sketch up to kSketchMaxQ queries (the fp32 variant loses to the fused path past about a
+// dozen); beyond, the AMX prefilter over the codes where AMX exists, else the fused path.
 constexpr int64_t kSketchMaxQ = 12;
 
 template <class T>
@@ -663,13 +668,18 @@ struct SketchShared {
   Sketch sk;
   int64_t dim;
   const float *ca, *cb, *e0, *dlim;  // bound(q, d) = ca |d| + cb |d - d'| + e0; always a candidate if |d| > dlim
-  ScoreFn<int8_t> score;
+  ScoreFn<int8_t> score;              // fp32 queries x int8 codes (SIMD), or
+  const vnni::QuantQueries* qq;       // int8-quantised queries x codes (AVX-512 VNNI) when not null
   ExactFn<T> exact;
 };
 
 // Per-query constants of the sketch bound; false (fused path then) if some query is too large for the int8 scores or
-// D is too large for the error analysis.
-inline bool sketch_bounds(const float* queries, int64_t nq, int64_t dim, std::vector<float>& ca, std::vector<float>& cb, std::vector<float>& e0,
+// D is too large for the error analysis. With VNNI scores (qq not null) the approximate score is of the quantised
+// query q^ = q' * scale: the integer dot product is exact and three roundings follow, so with r = |q - q^| >= 0,
+//   |a - q^.d'| <= 3.01u (|q| + r) (|d| + |d - d'|),   |q^.d' - q.d| <= r (|d| + |d - d'|) + |q| |d - d'|,
+// and the same fused-kernel, evaluation (now 8u (|q| + r) (...)), margin and denormal terms as above.
+inline bool sketch_bounds(const float* queries, int64_t nq, int64_t dim, const vnni::QuantQueries* qq,
+                          std::vector<float>& ca, std::vector<float>& cb, std::vector<float>& e0,
                           std::vector<float>& dlim) {
   if (dim >= (int64_t{1} << 22)) return false;
   const double u = std::ldexp(1.0, -24), tiny = std::ldexp(1.0, -100), sd = std::sqrt(static_cast<double>(dim));
@@ -681,11 +691,16 @@ inline bool sketch_bounds(const float* queries, int64_t nq, int64_t dim, std::ve
   for (int64_t i = 0; i < nq; ++i) {
     double ss = 0.0;
     for (int64_t j = 0; j < dim; ++j) ss += static_cast<double>(queries[i * dim + j]) * queries[i * dim + j];
-    const double qn = std::sqrt(ss) * (1.0 + 1e-12);
-    if (qn * 127.0 * sd > std::ldexp(1.0, 120)) return false;
-    ca[i] = round_up(up * (2 * g + 10 * u) * qn + flush);
-    cb[i] = round_up(up * (1 + g + 10 * u) * qn + flush);
-    e0[i] = round_up(tiny * (dim + sd * qn));
+    const double qn = std::sqrt(ss) * (1.0 + 1e-12), r = qq != nullptr ? qq->res[i] : 0.0;
+    if ((qn + r) * 127.0 * sd > std::ldexp(1.0, 120)) return false;
+    if (qq != nullptr) {
+      ca[i] = round_up(up * (r + g * qn + 12 * u * (qn + r)) + flush);
+      cb[i] = round_up(up * (qn + r + 12 * u * (qn + r)) + flush);
+    } else {
+      ca[i] = round_up(up * (2 * g + 10 * u) * qn + flush);
+      cb[i] = round_up(up * (1 + g + 10 * u) * qn + flush);
+    }
+    e0[i] = round_up(tiny * (dim + sd * (qn + r)));
     dlim[i] = static_cast<float>(std::ldexp(1.0, 126) / std::max(qn, 1e-300) * (1.0 - 1e-6));
   }
   return true;
@@ -699,11 +714,15 @@ class SketchPass {
  public:
   SketchPass(const SketchShared<T>& sh, int64_t qa, int64_t qb, int64_t tile_n)
       : sh_(sh), qa_(qa), qb_(qb), approx_(static_cast<size_t>((qb - qa) * tile_n)),
-        wide_(qb - qa > 4 ? static_cast<size_t>(tile_n * sh.dim) : 0), cand_(static_cast<size_t>(tile_n)) {}
+        wide_(qb - qa > 4 && sh.qq == nullptr ? static_cast<size_t>(tile_n * sh.dim) : 0),
+        cand_(static_cast<size_t>(tile_n)) {}
   void operator()(int64_t t0, int64_t t1, Selector* sels) {
     const int64_t n = t1 - t0, dim = sh_.dim;
-    sh_.score(sh_.queries, qa_, qb_, sh_.sk.codes + t0 * dim, n, dim, wide_.empty() ? nullptr : wide_.data(),
-              approx_.data());
+    if (sh_.qq != nullptr)
+      vnni::scores(*sh_.qq, qa_, qb_, sh_.sk.codes + t0 * dim, n, approx_.data());
+    else
+      sh_.score(sh_.queries, qa_, qb_, sh_.sk.codes + t0 * dim, n, dim, wide_.empty() ? nullptr : wide_.data(),
+                approx_.data());
     const float *sc = sh_.sk.scale + t0, *dn = sh_.sk.norm + t0, *dr = sh_.sk.res + t0;
     for (int64_t q = qa_; q < qb_; ++q) {
       Selector& sel = sels[q - qa_];
@@ -788,9 +807,13 @@ void topk_ip_cpu(const float* queries, const T* docs, const float* scale, int64_
       opt.split != 0 ? opt.split : (threads == 1 || nq >= 32 * threads || nb < 4096 * threads) ? 2 : 1;
   if (sketch != nullptr && (opt.path == 3 || (opt.path == 0 && nq <= kSketchMaxQ))) {
     std::vector<float> ca, cb, e0, dlim;
-    if (sketch_bounds(queries, nq, dim, ca, cb, e0, dlim)) {
-      const SketchShared<T> sh{queries, docs, *sketch, dim, ca.data(), cb.data(), e0.data(), dlim.data(),
-                               score_kernel<int8_t>(isa), exact_kernel<T>(isa)};
+    // AVX-512 VNNI scores the codes in integers (when the SIMD level in use is AVX-512 and rows fit int32 sums).
+    std::unique_ptr<vnni::QuantQueries> qq;
+    if (isa == Isa::avx512 && dim <= vnni::kMaxDim && vnni::usable())
+      qq = std::make_unique<vnni::QuantQueries>(vnni::quantize(queries, nq, dim));
+    if (sketch_bounds(queries, nq, dim, qq.get(), ca, cb, e0, dlim)) {
+      const SketchShared<T> sh{queries,   docs,      *sketch,     dim, ca.data(), cb.data(), e0.data(),
+                               dlim.data(), score_kernel<int8_t>(isa), qq.get(), exact_kernel<T>(isa)};
       const int64_t tile_n = opt.tile_n > 0 ? opt.tile_n : std::clamp<int64_t>((192 << 10) / dim / 24 * 24, 24, 4080);
       drive(nq, nb, k, threads, split, opt.parts, tile_n, rescore_slack(k), scores, ids,
             [&](int64_t qa, int64_t qb) { return std::make_unique<SketchPass<T>>(sh, qa, qb, tile_n); });
