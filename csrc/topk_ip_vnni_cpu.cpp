@@ -99,7 +99,7 @@ void rows(const int8_t* q, int64_t dp, const int32_t* qsum, const float* qscale,
           int64_t dim, float* out) {
   constexpr int DB = QB == 1 ? 8 : 4;
   int64_t j = 0;
-  for (; j + DB <= n; j += DB) block<QB, DB, QB == 1>(q, dp, qsum, qscale, codes + j * dim, dim, out + j, n);
+  for (; j + DB <= n; j += DB) block<QB, DB, true>(q, dp, qsum, qscale, codes + j * dim, dim, out + j, n);
   for (; j < n; ++j) block<QB, 1, false>(q, dp, qsum, qscale, codes + j * dim, dim, out + j, n);
 }
 
