@@ -294,7 +294,7 @@ void convert_tile(const T* src, int64_t n, int64_t n32, int64_t dim, int64_t dp,
     }
     std::memset(y + dim, 0, sizeof(uint16_t) * (dp - dim));
     const double sc = scale != nullptr ? std::fabs(static_cast<double>(scale[r])) : 1.0;
-    // 1e-12 covers the fp64 square root and products below.
+    // 1e-12 covers the fp64 square root and the two products below (a few roundings each).
     dnorm[r] = round_up(std::sqrt(static_cast<double>(ss) * grow + floor_ss) * (1.0 + 1e-12) * sc);
     dres[r] = round_up(std::sqrt(static_cast<double>(rs) * grow + floor_ss) * (1.0 + 1e-12) * sc);
   }
@@ -691,7 +691,7 @@ inline bool sketch_bounds(const float* queries, int64_t nq, int64_t dim, const v
   for (int64_t i = 0; i < nq; ++i) {
     double ss = 0.0;
     for (int64_t j = 0; j < dim; ++j) ss += static_cast<double>(queries[i * dim + j]) * queries[i * dim + j];
-    const double qn = std::sqrt(ss) * (1.0 + 1e-12), r = qq != nullptr ? qq->res[i] : 0.0;
+    const double qn = std::sqrt(ss) * vnni::fp64_slack(dim), r = qq != nullptr ? qq->res[i] : 0.0;
     if ((qn + r) * 127.0 * sd > std::ldexp(1.0, 120)) return false;
     if (qq != nullptr) {
       ca[i] = round_up(up * (r + g * qn + 12 * u * (qn + r)) + flush);
@@ -828,6 +828,16 @@ void topk_ip_cpu(const float* queries, const T* docs, const float* scale, int64_
   if (opt.path == 0) use_amx = (nq >= kAmxMinQ || (sketch != nullptr && nq > kSketchMaxQ)) && amx_usable();
   // The bound below needs D u well below 1 (g = D u / (1 - D u)); such huge rows take the fused path (same result).
   if (dim >= (int64_t{1} << 22)) use_amx = false;
+  if (use_amx && sketch != nullptr) {
+    // Over a sketch, AMX sums bf16(q) . codes in fp32, and codes reach 127 whatever the row's size, so the doc-norm
+    // overflow limit below does not cover these sums: bound |bf16(q)| 127 sqrt(D) as the SIMD sketch path does.
+    const double lim = std::ldexp(1.0, 120) / (127.0 * std::sqrt(static_cast<double>(dim)) * (1.0 + 0x1p-8));
+    for (int64_t i = 0; i < nq && use_amx; ++i) {
+      double ss = 0.0;
+      for (int64_t j = 0; j < dim; ++j) ss += static_cast<double>(queries[i * dim + j]) * queries[i * dim + j];
+      use_amx = std::sqrt(ss) * vnni::fp64_slack(dim) <= lim;
+    }
+  }
 
 #if defined(PYRAG_X86) && defined(__linux__)
   if (use_amx) {
@@ -855,7 +865,7 @@ void topk_ip_cpu(const float* queries, const T* docs, const float* scale, int64_
         ss += static_cast<double>(x) * x;
         rs += e * e;
       }
-      const double qn = std::sqrt(ss) * (1.0 + 1e-12), qr = std::sqrt(rs) * (1.0 + 1e-12);
+      const double qn = std::sqrt(ss) * vnni::fp64_slack(dim), qr = std::sqrt(rs) * vnni::fp64_slack(dim);
       // bound = qr (|d| + |d - d'|) + qn |d - d'| + (coef_g qn + tiny sqrt(D)) |d| + e0
       //       = (qr + coef_g qn + tiny sqrt(D)) |d| + (qr + qn) |d - d'| + e0.
       ca[i] = round_up(up * qr + coef_g * qn + tiny * sd);

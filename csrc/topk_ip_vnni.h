@@ -11,17 +11,20 @@ namespace pyrag::topk::vnni {
 // AVX-512 F/BW + VNNI present (and the OS saves the registers).
 bool usable();
 
+// Relative error bound of a sum of `terms` nonnegative fp64 values and its square root: (terms + 4) 2^-52.
+inline double fp64_slack(int64_t terms) { return 1.0 + static_cast<double>(terms + 4) * 0x1p-52; }
+
 // Longest rows the integer sums take: |sum (c + 128) q'| <= 255 * 127 * D stays below 2^31.
 constexpr int64_t kMaxDim = (int64_t{1} << 16) - 1;
 
 // Queries quantised per row: q'[i] = round(q[i] / scale) in [-127, 127] (scale = max |q| / 127), zero padded to
-// dp = D rounded up to 64; qsum = sum q'; res >= |q - q' * scale| and norm >= |q| (fp64, rounded up).
+// dp = D rounded up to 64; qsum = sum q'; res >= |q - q' * scale| (fp64, rounded up).
 struct QuantQueries {
   int64_t nq = 0, dim = 0, dp = 0;
   std::vector<int8_t> q;
   std::vector<int32_t> qsum;
   std::vector<float> scale;
-  std::vector<double> res, norm;
+  std::vector<double> res;
 };
 QuantQueries quantize(const float* queries, int64_t nq, int64_t dim);
 

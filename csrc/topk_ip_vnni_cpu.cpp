@@ -24,13 +24,12 @@ QuantQueries quantize(const float* queries, int64_t nq, int64_t dim) {
   qq.qsum.assign(static_cast<size_t>(nq), 0);
   qq.scale.assign(static_cast<size_t>(nq), 0.0f);
   qq.res.assign(static_cast<size_t>(nq), 0.0);
-  qq.norm.assign(static_cast<size_t>(nq), 0.0);
   for (int64_t i = 0; i < nq; ++i) {
     const float* x = queries + i * dim;
     float m = 0.0f;
     for (int64_t j = 0; j < dim; ++j) m = std::max(m, std::fabs(x[j]));
     const float s = m / 127.0f;
-    double rs = 0.0, ns = 0.0;
+    double rs = 0.0;
     int32_t sum = 0;
     for (int64_t j = 0; j < dim; ++j) {
       const float v = s > 0.0f ? std::nearbyint(x[j] / s) : 0.0f;
@@ -39,12 +38,10 @@ QuantQueries quantize(const float* queries, int64_t nq, int64_t dim) {
       sum += c;
       const double e = static_cast<double>(x[j]) - static_cast<double>(c) * static_cast<double>(s);  // exact
       rs += e * e;
-      ns += static_cast<double>(x[j]) * x[j];
     }
     qq.qsum[i] = sum;
     qq.scale[i] = s;
-    qq.res[i] = std::sqrt(rs) * (1.0 + 1e-12);  // 1e-12 covers the fp64 sums and square roots
-    qq.norm[i] = std::sqrt(ns) * (1.0 + 1e-12);
+    qq.res[i] = std::sqrt(rs) * fp64_slack(dim);
   }
   return qq;
 }
@@ -128,9 +125,12 @@ void scores(const QuantQueries& qq, int64_t qa, int64_t qb, const int8_t* codes,
 #endif
 
 bool usable() {
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-         __builtin_cpu_supports("avx512vnni");
+  static const bool ok = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vnni");
+  }();
+  return ok;
 }
 #else
 void scores(const QuantQueries&, int64_t, int64_t, const int8_t*, int64_t, float*) {}

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pyrag.index import FlatIndex, _format, load_index
+import pyrag
+from pyrag.index import FlatIndex, ShardedIndex, _format, load_index
 
 FLOATS = ["float32", "float16", "bfloat16"]
 
@@ -126,3 +127,26 @@ def test_build_sketch_on_an_existing_index(tmp_path):
     assert FlatIndex.load(tmp_path / "late.idx").sketch
     with pytest.raises(ValueError, match="build_sketch\\(\\) is for float storage"):
         FlatIndex(8, "int8").build_sketch()
+
+
+def test_sharded_sketch_flag_is_refused_with_a_given_local_index():
+    # sketch=True configures the default local FlatIndex; silently ignoring it next to local=... would surprise.
+    with pytest.raises(ValueError, match="sketch=True configures the default local FlatIndex"):
+        ShardedIndex(8, sketch=True, local=FlatIndex(8))
+
+
+@pytest.mark.skipif(not pyrag.has_cuda_kernels(), reason="needs a GPU and pyrag's CUDA kernels")
+def test_sketched_index_on_cuda_keeps_its_sketch_on_the_cpu():
+    plain, sk = _pair("float16", [3000])
+    q = torch.randn(5, 24)
+    want = plain.search(q, 40)
+    sk.to("cuda")
+    assert all(b.buf.device.type == "cpu" for b in sk._sketch)  # GPU memory is not spent on it
+    got = sk.search(q, 40)
+    assert got[0].device.type == "cuda"
+    sk.to("cpu")
+    for a, b in zip(want, sk.search(q, 40)):
+        assert torch.equal(a, b)
+    sk.to("cuda").build_sketch()  # idempotent, and stays on the CPU
+    sk.add(torch.randn(3, 24))   # appends reach the CPU sketch from a CUDA index
+    assert sk._sketch[0].n == len(sk) == 3003

@@ -78,6 +78,23 @@ def test_sketch_path_is_bit_identical_on_adversarial_data(kind, dtype, path):
     assert torch.equal(a[0].nan_to_num(), b[0].nan_to_num())
 
 
+@pytest.mark.parametrize("path", ["prefilter", "auto"] if HAS_AMX else ["auto"])
+def test_huge_queries_over_small_rows_keep_the_exact_top_k_with_amx(path):
+    # AMX over the codes sums bf16(q) . codes, and codes reach 127 however small the row: with |q| ~ 2^124 those sums
+    # overflow although every |q||d| is finite. Such queries must leave the sketch (same result as fused).
+    D, N, eps = 64, 100, 1e-3
+    q = torch.full((16, D), 2.0**121)
+    d = torch.full((N, D), -eps)
+    d[N - 1] = 0
+    d[N - 1, :2] = -eps  # doc 99 is the best
+    with topk_ip_options(path="fused"):
+        a = topk_ip(q, d, 3)
+    with topk_ip_options(path=path):
+        b = topk_ip(q, d, 3, sketch=make_sketch(d))
+    _assert_same(a, b)
+    assert int(b[1][0, 0]) == N - 1
+
+
 def test_huge_query_falls_back_to_the_fused_path():
     # |q| * 127 * sqrt(D) beyond 2^120 could overflow the int8 scores: the kernel must search without the sketch.
     q, d, _ = _make(2, 2000, 16, torch.float32, seed=35)

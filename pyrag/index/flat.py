@@ -98,10 +98,10 @@ class FlatIndex:
                 if self.dtype != "float16" and stored.numel() and not bool(torch.isfinite(stored).all()):
                     raise ValueError(f"embeddings overflow {self.dtype} (max |x| = {float(x.abs().max()):.4g}): "
                                      f"they would be stored as inf")
-                if self._sketch is not None:
-                    for buf, part in zip(self._sketch, make_sketch(stored)):
-                        buf.append(part)
+                parts = make_sketch(stored) if self._sketch is not None else ()  # may refuse: before any append
                 self._vectors.append(stored)
+                for buf, part in zip(self._sketch or [], parts):
+                    buf.append(part)
             self._labels.append(labels, x.shape[0])
 
     def build_sketch(self) -> FlatIndex:
@@ -112,7 +112,7 @@ class FlatIndex:
             raise ValueError("build_sketch() is for float storage; dtype='int8' is already stored as int8 codes")
         with self._lock.write():
             if self._sketch is None:
-                self._sketch = [RowBuffer(t) for t in make_sketch(self._vectors.view())]
+                self._sketch = [RowBuffer(t.cpu()) for t in make_sketch(self._vectors.view())]  # CPU-only, see to()
         return self
 
     def to(self, device) -> FlatIndex:
@@ -121,9 +121,9 @@ class FlatIndex:
         device = torch.device(device)
         with self._lock.write():
             self._vectors.to(device)
-            for buf in [self._scales] + (self._sketch or []):
-                if buf is not None:
-                    buf.to(device)
+            if self._scales is not None:
+                self._scales.to(device)
+            # The sketch stays on the CPU: only the CPU kernel reads one (GPU search is not bandwidth-starved).
             self._labels.to(device)
         return self
 
@@ -143,7 +143,8 @@ class FlatIndex:
                         torch.empty(0, k, dtype=torch.int64, device=self.device))
             docs = self._vectors.view()
             scale = self._scales.view() if self._scales is not None else None
-            sketch = Sketch(*(b.view() for b in self._sketch)) if self._sketch is not None else None
+            sketch = (Sketch(*(b.view() for b in self._sketch))
+                      if self._sketch is not None and self.device.type == "cpu" else None)
             scores, rows = topk_ip(q, docs, k, doc_scale=scale, sketch=sketch)
             return scores, self._labels.to_labels(rows)
 

@@ -32,6 +32,9 @@ class ShardedIndex:
     """
 
     def __init__(self, dim: int, dtype: str = "float32", *, sketch: bool = False, group=None, local=None):
+        if sketch and local is not None:
+            raise ValueError("sketch=True configures the default local FlatIndex; with local=..., give that index "
+                             "its sketch (FlatIndex(..., sketch=True) or local.build_sketch())")
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError("ShardedIndex needs torch.distributed initialised (dist.init_process_group)")
         self.group = group
