@@ -204,6 +204,26 @@ inline float round_up(double x) {
   return static_cast<double>(f) >= x ? f : std::nextafter(f, std::numeric_limits<float>::infinity());
 }
 
+// Upper bounds on the queries' norms |q_i| (fp64 sums, rounded up), which every prefilter bound starts from.
+inline std::vector<double> query_norms(const float* queries, int64_t nq, int64_t dim) {
+  std::vector<double> qn(static_cast<size_t>(nq));
+  for (int64_t i = 0; i < nq; ++i) {
+    double ss = 0.0;
+    for (int64_t j = 0; j < dim; ++j) ss += static_cast<double>(queries[i * dim + j]) * queries[i * dim + j];
+    qn[i] = std::sqrt(ss) * vnni::fp64_slack(dim);
+  }
+  return qn;
+}
+
+// The prefilter bounds need D u well below 1 (they use g = D u / (1 - D u)); longer rows take the fused path.
+constexpr int64_t kMaxPrefilterDim = int64_t{1} << 22;
+
+// Whether int8 codes (|c| <= 127) against a query whose (quantised or bf16-rounded) norm is at most qbound could
+// overflow an fp32 partial sum: |q| 127 sqrt(D) beyond 2^120. Such queries leave the sketch paths.
+inline bool codes_may_overflow(double qbound, int64_t dim) {
+  return qbound * 127.0 * std::sqrt(static_cast<double>(dim)) > std::ldexp(1.0, 120);
+}
+
 #if defined(PYRAG_X86) && defined(__linux__)
 #if defined(__clang__)
 #pragma clang attribute push(__attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx2,fma,f16c"))), \
@@ -678,10 +698,11 @@ struct SketchShared {
 // query q^ = q' * scale: the integer dot product is exact and three roundings follow, so with r = |q - q^| >= 0,
 //   |a - q^.d'| <= 3.01u (|q| + r) (|d| + |d - d'|),   |q^.d' - q.d| <= r (|d| + |d - d'|) + |q| |d - d'|,
 // and the same fused-kernel, evaluation (now 8u (|q| + r) (...)), margin and denormal terms as above.
-inline bool sketch_bounds(const float* queries, int64_t nq, int64_t dim, const vnni::QuantQueries* qq,
+inline bool sketch_bounds(const std::vector<double>& qnorm, int64_t dim, const vnni::QuantQueries* qq,
                           std::vector<float>& ca, std::vector<float>& cb, std::vector<float>& e0,
                           std::vector<float>& dlim) {
-  if (dim >= (int64_t{1} << 22)) return false;
+  if (dim >= kMaxPrefilterDim) return false;
+  const int64_t nq = static_cast<int64_t>(qnorm.size());
   const double u = std::ldexp(1.0, -24), tiny = std::ldexp(1.0, -100), sd = std::sqrt(static_cast<double>(dim));
   const double g = dim * u / (1 - dim * u), up = 1.01 * (1 + 1e-6), flush = tiny * (dim + sd);
   ca.assign(nq, 0.0f);
@@ -689,10 +710,8 @@ inline bool sketch_bounds(const float* queries, int64_t nq, int64_t dim, const v
   e0.assign(nq, 0.0f);
   dlim.assign(nq, 0.0f);
   for (int64_t i = 0; i < nq; ++i) {
-    double ss = 0.0;
-    for (int64_t j = 0; j < dim; ++j) ss += static_cast<double>(queries[i * dim + j]) * queries[i * dim + j];
-    const double qn = std::sqrt(ss) * vnni::fp64_slack(dim), r = qq != nullptr ? qq->res[i] : 0.0;
-    if ((qn + r) * 127.0 * sd > std::ldexp(1.0, 120)) return false;
+    const double qn = qnorm[i], r = qq != nullptr ? qq->res[i] : 0.0;
+    if (codes_may_overflow(qn + r, dim)) return false;
     if (qq != nullptr) {
       ca[i] = round_up(up * (r + g * qn + 12 * u * (qn + r)) + flush);
       cb[i] = round_up(up * (qn + r + 12 * u * (qn + r)) + flush);
@@ -805,13 +824,16 @@ void topk_ip_cpu(const float* queries, const T* docs, const float* scale, int64_
   // corpora, where a doc slice per thread would be too short to amortise the per-thread setup.
   const int split =
       opt.split != 0 ? opt.split : (threads == 1 || nq >= 32 * threads || nb < 4096 * threads) ? 2 : 1;
+  // Both prefilters bound their error from the queries' norms: computed once, only when one of them may run.
+  std::vector<double> qnorm;
+  if (sketch != nullptr || opt.path == 2 || nq >= kAmxMinQ) qnorm = query_norms(queries, nq, dim);
   if (sketch != nullptr && (opt.path == 3 || (opt.path == 0 && nq <= kSketchMaxQ))) {
     std::vector<float> ca, cb, e0, dlim;
     // AVX-512 VNNI scores the codes in integers (when the SIMD level in use is AVX-512 and rows fit int32 sums).
     std::unique_ptr<vnni::QuantQueries> qq;
     if (isa == Isa::avx512 && dim <= vnni::kMaxDim && vnni::usable())
       qq = std::make_unique<vnni::QuantQueries>(vnni::quantize(queries, nq, dim));
-    if (sketch_bounds(queries, nq, dim, qq.get(), ca, cb, e0, dlim)) {
+    if (sketch_bounds(qnorm, dim, qq.get(), ca, cb, e0, dlim)) {
       const SketchShared<T> sh{queries,   docs,      *sketch,     dim, ca.data(), cb.data(), e0.data(),
                                dlim.data(), score_kernel<int8_t>(isa), qq.get(), exact_kernel<T>(isa)};
       const int64_t tile_n = opt.tile_n > 0 ? opt.tile_n : std::clamp<int64_t>((192 << 10) / dim / 24 * 24, 24, 4080);
@@ -826,18 +848,11 @@ void topk_ip_cpu(const float* queries, const T* docs, const float* scale, int64_
   // With a sketch, AMX reads the codes (a quarter of fp32's bytes) and wins from the first query count the SIMD
   // sketch path leaves (measured, N = 200k, D = 768: 16 queries 43 ms vs 58 fused, 64: 75 vs 100 AMX on the docs).
   if (opt.path == 0) use_amx = (nq >= kAmxMinQ || (sketch != nullptr && nq > kSketchMaxQ)) && amx_usable();
-  // The bound below needs D u well below 1 (g = D u / (1 - D u)); such huge rows take the fused path (same result).
-  if (dim >= (int64_t{1} << 22)) use_amx = false;
-  if (use_amx && sketch != nullptr) {
-    // Over a sketch, AMX sums bf16(q) . codes in fp32, and codes reach 127 whatever the row's size, so the doc-norm
-    // overflow limit below does not cover these sums: bound |bf16(q)| 127 sqrt(D) as the SIMD sketch path does.
-    const double lim = std::ldexp(1.0, 120) / (127.0 * std::sqrt(static_cast<double>(dim)) * (1.0 + 0x1p-8));
-    for (int64_t i = 0; i < nq && use_amx; ++i) {
-      double ss = 0.0;
-      for (int64_t j = 0; j < dim; ++j) ss += static_cast<double>(queries[i * dim + j]) * queries[i * dim + j];
-      use_amx = std::sqrt(ss) * vnni::fp64_slack(dim) <= lim;
-    }
-  }
+  if (dim >= kMaxPrefilterDim) use_amx = false;
+  // Over a sketch, AMX sums bf16(q) . codes in fp32, and codes reach 127 whatever the row's size, so the doc-norm
+  // overflow limit below does not cover these sums (|bf16(q)| <= |q| (1 + 2^-8)).
+  if (use_amx && sketch != nullptr)
+    for (int64_t i = 0; i < nq && use_amx; ++i) use_amx = !codes_may_overflow(qnorm[i] * (1.0 + 0x1p-8), dim);
 
 #if defined(PYRAG_X86) && defined(__linux__)
   if (use_amx) {
@@ -858,14 +873,13 @@ void topk_ip_cpu(const float* queries, const T* docs, const float* scale, int64_
     const double up = 1.01 * (1 + 1e-6);  // 1.01 margin; 1e-6 covers the fp32 evaluation of the bound
     const double coef_g = up * (2 * g * (1 + r) * (1 + r) + g) + 8 * u;
     for (int64_t i = 0; i < nq; ++i) {
-      double ss = 0.0, rs = 0.0;
+      double rs = 0.0;
       for (int64_t j = 0; j < dim; ++j) {
         const float x = queries[i * dim + j];
         const double e = static_cast<double>(x) - amx::bf16_value(amx::bf16_bits(x));
-        ss += static_cast<double>(x) * x;
         rs += e * e;
       }
-      const double qn = std::sqrt(ss) * vnni::fp64_slack(dim), qr = std::sqrt(rs) * vnni::fp64_slack(dim);
+      const double qn = qnorm[i], qr = std::sqrt(rs) * vnni::fp64_slack(dim);
       // bound = qr (|d| + |d - d'|) + qn |d - d'| + (coef_g qn + tiny sqrt(D)) |d| + e0
       //       = (qr + coef_g qn + tiny sqrt(D)) |d| + (qr + qn) |d - d'| + e0.
       ca[i] = round_up(up * qr + coef_g * qn + tiny * sd);

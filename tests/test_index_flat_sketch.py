@@ -98,10 +98,10 @@ def test_embeddings_that_overflow_the_storage_dtype_are_refused(sketch):
     index = FlatIndex(4, "bfloat16", sketch=sketch)
     x = torch.ones(3, 4)
     x[1, 2] = 3.4e38  # finite in fp32, inf in bfloat16 (its largest finite value is 3.3895e38)
-    with pytest.raises(ValueError, match="embeddings overflow bfloat16"):
+    with pytest.raises(ValueError, match="embeddings exceed the bfloat16 range"):
         index.add(x)
     assert len(index) == 0
-    with pytest.raises(ValueError, match="embeddings overflow float32"):
+    with pytest.raises(ValueError, match="embeddings exceed the float32 range"):
         FlatIndex(4, sketch=sketch).add(torch.full((2, 4), 1e39, dtype=torch.float64))
 
 

@@ -11,7 +11,6 @@ from . import _format
 from ._util import LabelMap, RowBuffer, RWLock, check_dim, check_dtype, check_ids_arg, check_k, check_matrix
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int8": torch.int8}
-_FP16_MAX = 65504.0
 
 
 class FlatIndex:
@@ -83,9 +82,6 @@ class FlatIndex:
         """Append embeddings [N, D] (tensor or ndarray; fp64/fp32/fp16/bf16, finite) with optional int64 labels
         ids [N] (distinct, not already present)."""
         x = check_matrix(embeddings, "embeddings", self._dim)
-        if self.dtype == "float16" and x.numel() and float(x.abs().max()) > _FP16_MAX:
-            raise ValueError(f"embeddings exceed the float16 range (max |x| = {float(x.abs().max()):.4g} > "
-                             f"{_FP16_MAX}); use dtype='float32' or 'bfloat16'")
         with self._lock.write():
             labels = self._labels.prepare(ids, x.shape[0])
             x = x.to(self.device)
@@ -95,9 +91,10 @@ class FlatIndex:
                 self._scales.append(scale)
             else:
                 stored = x.to(DTYPES[self.dtype])
-                if self.dtype != "float16" and stored.numel() and not bool(torch.isfinite(stored).all()):
-                    raise ValueError(f"embeddings overflow {self.dtype} (max |x| = {float(x.abs().max()):.4g}): "
-                                     f"they would be stored as inf")
+                if stored.numel() and not bool(torch.isfinite(stored).all()):  # finite input, beyond the dtype
+                    wider = "; use dtype='float32' or 'bfloat16'" if self.dtype == "float16" else ""
+                    raise ValueError(f"embeddings exceed the {self.dtype} range (max |x| = "
+                                     f"{float(x.abs().max()):.4g}, stored as inf){wider}")
                 parts = make_sketch(stored) if self._sketch is not None else ()  # may refuse: before any append
                 self._vectors.append(stored)
                 for buf, part in zip(self._sketch or [], parts):
