@@ -81,21 +81,21 @@ def _set_rng_state(st: dict) -> None:
         torch.cuda.set_rng_state_all(st["cuda"])
 
 
-def _save_checkpoint(out: Path, model, opt, sched, state: dict) -> Path:
-    """model weights (safetensors), optimizer, scheduler, RNG, step and data position, written to a temporary
-    directory and swapped in: a crash leaves the previous checkpoint whole."""
+def _save_checkpoint(out: Path, model, opt, sched, state: dict, rng) -> Path:
+    """model weights (safetensors), optimizer, scheduler, RNG (one state, or a list of every rank's), step and data
+    position, written to a temporary directory and swapped in: a crash leaves the previous checkpoint whole."""
     from safetensors.torch import save_model
 
     path = out / CHECKPOINT
     with atomic_dir(path) as tmp:
         save_model(model, str(tmp / "model.safetensors"))
-        torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": _rng_state(), **state},
+        torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": rng, **state},
                    tmp / "trainer.pt")
         (tmp / "state.json").write_text(json.dumps({k: v for k, v in state.items() if k != "best_dev_em"}) + "\n")
     return path
 
 
-def _load_checkpoint(out: Path, model, opt, sched) -> dict:
+def _load_checkpoint(out: Path, model, opt, sched, rank: int = 0) -> dict:
     from safetensors.torch import load_model
 
     path = out / CHECKPOINT
@@ -103,7 +103,8 @@ def _load_checkpoint(out: Path, model, opt, sched) -> dict:
     st = torch.load(path / "trainer.pt", map_location="cpu", weights_only=False)
     opt.load_state_dict(st["optimizer"])
     sched.load_state_dict(st["scheduler"])
-    _set_rng_state(st["rng"])
+    rng = st["rng"]
+    _set_rng_state(rng[rank] if isinstance(rng, list) else rng)  # data-parallel runs keep every rank's
     return st
 
 
@@ -144,7 +145,8 @@ def train_rag(model, train_data, dev_data=None, *, steps: int, batch_size: int =
               max_grad_norm: float | None = 1.0, weight_decay: float = 0.0, seed: int = 0, eval_every: int = 0,
               save_every: int = 0, log_every: int = 10, bf16: bool = True, resume: bool = True,
               stop_at: int | None = None, n_docs: int | None = None, epsilon: float | None = None,
-              eval_kwargs: dict | None = None, show_progress: bool = True, save_model: bool = True) -> dict:
+              eval_kwargs: dict | None = None, show_progress: bool = True, save_model: bool = True,
+              distributed: bool | None = None) -> dict:
     """Fine-tune a RagToken / RagSequence on (question, answer) pairs; the passages stay as indexed.
 
     train_data / dev_data: lists of {"question", "answers": [...]} (the first answer is the training target) or
@@ -157,7 +159,17 @@ def train_rag(model, train_data, dev_data=None, *, steps: int, batch_size: int =
     training resumed from it (resume=True, the default, whenever one exists) continues exactly as if never
     stopped. stop_at: end this run after that step (a checkpoint is written), e.g. to split a run into jobs.
     A non-finite loss or gradient stops training with FloatingPointError, leaving the last good checkpoint.
-    The final model is saved (save_pretrained) to out_dir/model. Returns a dict of final metrics."""
+    The final model is saved (save_pretrained) to out_dir/model. Returns a dict of final metrics.
+
+    Data parallel: called on every rank of an initialised torch.distributed process group (e.g. under torchrun;
+    `pyrag train` joins one by itself), it trains one model across the ranks (distributed=None: whenever the
+    group has 2+ ranks; False: ignore it). batch_size is per rank: each micro-batch of the global example stream
+    is batch_size * world_size questions, rank r taking the r-th slice, and the gradients are averaged over the
+    ranks before clipping -- the same update as one process with batch_size * world_size. Rank 0's weights are
+    broadcast at the start; every rank retrieves from its own copy of the knowledge base (a memory-mapped index
+    shares its pages between the processes of one machine); dev evaluation is split over the ranks. Rank 0
+    alone writes out_dir (which every rank must see: the checkpoint holds every rank's RNG state) and shows
+    progress. Resuming needs the same world size."""
     train = _check_data("train_data", train_data)
     dev = _check_data("dev_data", dev_data) if dev_data is not None else None
     for name, v in (("steps", steps), ("batch_size", batch_size), ("grad_accum", grad_accum)):
@@ -167,10 +179,19 @@ def train_rag(model, train_data, dev_data=None, *, steps: int, batch_size: int =
     for name, v in (("warmup_steps", warmup_steps), ("warmup_steps_question_encoder", qe_warmup)):
         if not isinstance(v, int) or not 0 <= v <= steps:
             raise ValueError(f"{name} must be an int in [0, steps={steps}], got {v!r}")
+    from .distributed import current_group
+
+    g = current_group() if distributed is None or distributed else None
+    if distributed and g is None:
+        raise ValueError("distributed=True needs an initialised torch.distributed process group of 2+ ranks "
+                         "(dist.init_process_group, e.g. under torchrun)")
+    rank, world, main = (g.rank, g.size, g.main) if g else (0, 1, True)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     device = next(model.parameters()).device
     amp = bool(bf16) and device.type == "cuda"
+    if g is not None and g.comm.type == "cuda" and device.type != "cuda":
+        raise ValueError(f"an NCCL process group moves CUDA tensors only; the model is on {device}")
 
     opt = torch.optim.AdamW(_param_groups(model, lr_generator, lr_question_encoder, weight_decay))
 
@@ -191,27 +212,44 @@ def train_rag(model, train_data, dev_data=None, *, steps: int, batch_size: int =
     run_config = {"seed": seed, "batch_size": batch_size, "steps": steps, "grad_accum": grad_accum,
                   "lr_generator": lr_generator, "lr_question_encoder": lr_question_encoder,
                   "warmup_steps": warmup_steps, "warmup_steps_question_encoder": qe_warmup,
-                  "weight_decay": weight_decay, "max_grad_norm": max_grad_norm, "n_docs": n_docs, "epsilon": epsilon}
+                  "weight_decay": weight_decay, "max_grad_norm": max_grad_norm, "n_docs": n_docs, "epsilon": epsilon,
+                  "world_size": world}
     if resume and (out / CHECKPOINT / "trainer.pt").exists():
         saved = json.loads((out / CHECKPOINT / "state.json").read_text())
         diff = [f"{k}={saved[k]!r} (now {v!r})" for k, v in run_config.items() if k in saved and saved[k] != v]
         if diff:
             raise ValueError(f"{out / CHECKPOINT} was written with {', '.join(diff)}; resume with the same settings "
                              f"or use another out_dir")
-        st = _load_checkpoint(out, model, opt, sched)
+        st = _load_checkpoint(out, model, opt, sched, rank)
         step, pos, best = st["step"], st["data_pos"], st.get("best_dev_em")
-        _truncate_metrics(out, step)
+        if main:
+            _truncate_metrics(out, step)
     else:
-        torch.manual_seed(seed)
-        random.seed(seed)
-        np.random.seed(seed)
-        (out / METRICS).unlink(missing_ok=True)
+        # one stream of random numbers per rank (dropout differs across the ranks' examples); rank 0's is a
+        # single process's
+        rseed = seed + 7919 * rank
+        torch.manual_seed(rseed)
+        random.seed(rseed)
+        np.random.seed(rseed % 2**32)
+        if main:
+            (out / METRICS).unlink(missing_ok=True)
+        if g is not None:
+            from .distributed import broadcast_parameters
+
+            broadcast_parameters([model.question_encoder, model.generator], g)
     last_ckpt = step if (out / CHECKPOINT).exists() else None
     end = steps if stop_at is None else min(steps, stop_at)
 
     def checkpoint():
         nonlocal last_ckpt
-        _save_checkpoint(out, model, opt, sched, {"step": step, "data_pos": pos, "best_dev_em": best, **run_config})
+        from .distributed import barrier, gather_objects
+
+        rng = gather_objects(_rng_state(), g) if g is not None else _rng_state()
+        if main:
+            _save_checkpoint(out, model, opt, sched, {"step": step, "data_pos": pos, "best_dev_em": best,
+                                                      **run_config}, rng)
+        if g is not None:
+            barrier(g)  # nobody moves on (or reads it back) before it is whole
         last_ckpt = step
 
     def bad(what: str, value: float):
@@ -222,25 +260,40 @@ def train_rag(model, train_data, dev_data=None, *, steps: int, batch_size: int =
 
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=steps, initial=step, desc="train rag", unit="step", disable=not show_progress)
+    bar = tqdm(total=steps, initial=step, desc="train rag", unit="step", disable=not show_progress or not main)
     model.train()
     dev_metrics, running, t0 = None, [], time.time()
+    params = [p for group in opt.param_groups for p in group["params"]]
     try:
         while step < end:
-            total = 0.0
+            total, nonfinite = 0.0, None
             for _ in range(grad_accum):
-                batch = [_example(train, seed, pos + i) for i in range(batch_size)]
-                pos += batch_size
+                first = pos + rank * batch_size  # this rank's slice of the global micro-batch
+                batch = [_example(train, seed, first + i) for i in range(batch_size)]
+                pos += batch_size * world
                 with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
                     o = model([r["question"] for r in batch], [r["answers"][0] for r in batch], n_docs=n_docs,
                               epsilon=epsilon, reduction="mean", return_posterior=False, inplace_backward=True)
                 loss = o.loss / grad_accum
-                if not torch.isfinite(loss):
-                    bad("loss", loss.item())
-                loss.backward()
-                total += loss.item()
+                value = loss.item()
+                if not math.isfinite(value):
+                    nonfinite = value
+                    if g is None:
+                        bad("loss", value)
+                else:
+                    loss.backward()
+                    total += value
                 del o, loss
-            params = [p for g in opt.param_groups for p in g["params"]]
+            if g is not None:
+                from .distributed import average_gradients, sum_floats
+
+                # every rank learns of a bad loss anywhere, so all stop together instead of one hanging in a
+                # collective
+                total, n_bad = sum_floats([total, nonfinite is not None], g)
+                total /= world
+                if n_bad:
+                    bad("loss", nonfinite if nonfinite is not None else "non-finite on another rank")
+                average_gradients(params, g)
             norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm else math.inf)
             if not torch.isfinite(norm):
                 bad("gradient norm", float(norm))
@@ -251,17 +304,18 @@ def train_rag(model, train_data, dev_data=None, *, steps: int, batch_size: int =
             running.append(total)
             bar.update(1)
             bar.set_postfix(loss=f"{total:.4f}", **({"dev_em": f"{dev_metrics['em']:.3f}"} if dev_metrics else {}))
-            if log_every and (step % log_every == 0 or step == end):
+            if main and log_every and (step % log_every == 0 or step == end):
                 _append_metrics(out, {"step": step, "loss": sum(running) / len(running),
                                       "lr_generator": opt.param_groups[-1]["lr"],
                                       "lr_question_encoder": opt.param_groups[0]["lr"], "grad_norm": float(norm),
                                       "examples": pos, "seconds": round(time.time() - t0, 3)})
                 running = []
             if dev is not None and eval_every and (step % eval_every == 0 or step == steps):
-                dev_metrics = evaluate_rag(model, dev, **(eval_kwargs or {}))
+                dev_metrics = evaluate_rag(model, dev, **(eval_kwargs or {}), distributed=g is not None)
                 model.train()
                 best = dev_metrics["em"] if best is None else max(best, dev_metrics["em"])
-                _append_metrics(out, {"step": step, **{f"dev_{k}": v for k, v in dev_metrics.items()}})
+                if main:
+                    _append_metrics(out, {"step": step, **{f"dev_{k}": v for k, v in dev_metrics.items()}})
             if (save_every and step % save_every == 0) or step == end:
                 checkpoint()
     finally:
@@ -269,7 +323,12 @@ def train_rag(model, train_data, dev_data=None, *, steps: int, batch_size: int =
     result = {"step": step, "finished": step >= steps, "checkpoint": str(out / CHECKPOINT), "best_dev_em": best,
               "dev": dev_metrics}
     if step >= steps and save_model:
-        model.save_pretrained(out / MODEL)
+        if main:
+            model.save_pretrained(out / MODEL)
+        if g is not None:
+            from .distributed import barrier
+
+            barrier(g)
         result["model"] = str(out / MODEL)
     return result
 
@@ -278,26 +337,37 @@ def train_rag(model, train_data, dev_data=None, *, steps: int, batch_size: int =
 
 def evaluate_rag(model, data, *, batch_size: int = 8, num_beams: int = 1, max_new_tokens: int = 20,
                  n_docs: int | None = None, decoding: str | None = None, ks=(1, 5, 20),
-                 show_progress: bool = False, return_predictions: bool = False) -> dict:
+                 show_progress: bool = False, return_predictions: bool = False, distributed: bool = False) -> dict:
     """Generate an answer for every question and score it: {"em", "f1"} (SQuAD v1.1 normalisation, max over the
     gold answers), retrieval "recall@k" (an answer occurs in one of the top-k passages, for the ks up to n_docs
     and n_docs itself), and
-    "gold_recall@k" when the records name gold passages ("gold_ids"); "n" questions. data: records or a path."""
+    "gold_recall@k" when the records name gold passages ("gold_ids"); "n" questions. data: records or a path.
+    distributed=True (every rank of an initialised torch.distributed group calls it with the same data): each
+    rank answers every world_size-th question, and every rank returns the metrics of all of them."""
     from ..metrics import exact_match, f1_score, retrieval_report
+    from .distributed import current_group, gather_objects
 
     data = _check_data("data", data)
     K = model.n_docs if n_docs is None else n_docs
     ks = tuple(sorted({k for k in ks if k <= K} | {K}))  # recall at n_docs always, as at the smaller ks asked
+    grp = current_group() if distributed else None
+    if distributed and grp is None:
+        raise ValueError("distributed=True needs an initialised torch.distributed process group of 2+ ranks")
+    mine = data[grp.rank::grp.size] if grp else data
     preds, texts, ids = [], [], []
     from tqdm.auto import tqdm
 
-    for s in tqdm(range(0, len(data), batch_size), desc="eval rag", disable=not show_progress):
-        part = data[s:s + batch_size]
+    quiet = not show_progress or (grp is not None and not grp.main)
+    for s in tqdm(range(0, len(mine), batch_size), desc="eval rag", disable=quiet):
+        part = mine[s:s + batch_size]
         g = model.generate([r["question"] for r in part], num_beams=num_beams, max_new_tokens=max_new_tokens,
                            n_docs=K, decoding=decoding)
         preds += g.answers
         texts += [[f"{t} {x}" for t, x in zip(ts, xs)] for ts, xs in zip(g.titles, g.texts)]
         ids += g.ids
+    if grp is not None:  # back into data order: question i was answered by rank i % size, as its (i // size)-th
+        parts = gather_objects((preds, texts, ids), grp)
+        preds, texts, ids = ([parts[i % grp.size][j][i // grp.size] for i in range(len(data))] for j in range(3))
     answers = [r["answers"] for r in data]
     gold = [r["gold_ids"] for r in data]
     res = {"em": sum(exact_match(p, a) for p, a in zip(preds, answers)) / len(data),
@@ -335,7 +405,9 @@ def train_cli(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="pyrag train", description=(
         "Jointly train the question encoder and the generator of a RAG-Token / RAG-Sequence model on "
         "(question, answers) pairs, retrieving from a fixed knowledge base. Data: JSONL lines "
-        "{\"question\", \"answers\": [...]} or SQuAD JSON. Rerunning with the same --out resumes exactly."))
+        "{\"question\", \"answers\": [...]} or SQuAD JSON. Rerunning with the same --out resumes exactly. "
+        "Data parallel: start it with torchrun (e.g. torchrun --nproc-per-node 2 -m pyrag train ...); "
+        "--batch-size is then per process."))
     ap.add_argument("--kb", required=True, help="knowledge base directory (pyrag build-kb)")
     ap.add_argument("--train", required=True, help="training QA file")
     ap.add_argument("--dev", default=None, help="dev QA file (EM every --eval-every steps)")
@@ -364,13 +436,18 @@ def train_cli(argv: list[str]) -> int:
     from ..kb import KnowledgeBase
     from ..models.encoders import Encoder
     from ..models.rag import RagSequence, RagToken
+    from .distributed import init_from_env
 
+    joined = not torch.distributed.is_initialized()
+    device = init_from_env(args.device)  # under torchrun: this rank's device, the process group joined
+    joined = joined and device is not None
+    main = device is None or torch.distributed.get_rank() == 0
     try:
         kb = KnowledgeBase.open(args.kb)
         qe = Encoder.from_pretrained(args.question_encoder) if args.question_encoder else None
         cls = RagToken if args.mode == "token" else RagSequence
         model = cls.from_parts(qe, args.generator, kb, n_docs=args.n_docs, label_smoothing=args.label_smoothing,
-                               max_combined_length=args.max_combined_length).to(_device(args.device))
+                               max_combined_length=args.max_combined_length).to(device or _device(args.device))
         res = train_rag(model, args.train, args.dev, steps=args.steps, batch_size=args.batch_size,
                         lr_generator=args.lr_generator, lr_question_encoder=args.lr_question_encoder,
                         out_dir=args.out, warmup_steps=args.warmup_steps, grad_accum=args.grad_accum,
@@ -383,7 +460,11 @@ def train_cli(argv: list[str]) -> int:
     except (ValueError, FileNotFoundError, TypeError) as e:
         print(f"pyrag train: error: {e}", file=sys.stderr)
         return 2
-    print(json.dumps(res, indent=2))
+    finally:
+        if joined:
+            torch.distributed.destroy_process_group()
+    if main:
+        print(json.dumps(res, indent=2))
     return 0
 
 
