@@ -49,7 +49,7 @@ def _modules(seed=0):
     return bart, btok, dpr, qtok
 
 
-def _inputs(V, seed=1):
+def _inputs(V, seed=1, K=K):
     g = torch.Generator().manual_seed(seed)
     q_ids = torch.randint(5, 40, (B, 7), generator=g)
     q_mask = torch.ones_like(q_ids)
@@ -186,9 +186,10 @@ def _unpadded(ctx, mask):
     return ctx, torch.ones_like(ctx)
 
 
-def _hf_thorough_with_mask(hf, bart, ctx, mask, scores, num_beams, max_length, s):
+def _hf_thorough_with_mask(hf, bart, ctx, mask, scores, num_beams, max_length, s, K=K):
     """HF's RAG-Sequence thorough decoding assembled from HF's own parts, with the attention mask passed to the
-    per-passage beam search (what HF's generate does when the mask is not lost)."""
+    per-passage beam search (what HF's generate does when the mask is not lost) and n_docs=K passed on to the
+    re-scoring forward (HF's generate re-scores with the config's n_docs, and fails for any other)."""
     out = []
     for b in range(B):
         rows = slice(b * K, (b + 1) * K)
@@ -226,3 +227,30 @@ def test_rag_sequence_thorough_generate_matches_hf(parts, num_beams, extra):
                         num_beams=num_beams, max_new_tokens=max_new, decoding="thorough", **s)
     assert _hf_padded(got.sequences) == _hf_padded(torch.nn.utils.rnn.pad_sequence(
         [torch.tensor(r) for r in ref], batch_first=True, padding_value=PAD))
+
+
+@pytest.mark.parametrize("n_docs", [2, 5])
+@pytest.mark.parametrize("mode,num_beams", [("token", 1), ("token", 4), ("sequence", 4)])
+def test_generate_with_another_n_docs_than_training_matches_hf(parts, mode, num_beams, n_docs):
+    # HF issues #7874 / #14394: n_docs at generation other than the config's (K=3 here). Both models were built
+    # with n_docs=3 and are given n_docs passages per question.
+    hf, ours = parts[f"hf_{mode}"], parts[mode]
+    hf.config.label_smoothing = 0.0
+    _, _, _, ctx, ctx_mask, _ = _inputs(parts["V"], seed=7, K=n_docs)
+    scores = torch.randn(B, n_docs, generator=torch.Generator().manual_seed(8)) * 2
+    max_new = 8
+    with torch.no_grad():
+        if mode == "token":
+            ref = hf.generate(context_input_ids=ctx, context_attention_mask=ctx_mask, doc_scores=scores,
+                              n_docs=n_docs, num_beams=num_beams, max_length=max_new + 1, min_length=0,
+                              do_sample=False, **GEN, **SETTINGS)
+        else:
+            ref = torch.nn.utils.rnn.pad_sequence([torch.tensor(r) for r in _hf_thorough_with_mask(
+                hf, parts["bart"], ctx, ctx_mask, scores, num_beams, max_new + 1, SETTINGS, K=n_docs)],
+                batch_first=True, padding_value=PAD)
+    got = ours.generate(context_input_ids=ctx, context_attention_mask=ctx_mask, doc_scores=scores,
+                        num_beams=num_beams, max_new_tokens=max_new, n_docs=n_docs,
+                        **({"decoding": "thorough"} if mode == "sequence" else {}), **SETTINGS)
+    assert _hf_padded(got.sequences) == _hf_padded(ref)
+    assert got.doc_prior.shape == (B, n_docs)
+    assert len({tuple(r) for r in _hf_padded(ref)}) > 1

@@ -50,8 +50,10 @@ def max_err(a, b):
 
 
 def assert_three_way(mode, z, s, y, *, epsilon, reduction="none", atol_scale=1.0):
-    """Kernel error vs fp64 ground truth <= reference-in-dtype error + per-dtype tolerance, for the loss and
-    both gradients."""
+    """Kernel error vs fp64 ground truth (of the same, upcast inputs), for the loss and both gradients. The loss
+    and grad doc_scores are fp32 outputs accumulated in fp32 whatever the logits' dtype: fp32 tolerance, and no
+    allowance for the reference's own error (in bf16/fp16 the plain-torch reference is far less accurate). grad
+    logits is stored in the logits' dtype: reference-in-dtype error + that dtype's tolerance."""
     fn, ref_fn = LOSSES[mode]
     kw = {"epsilon": epsilon, "reduction": reduction}
     B = s.shape[0]
@@ -64,8 +66,9 @@ def assert_three_way(mode, z, s, y, *, epsilon, reduction="none", atol_scale=1.0
     for name, t, r, k in zip(("loss", "grad logits", "grad doc_scores"), truth, refd, kern):
         assert k.dtype == r.dtype and k.shape == r.shape, name
         assert torch.isfinite(k).all(), name
-        tol = TOL[z.dtype] * atol_scale * max(1.0, t.abs().max().item())
-        e_k, e_r = max_err(k, t), max_err(r, t)
+        in_dtype = name == "grad logits"
+        tol = TOL[z.dtype if in_dtype else torch.float32] * atol_scale * max(1.0, t.abs().max().item())
+        e_k, e_r = max_err(k, t), max_err(r, t) if in_dtype else 0.0
         assert e_k <= e_r + tol, f"{mode} {name}: kernel err {e_k:.3g} > reference err {e_r:.3g} + {tol:.3g}"
 
 
@@ -106,7 +109,8 @@ def test_every_cpu_simd_path_matches_reference(isa, dtype):
         assert used <= isa
         z, s, y = make_inputs(2, 3, 5, 1037, dtype=dtype, per_token=True)
         for mode in ("sequence", "token"):
-            assert_three_way(mode, z, s if mode == "token" else s[..., 0], y, epsilon=0.1)
+            for epsilon in (0.0, 0.1):
+                assert_three_way(mode, z, s if mode == "token" else s[..., 0], y, epsilon=epsilon)
         zz = z[:, 0]
         got = rag_token_marginal_logprobs(zz, s[..., 0])
         want = ref.rag_token_marginal_logprobs_reference(zz.double(), s[..., 0].double())

@@ -320,6 +320,24 @@ def test_decoder_only_generator_marginalises_answer_tokens_only(small):
         torch.testing.assert_close(out.per_question_loss.detach(), ref.detach(), rtol=1e-4, atol=1e-4)
         g = model.generate(qs, num_beams=2, max_new_tokens=3)
         assert g.sequences.shape[0] == 3 and g.sequences.shape[1] <= 3 and len(g.answers) == 3
+        # with one passage the marginal is the LM's own distribution: the tokens of HF's generate on each prompt
+        lengths = []
+        for beams in (1, 3):
+            g = model.generate(qs, num_beams=beams, max_new_tokens=6, n_docs=1, length_penalty=1.0,
+                               early_stopping=False)
+            for b in range(3):
+                prompt = torch.tensor([tok(f"{g.titles[b][0]} / {g.texts[b][0]} // {qs[b]} answer:")["input_ids"]])
+                ref = lm.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=6, num_beams=beams,
+                                  do_sample=False, eos_token_id=0, pad_token_id=0, length_penalty=1.0,
+                                  early_stopping=False)[0, prompt.shape[1]:].tolist()
+                mine = g.sequences[b].tolist()
+                assert _until_eos(mine) == _until_eos(ref), (cls.__name__, beams, b, mine, ref)
+                lengths.append(len(_until_eos(ref)))
+        assert max(lengths) >= 3, lengths  # real answers were compared, not an immediate end of text
+
+
+def _until_eos(ids: list[int], eos: int = 0) -> list[int]:
+    return ids[: ids.index(eos) + 1] if eos in ids else ids
 
 
 # ---- bad input ----
@@ -432,3 +450,16 @@ def test_t5_generator_trains_decodes_and_splits_its_output_layer(small):
     torch.testing.assert_close(chunked.per_question_loss, out.per_question_loss, rtol=1e-5, atol=1e-5)
     g = model.generate(qs, num_beams=2, max_new_tokens=4)
     assert (g.sequences[:, 0] == 1).all() and g.sequences.shape[1] <= 5
+    # with one passage, RAG-Sequence decoding is T5's own beam search on that passage's input
+    lengths = []
+    for beams in (1, 3):
+        g = model.generate(qs, num_beams=beams, max_new_tokens=5, n_docs=1, length_penalty=1.0, early_stopping=False)
+        for b in range(4):
+            ids, mask = model.generator.build_inputs([qs[b]], [[g.titles[b][0]]], [[g.texts[b][0]]])
+            ref = t5.generate(ids, attention_mask=mask.long(), num_beams=beams, max_new_tokens=5, do_sample=False,
+                              decoder_start_token_id=1, eos_token_id=2, pad_token_id=1, length_penalty=1.0,
+                              early_stopping=False)[0].tolist()
+            mine = g.sequences[b].tolist()
+            assert _until_eos(mine, 2) == _until_eos(ref, 2), (beams, b, mine, ref)
+            lengths.append(len(_until_eos(ref, 2)))
+    assert max(lengths) >= 3, lengths

@@ -10,6 +10,7 @@ import pytest
 import torch
 from test_rag_model import tiny_setup
 
+from pyrag.metrics import exact_match, f1_score
 from pyrag.models.rag import RagModel
 from pyrag.train.rag import ask_cli, eval_cli, evaluate_rag, train_cli, train_rag
 
@@ -149,7 +150,20 @@ def test_cli_train_ask_eval(tmp_path, capsys):
         rep = json.loads(capsys.readouterr().out)
         assert set(rep) >= {"em", "f1", "recall@1", "recall@2", "mrr", "n"} and 0 <= rep["em"] <= rep["f1"] <= 1
         assert rep["n"] == (8 if data == "dev.jsonl" else 6)
-        assert len(json.loads((tmp_path / "metrics.json").read_text())["predictions"]) == rep["n"]
+        preds = json.loads((tmp_path / "metrics.json").read_text())["predictions"]
+        assert len(preds) == rep["n"]
+        # the reported EM / F1 are those of the written predictions against the gold answers
+        gold = [r["answers"] for r in qa[: rep["n"]]]
+        assert rep["em"] == pytest.approx(sum(exact_match(p, a) for p, a in zip(preds, gold)) / rep["n"])
+        assert rep["f1"] == pytest.approx(sum(f1_score(p, a) for p, a in zip(preds, gold)) / rep["n"])
+
+    # RAG-Token through the command line as well
+    rc = train_cli(["--kb", str(kb.path), "--train", str(tmp_path / "train.jsonl"), "--generator",
+                    str(tmp_path / "generator"), "--mode", "token", "--out", str(tmp_path / "tok"), "--steps", "2",
+                    "--n-docs", "2", "--no-progress"])
+    assert rc == 0
+    assert json.loads((tmp_path / "tok" / "model" / "pyrag_rag.json").read_text())["mode"] == "token"
+    assert json.loads(capsys.readouterr().out)["step"] == 2
 
     assert eval_cli(["--model", str(tmp_path / "nowhere"), "--data", str(tmp_path / "dev.jsonl")]) == 2
     assert "no pyrag RAG model" in capsys.readouterr().err
@@ -202,14 +216,32 @@ def test_gradient_accumulation_equals_the_larger_batch(tmp_path):
     assert any(not torch.equal(p, a[n]) for n, p in model.named_parameters())
 
 
-def test_clipping_caps_the_update(tmp_path):
-    # SGD-like check through the logged norm: with a tiny max_grad_norm the parameters move far less
+def test_clipping_caps_the_update(tmp_path, monkeypatch):
+    # The gradients AdamW steps with: their global norm (over both parts) is the logged pre-clip norm without
+    # clipping, and max_grad_norm with it whenever the logged norm is larger
+    seen = []
+    step = torch.optim.AdamW.step
+
+    def recording_step(self, *a, **k):
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        seen.append(float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))))
+        return step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
     moved = {}
     for clip in (None, 1e-4):
+        seen.clear()
         model, _passages, qa, _kb = tiny_setup(tmp_path / str(clip), n=16, n_docs=2)
         before = {n: p.detach().clone() for n, p in model.named_parameters()}
-        train_rag(model, qa, steps=2, out_dir=tmp_path / str(clip) / "run", max_grad_norm=clip, save_model=False,
+        out = tmp_path / str(clip) / "run"
+        train_rag(model, qa, steps=2, out_dir=out, max_grad_norm=clip, save_model=False, log_every=1,
                   **_train_kwargs(batch_size=4, warmup_steps=0, warmup_steps_question_encoder=0))
+        logged = [json.loads(x)["grad_norm"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+        assert len(seen) == len(logged) == 2
+        for pre, post in zip(logged, seen):
+            assert pre > 1e-3  # the clip below is active
+            want = pre if clip is None else clip
+            assert post == pytest.approx(want, rel=1e-3), (clip, pre, post)
         moved[clip] = sum(float((p.detach() - before[n]).abs().sum()) for n, p in model.named_parameters())
     # Adam's first steps are scale-free, so clipping shows only from step 2 on: it must still change the update
     assert moved[1e-4] != pytest.approx(moved[None], rel=1e-3), moved

@@ -263,8 +263,10 @@ def rag_sequence_decode(gen, input_ids: torch.Tensor, attention_mask: torch.Tens
     4. The most probable hypothesis of each question; scores = its log p(y|x).
     Differences from HF's RagSequenceForGeneration.generate: it loops over questions and re-runs the encoder for
     every (candidate, passage) pair; it scores with the model's label smoothing if one is configured (pyrag scores
-    the plain likelihood); and with transformers 5 its per-passage beam search runs without the attention mask
-    (pad tokens are attended) — on unpadded inputs the two return the same token ids."""
+    the plain likelihood); with transformers 5 its per-passage beam search runs without the attention mask
+    (pad tokens are attended) — on unpadded inputs the two return the same token ids; and its re-scoring drops
+    every pad-id token of a hypothesis, so one that generated the pad token outscores the rest (pyrag scores every
+    generated token)."""
     if decoding not in ("thorough", "fast"):
         raise ValueError(f"decoding must be 'thorough' or 'fast', got {decoding=!r}")
     B, K = doc_scores.shape

@@ -546,10 +546,13 @@ class Seq2SeqGenerator(nn.Module):
         return torch.cat([first[:, None].to(out.logits.dtype), out.logits], 1)
 
     def candidate_targets(self, candidates: torch.Tensor, lengths: torch.Tensor):
-        """(target, mask) [M, T] of candidate_logits as HF's get_nll builds them: candidates shifted left with pad
-        at the end, pad positions masked."""
+        """(target, mask) [M, T] of candidate_logits: candidates shifted left (HF's get_nll layout), the positions
+        past each candidate's length masked. HF masks every pad id instead, so a hypothesis that generated the pad
+        token as a real token (an untrained model may; T5's pad is also its decoder start) loses those tokens'
+        log-probabilities and can outscore every other; here each generated token counts."""
         target = torch.cat([candidates[:, 1:], torch.full_like(candidates[:, :1], self.pad_token_id)], 1)
-        return target, target != self.pad_token_id
+        ar = torch.arange(target.shape[1], device=target.device)
+        return target, ar[None, :] < (lengths[:, None] - 1)
 
     def save_pretrained(self, path: str | Path) -> None:
         self.model.save_pretrained(path, safe_serialization=True)
