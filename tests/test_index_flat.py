@@ -65,6 +65,12 @@ def test_flat_search_matches_brute_force_on_dequantised_vectors(dtype, nq, n, d,
     else:
         tol = {"float16": 1e-3, "bfloat16": 8e-3, "int8": 1.0 / 127}[dtype]
         assert np.all(np.abs(stored - x.numpy()) <= tol * np.abs(x.numpy()).max(axis=1, keepdims=True) + 1e-7)
+        if dtype == "int8":  # exactly the dequantised rows: codes * per-row scale
+            codes, scale = pyrag.index.flat.quantize_int8(x)
+            want = codes.float() * scale[:, None]
+        else:  # exactly the rows rounded to the storage dtype
+            want = x.to(getattr(torch, dtype)).float()
+        assert torch.equal(torch.from_numpy(stored), want)
     scores, ids = index.search(q, k)
     assert scores.dtype == torch.float32 and ids.dtype == torch.int64
     assert_topk_correct(scores, ids, q.numpy(), stored, k)
@@ -101,9 +107,11 @@ def test_flat_labels_map_results_and_reject_duplicates():
     assert np.array_equal(ids.numpy(), labels.numpy()[ref_rows])
     assert torch.equal(index.reconstruct(labels[[4, 40]]), x[[4, 40]])
     # default labels continue after the largest label so far
-    index.add(torch.randn(2, 8))
+    extra = torch.randn(2, 8)
+    index.add(extra)
     top = int(labels.max())
-    assert index.reconstruct(torch.tensor([top + 1, top + 2])).shape == (2, 8)
+    assert torch.equal(index.reconstruct(torch.tensor([top + 1, top + 2])), extra)  # fp32: stored exactly
+    assert torch.equal(index.reconstruct(labels), x)
     with pytest.raises(ValueError, match="already in the index"):
         index.add(torch.randn(1, 8), ids=labels[:1])
     with pytest.raises(ValueError, match="duplicate label 5"):
@@ -131,11 +139,15 @@ def test_flat_reconstruct_any_shape_and_unknown_id():
     index.add(x)
     q, scale = pyrag.index.flat.quantize_int8(x)
     deq = q.float() * scale[:, None]
-    got = index.reconstruct(torch.tensor([[3, 4, 5], [19, 0, 3]]))
+    assert not torch.equal(deq, x)  # int8 codes round: the dequantised rows are what the index can give back
+    ids = torch.tensor([[3, 4, 5], [19, 0, 3]])
+    got = index.reconstruct(ids)
     assert got.shape == (2, 3, 5) and got.dtype == torch.float32
-    assert torch.equal(got[1, 0], deq[19])
-    assert index.reconstruct(7).shape == (5,)
-    assert index.reconstruct(np.array([1, 2])).shape == (2, 5)
+    assert torch.equal(got, deq[ids])
+    one = index.reconstruct(7)
+    assert one.shape == (5,) and torch.equal(one, deq[7])
+    assert torch.equal(index.reconstruct(np.array([1, 2])), deq[[1, 2]])
+    assert torch.equal(index.reconstruct([[2], [17]]), deq[torch.tensor([[2], [17]])])
     assert index.reconstruct(torch.empty(0, dtype=torch.int64)).shape == (0, 5)
     with pytest.raises(ValueError, match="id 20 is not in the index"):
         index.reconstruct(torch.tensor([1, 20]))
@@ -406,6 +418,44 @@ def test_foreign_version_and_kind_mismatch_are_refused(tmp_path):
     other.write_bytes(bytes(kind))
     with pytest.raises(ValueError, match=r"other.idx: holds a 'hnsw' index, not a 'flat' index"):
         FlatIndex.load(other)
+
+
+def _with_header(path: Path, out: Path, **changes) -> Path:
+    """A copy of the index file at `path` whose fixed header has `changes` (field: value) and a valid header
+    checksum, so that only the disagreement itself can make it fail to load."""
+    raw = bytearray(path.read_bytes())
+    names = ["magic", "version", "kind", "dtype", "dim", "count", "meta_len", "payload_len", "payload_crc"]
+    fields = dict(zip(names, _format._HEADER.unpack_from(raw)))
+    fields.update(changes)
+    header = _format._HEADER.pack(*(fields[n] for n in names))
+    raw[: len(header) + 4] = header + struct.pack("<I", zlib.crc32(header))
+    out.write_bytes(bytes(raw))
+    return out
+
+
+@pytest.mark.parametrize(
+    "changes,shown",
+    [
+        ({"count": 299}, "count=299, dim=12, dtype=float32"),
+        ({"count": 301}, "count=301, dim=12, dtype=float32"),
+        ({"dim": 6}, "count=300, dim=6, dtype=float32"),
+        ({"dim": 13}, "count=300, dim=13, dtype=float32"),
+        ({"dtype": b"float16"}, "count=300, dim=12, dtype=float16"),
+        ({"dtype": b"int8"}, "count=300, dim=12, dtype=int8"),
+    ],
+    ids=["fewer", "more", "narrower", "wider", "float16", "int8"],
+)
+def test_header_disagreeing_with_the_vectors_is_refused(tmp_path, changes, shown):
+    index, path = _saved(tmp_path)
+    same = _with_header(path, tmp_path / "same.idx")  # the rewrite itself keeps the file valid
+    assert torch.equal(FlatIndex.load(same).reconstruct(torch.arange(300)), index.reconstruct(torch.arange(300)))
+    bad = _with_header(path, tmp_path / "bad.idx", **changes)
+    want = rf"bad.idx: vectors section \(300, 12\) torch.float32 does not match the header \({shown}\)"
+    for mmap in (True, False):
+        with pytest.raises(ValueError, match=want):
+            FlatIndex.load(bad, mmap=mmap)
+    with pytest.raises(ValueError, match=want):
+        load_index(bad)
 
 
 def test_save_is_atomic_when_writing_fails(tmp_path, monkeypatch):

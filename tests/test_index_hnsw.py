@@ -7,13 +7,12 @@ from __future__ import annotations
 import threading
 import warnings
 
+import hnswlib  # a hard dependency on CPU: a broken install must fail here, not skip (not in the GPU machine's list)
 import numpy as np
 import pytest
 import torch
 
 from pyrag.index import HNSWIndex, _format, load_index
-
-hnswlib = pytest.importorskip("hnswlib")  # a hard dependency of pyrag; present wherever the package is installed
 
 
 def recall_at_k(got: np.ndarray, true: np.ndarray) -> float:

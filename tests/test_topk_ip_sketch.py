@@ -6,19 +6,31 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_topk_ip import ISAS, SHAPES, _adversarial_docs, _make, assert_topk_exact
+from test_topk_ip import (
+    ISA_NAMES,
+    ISAS,
+    SHAPES,
+    _adversarial_docs,
+    _make,
+    assert_topk_exact,
+    need_amx,
+    need_isa,
+)
 
 from pyrag.ops.sketch import Sketch, make_sketch
 from pyrag.ops.topk_ip import cpu_has_amx, topk_ip, topk_ip_options
 
 FLOATS = [torch.float32, torch.float16, torch.bfloat16]
 HAS_AMX = cpu_has_amx()
-# The two kernels that read a sketch: SIMD int8 scores ("sketch") and, on AMX CPUs, the AMX prefilter ("prefilter").
-SKETCH_PATHS = ["sketch", "prefilter"] if HAS_AMX else ["sketch"]
+# The two kernels that read a sketch: SIMD int8 scores ("sketch") and, on AMX CPUs, the AMX prefilter ("prefilter";
+# its cases skip with the reason on CPUs without AMX).
+SKETCH_PATHS = ["sketch", "prefilter"]
 
 
 def _both(q, d, k, path="sketch", **opts):
     """(fused result, result through the sketch on `path`) with the same options."""
+    if path == "prefilter":
+        need_amx()
     with topk_ip_options(path="fused", **opts):
         a = topk_ip(q, d, k)
     with topk_ip_options(path=path, **opts):
@@ -41,9 +53,10 @@ def test_sketch_path_is_bit_identical_to_fused_and_exact(Q, N, D, k, dtype, path
     assert_topk_exact(q, d, k, *b)
 
 
-@pytest.mark.parametrize("isa", ISAS, ids=lambda v: ["scalar", "avx2", "avx512"][v])
+@pytest.mark.parametrize("isa", ISAS, ids=ISA_NAMES)
 @pytest.mark.parametrize("dtype", FLOATS)
 def test_sketch_path_on_every_simd_path(isa, dtype):
+    need_isa(isa)
     q, d, _ = _make(6, 2500, 100, dtype, seed=32)
     _assert_same(*_both(q, d, 25, isa=isa, tile_n=96))
 
@@ -78,8 +91,10 @@ def test_sketch_path_is_bit_identical_on_adversarial_data(kind, dtype, path):
     assert torch.equal(a[0].nan_to_num(), b[0].nan_to_num())
 
 
-@pytest.mark.parametrize("path", ["prefilter", "auto"] if HAS_AMX else ["auto"])
+@pytest.mark.parametrize("path", ["prefilter", "auto"])
 def test_huge_queries_over_small_rows_keep_the_exact_top_k_with_amx(path):
+    if path == "prefilter":
+        need_amx()
     # AMX over the codes sums bf16(q) . codes, and codes reach 127 however small the row: with |q| ~ 2^124 those sums
     # overflow although every |q||d| is finite. Such queries must leave the sketch (same result as fused).
     D, N, eps = 64, 100, 1e-3
