@@ -37,6 +37,9 @@ PYRAG_HD int64_t rag_prior_index(const RagDims& d, int64_t b, int64_t k, int64_t
 // epsilon > 0), sr [B,T] sum_v logsumexp_k (token, epsilon > 0).
 PYRAG_HD int64_t rag_nll_scratch_floats(const RagDims& d) { return 2 * d.B * d.K * d.T + d.B * d.T; }
 
+// max that keeps a NaN from either side (fmaxf drops it): a NaN log-likelihood must reach the loss.
+PYRAG_HD float nan_max(float a, float b) { return (b > a || b != b) ? b : a; }
+
 // ---- per-question combine (tiny: O(K*T) per b), shared by the CPU and CUDA forward ----
 // Inputs: ly, sl, sr as above (only entries under the masks are read). Outputs for question b:
 //   sequence: w[b,k] = softmax_k(A) with A = p + sum_t m ly (the passage posterior),
@@ -44,7 +47,8 @@ PYRAG_HD int64_t rag_nll_scratch_floats(const RagDims& d) { return 2 * d.B * d.K
 //   token:    w[b,k,t] = m * softmax_k(p + ly) (0 at masked t); u[b,k,t] (sum_v r) is written by the
 //             smoothing pass itself and left alone here.
 //   loss[b] = -(1-eps) LL - (eps/V) S, the S term skipped when eps == 0 (so S = -inf cannot make 0*inf).
-// Softmaxes over an all -inf set give 0 weights, never NaN.
+// Softmaxes over an all -inf set give 0 weights, never NaN; a NaN among the inputs makes the loss and weights NaN
+// (the max keeps it, and "!= -inf" lets it through), as log_softmax would, instead of reading as "all -inf".
 PYRAG_HD void rag_combine_question(const RagDims& d, int mode, float epsilon, int64_t b, const float* log_prior,
                                    const uint8_t* nll_mask, const uint8_t* smooth_mask, const float* ly,
                                    const float* sl, const float* sr, float* loss, float* w, float* u) {
@@ -63,19 +67,19 @@ PYRAG_HD void rag_combine_question(const RagDims& d, int mode, float epsilon, in
       }
       w[b * K + k] = a;  // stash A_k / C_k, turned into softmax weights below
       u[b * K + k] = c;
-      amax = fmaxf(amax, a);
-      cmax = fmaxf(cmax, c);
+      amax = nan_max(amax, a);
+      cmax = nan_max(cmax, c);
     }
     double asum = 0.0, csum = 0.0;
     for (int64_t k = 0; k < K; ++k) {
-      if (amax > ninf) asum += exp(static_cast<double>(w[b * K + k]) - amax);
-      if (cmax > ninf) csum += exp(static_cast<double>(u[b * K + k]) - cmax);
+      if (amax != ninf) asum += exp(static_cast<double>(w[b * K + k]) - amax);
+      if (cmax != ninf) csum += exp(static_cast<double>(u[b * K + k]) - cmax);
     }
-    ll = amax > ninf ? amax + log(asum) : static_cast<double>(ninf);
-    smooth = cmax > ninf ? cmax + log(csum) : static_cast<double>(ninf);
+    ll = amax != ninf ? amax + log(asum) : static_cast<double>(ninf);
+    smooth = cmax != ninf ? cmax + log(csum) : static_cast<double>(ninf);
     for (int64_t k = 0; k < K; ++k) {
-      w[b * K + k] = amax > ninf ? static_cast<float>(exp(w[b * K + k] - ll)) : 0.0f;
-      u[b * K + k] = (epsilon > 0.0f && cmax > ninf) ? static_cast<float>(exp(u[b * K + k] - smooth)) : 0.0f;
+      w[b * K + k] = amax != ninf ? static_cast<float>(exp(w[b * K + k] - ll)) : 0.0f;
+      u[b * K + k] = (epsilon > 0.0f && cmax != ninf) ? static_cast<float>(exp(u[b * K + k] - smooth)) : 0.0f;
     }
   } else {
     for (int64_t t = 0; t < T; ++t) {
@@ -87,15 +91,15 @@ PYRAG_HD void rag_combine_question(const RagDims& d, int mode, float epsilon, in
       for (int64_t k = 0; k < K; ++k) {
         const int64_t r = (b * K + k) * T + t;
         w[r] = log_prior[rag_prior_index(d, b, k, t)] + ly[r];
-        amax = fmaxf(amax, w[r]);
+        amax = nan_max(amax, w[r]);
       }
       double asum = 0.0;
-      if (amax > ninf)
+      if (amax != ninf)
         for (int64_t k = 0; k < K; ++k) asum += exp(static_cast<double>(w[(b * K + k) * T + t]) - amax);
-      const double llt = amax > ninf ? amax + log(asum) : static_cast<double>(ninf);
+      const double llt = amax != ninf ? amax + log(asum) : static_cast<double>(ninf);
       for (int64_t k = 0; k < K; ++k) {
         const int64_t r = (b * K + k) * T + t;
-        w[r] = amax > ninf ? static_cast<float>(exp(w[r] - llt)) : 0.0f;
+        w[r] = amax != ninf ? static_cast<float>(exp(w[r] - llt)) : 0.0f;
       }
       ll += llt;
     }

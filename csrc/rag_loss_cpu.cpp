@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <limits>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -120,17 +121,25 @@ PYRAG_AI float flog(float x) {
 
 // ---- per-row and per-group bodies (inlined into the baseline and the AVX2 wrappers below) ----
 
-// One row z[0..V): lse = logsumexp_v z and sum_l = sum_v (z - lse). A row that is all -inf gets -inf.
+// One row z[0..V): lse = logsumexp_v z and sum_l = sum_v (z - lse). A row that is all -inf gets -inf; a row
+// holding a NaN gets NaN (as log_softmax gives), which then reaches the loss and the row's gradient.
 // Two sweeps: the max streams the row from memory, the exps re-read it from cache (a chunked online
 // log-sum-exp measured no faster). fp32 lane sums per block, double across blocks.
 template <typename S>
 PYRAG_AI void row_stats_body(const S* z, int64_t V, float* lse, float* sum_l) {
   constexpr int64_t kSumBlock = 4096;
   float m = kNegInf;
-#pragma omp simd reduction(max : m)
+  int nans = 0;  // counted in the same (memory-bound) sweep: a max alone skips NaN
+#pragma omp simd reduction(max : m) reduction(+ : nans)
   for (int64_t v = 0; v < V; ++v) {
     const float x = ld(z, v);
     m = x > m ? x : m;
+    nans += x != x;
+  }
+  if (nans) {
+    *lse = std::numeric_limits<float>::quiet_NaN();
+    *sum_l = *lse;
+    return;
   }
   if (!(m > kNegInf)) {
     *lse = kNegInf;
@@ -197,7 +206,7 @@ PYRAG_AI void group_softmax_k(const S* const* rows, int64_t K, int64_t v0, int64
   for (int64_t k = 1; k < K; ++k) {
     const float* qk = q + k * kChunk;
 #pragma omp simd
-    for (int64_t j = 0; j < n; ++j) mx[j] = qk[j] > mx[j] ? qk[j] : mx[j];
+    for (int64_t j = 0; j < n; ++j) mx[j] = (qk[j] > mx[j] || qk[j] != qk[j]) ? qk[j] : mx[j];  // keeps NaN
   }
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) sum[j] = 0.0f;
@@ -206,13 +215,13 @@ PYRAG_AI void group_softmax_k(const S* const* rows, int64_t K, int64_t v0, int64
     float* ek = e + k * kChunk;
 #pragma omp simd
     for (int64_t j = 0; j < n; ++j) {
-      const float x = mx[j] > kNegInf ? fexp(qk[j] - mx[j]) : 0.0f;
+      const float x = mx[j] != kNegInf ? fexp(qk[j] - mx[j]) : 0.0f;  // NaN passes: fexp(NaN) is NaN
       ek[j] = x;
       sum[j] += x;
     }
   }
 #pragma omp simd
-  for (int64_t j = 0; j < n; ++j) inv[j] = mx[j] > kNegInf ? 1.0f / sum[j] : 0.0f;
+  for (int64_t j = 0; j < n; ++j) inv[j] = mx[j] != kNegInf ? 1.0f / sum[j] : 0.0f;
 }
 
 // Token smoothing, forward, group (b,t): off[k] = p_k - lse_k set by the caller. Returns
@@ -229,7 +238,7 @@ PYRAG_AI double group_smooth_fwd_body(const S* const* rows, int64_t K, int64_t V
     const float* inv = gb.inv.data();
     float part = 0.0f;
 #pragma omp simd reduction(+ : part)
-    for (int64_t j = 0; j < n; ++j) part += mx[j] > kNegInf ? mx[j] + flog(sum[j]) : kNegInf;
+    for (int64_t j = 0; j < n; ++j) part += mx[j] != kNegInf ? mx[j] + flog(sum[j]) : kNegInf;
     total += part;
     for (int64_t k = 0; k < K; ++k) {
       const float* ek = gb.e.data() + k * kChunk;
@@ -279,7 +288,7 @@ PYRAG_AI void group_marginal_fwd_body(const S* const* rows, int64_t K, int64_t V
     const float* sum = gb.sum.data();
     float* o = out + v0;
 #pragma omp simd
-    for (int64_t j = 0; j < n; ++j) o[j] = mx[j] > kNegInf ? mx[j] + flog(sum[j]) : kNegInf;
+    for (int64_t j = 0; j < n; ++j) o[j] = mx[j] != kNegInf ? mx[j] + flog(sum[j]) : kNegInf;
   }
 }
 
@@ -298,7 +307,7 @@ PYRAG_AI void group_marginal_bwd_body(const S* const* rows, S* const* grads, int
       const float off = gb.off[k];
       float a = 0.0f;
 #pragma omp simd reduction(+ : a)
-      for (int64_t j = 0; j < n; ++j) a += o[j] > kNegInf ? go[j] * fexp(ld(row, j) + off - o[j]) : 0.0f;
+      for (int64_t j = 0; j < n; ++j) a += o[j] != kNegInf ? go[j] * fexp(ld(row, j) + off - o[j]) : 0.0f;
       c[k] += a;
     }
   }
@@ -310,7 +319,7 @@ PYRAG_AI void group_marginal_bwd_body(const S* const* rows, S* const* grads, int
 #pragma omp simd
     for (int64_t v = 0; v < V; ++v) {
       const float x = ld(row, v);
-      const float r = out[v] > kNegInf ? fexp(x + off - out[v]) : 0.0f;
+      const float r = out[v] != kNegInf ? fexp(x + off - out[v]) : 0.0f;
       st(g, v, gout[v] * r - ck * fexp(x - l));
     }
   }

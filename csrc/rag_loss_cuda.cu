@@ -50,9 +50,14 @@ __device__ T block_sum(T v, T* sh) {
   return sh[0];
 }
 
-// Online log-sum-exp state (max m, sum s of exp(x - m)); an all -inf set is (-inf, 0).
+// Online log-sum-exp state (max m, sum s of exp(x - m)); an all -inf set is (-inf, 0). A NaN makes the state
+// (NaN, NaN) for good, so the result is NaN (as log_softmax gives) instead of reading as an all -inf set.
 __device__ __forceinline__ void lse_push(float& m, float& s, float x) {
   if (x == -INFINITY) return;  // contributes exp(-inf) = 0; skipping it avoids (-inf) - (-inf)
+  if (x != x) {
+    m = s = x;
+    return;
+  }
   if (x > m) {
     s = s * expf(m - x) + 1.0f;
     m = x;
@@ -62,7 +67,7 @@ __device__ __forceinline__ void lse_push(float& m, float& s, float x) {
 }
 
 __device__ __forceinline__ void lse_merge(float& m, float& s, float m2, float s2) {
-  const float M = fmaxf(m, m2);
+  const float M = m != m ? m : (m2 != m2 ? m2 : fmaxf(m, m2));  // fmaxf alone would drop a NaN
   if (M == -INFINITY) return;
   s = (m == -INFINITY ? 0.0f : s * expf(m - M)) + (m2 == -INFINITY ? 0.0f : s2 * expf(m2 - M));
   m = M;

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import DEVICES
 from test_rag_loss import LOSSES, assert_three_way, make_inputs, run
 
 from pyrag import (
@@ -205,3 +206,51 @@ def test_op_level_errors_name_the_argument():
     y[0, 1] = 99
     with pytest.raises(ValueError, match=r"target\[0, 1\] = 99"):  # checked by the CPU kernel itself
         rag_marginal_nll(z, lp, y, m, m, mode="token", epsilon=0.0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("isa", [0, 1, 2], ids=["baseline", "avx2", "avx512"])
+@pytest.mark.parametrize("epsilon", [0.0, 0.1])
+@pytest.mark.parametrize("mode", MODES)
+def test_nan_logits_give_nan_where_the_reference_does(mode, epsilon, isa, device):
+    # A NaN logit makes its row's log_softmax NaN: the question's loss and gradients are NaN, as in the reference,
+    # never read as an all -inf row (which gave inf loss and zero gradients when every logit was NaN); the other
+    # questions are untouched.
+    from pyrag import _ext
+
+    if device == "cpu":
+        used = _ext.cpu.rag_loss_set_isa(isa)
+        if used < isa:
+            _ext.cpu.rag_loss_set_isa(-1)
+            pytest.skip("this CPU lacks that SIMD level")
+    elif isa:
+        pytest.skip("SIMD levels are a CPU matter")
+    try:
+        fn, ref_fn = LOSSES[mode]
+        B, K, T, V = 3, 4, 5, 37
+        g = torch.Generator().manual_seed(7)
+        s = torch.randn(B, K, generator=g)
+        y = torch.randint(0, V, (B, T), generator=g)
+        for where in ("one", "all"):
+            z = torch.randn(B * K, T, V, generator=g)
+            if where == "one":
+                z[K + 2, 1, 5] = float("nan")  # question 1
+            else:
+                z[K:2 * K] = float("nan")
+            zz = z.to(device).requires_grad_()
+            loss = fn(zz, s.to(device), y.to(device), epsilon=epsilon, reduction="none")
+            loss.sum().backward()
+            want = ref_fn(z, s, y, epsilon=epsilon, reduction="none")
+            assert torch.isnan(want[1]) and torch.isnan(loss[1].cpu()), (where, loss)
+            keep = torch.tensor([0, 2])
+            torch.testing.assert_close(loss.detach().cpu()[keep], want[keep], rtol=1e-5, atol=1e-5)
+            grad = zz.grad.cpu().view(B, K, T, V)
+            assert torch.isnan(grad[1]).any() and torch.isfinite(grad[keep]).all(), where
+        # the token marginal used in decoding
+        z = torch.randn(B * K, V, generator=g)
+        z[K + 1, 3] = float("nan")
+        out = rag_token_marginal_logprobs(z.to(device), s.to(device)).cpu()
+        assert torch.isnan(out[1]).all() and torch.isfinite(out[keep]).all()
+    finally:
+        if device == "cpu":
+            _ext.cpu.rag_loss_set_isa(-1)
