@@ -7,20 +7,22 @@ import argparse
 import datetime
 import hashlib
 import json
+import math
+import numbers
 import operator
 import os
 import shutil
 import sqlite3
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .kb_io import atomic_path, iter_passages, write_json_atomic
+from .kb_io import atomic_path, iter_passages, usual_mode, write_json_atomic
 
 __all__ = ["DEFAULT_HYBRID_WEIGHT", "KnowledgeBase", "SearchResult", "build_kb", "build_kb_cli"]
 
@@ -208,9 +210,14 @@ def build_kb(passages, out_dir, *, encoder=None, index: str = "flat", dtype: str
     passages: a path (.jsonl {"id","title","text"} / DPR .tsv / SQuAD .json) or an iterable of such dicts.
     encoder: Encoder (shared for questions), BiEncoder, an encoder directory, or None (MiniLM).
     index: "flat" (FlatIndex, dtype float32|float16|bfloat16|int8) or "hnsw" (HNSWIndex, float32).
+    hnsw_options (index="hnsw" only): HNSWIndex's M, ef_construction, ef_search, space, norm_headroom, seed;
+    meta.json records all of them as used (defaults filled in). Every option is checked before any encoding.
     Passages are encoded in shards of shard_size; each finished shard is saved atomically, so an interrupted
-    build resumes from the last completed shard when called again with the same arguments. Calling it on a
-    finished KB built from the same passages and encoder is a no-op; different ones are an error.
+    build resumes from the last completed shard when called again with the same passages, passage encoder and
+    shard_size; index, dtype, hnsw_options, sketch and the question encoder only shape the final indexing step,
+    so they may change on resume (the index is then built with the new ones, nothing is re-encoded). Calling it
+    on a finished KB built from the same passages, encoders and options is a no-op; different ones are an
+    error.
     bm25=True also builds the BM25 index now (otherwise on the first bm25/hybrid search).
     sketch=True (flat index, float dtypes) keeps an int8 sketch next to the vectors (FlatIndex(sketch=True)):
     the same search results, faster CPU retrieval (batches of up to 12 questions; any size on AMX CPUs), +25%
@@ -227,25 +234,35 @@ def build_kb(passages, out_dir, *, encoder=None, index: str = "flat", dtype: str
         raise TypeError(f"sketch must be True or False, got {sketch!r}")
     if sketch and (index != "flat" or dtype == "int8"):
         raise ValueError(f"sketch=True needs index='flat' with a float dtype; got {index=}, {dtype=}")
-    if not isinstance(shard_size, int) or shard_size < 1:
+    if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
         raise ValueError(f"shard_size must be a positive int, got {shard_size!r}")
-    if not isinstance(batch_size, int) or batch_size < 1:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if hnsw_options is not None and not isinstance(hnsw_options, dict):
+        raise TypeError(f"hnsw_options must be a dict or None, got {type(hnsw_options).__name__}: {hnsw_options!r}")
+    if index != "hnsw" and hnsw_options:
+        raise ValueError(f"hnsw_options are for index='hnsw' only; got {index=} with {hnsw_options=}")
     if out.exists() and not out.is_dir():
         raise ValueError(f"out_dir exists and is not a directory: {str(out)!r}")
+    if index == "hnsw":
+        if "space" not in (hnsw_options or {}):
+            # hnswlib's inner-product graph unless told otherwise: on real, non-normalised embeddings DPR's L2
+            # augmentation loses most of its recall (benchmarks/results/hnsw.json, MiniLM on SQuAD: recall@10
+            # 0.343 vs 0.959 at ef_search=16, 0.731 vs 0.999 at 128). A KB started or finished before that
+            # default keeps the space it recorded (none recorded = "augmented", the older default), so reruns
+            # of a finished one are still no-ops.
+            recorded = _recorded_hnsw_options(out)
+            space = "ip" if recorded is None else recorded.get("space", "augmented")
+            hnsw_options = {**(hnsw_options or {}), "space": space}
+        # Checked now, not after hours of encoding: a bad option would otherwise fail in _finish.
+        hnsw_options = resolve_hnsw_options(hnsw_options)
+    else:
+        hnsw_options = {}
     bi = _as_bi_encoder(encoder)
     p_fp = bi.passage_encoder.fingerprint()
     q_fp = p_fp if bi.shared else bi.question_encoder.fingerprint()
-    if index == "hnsw" and "space" not in (hnsw_options or {}):
-        # hnswlib's inner-product graph unless told otherwise: on real, non-normalised embeddings DPR's L2
-        # augmentation loses most of its recall (benchmarks/results/hnsw.json, MiniLM on SQuAD: recall@10 0.343
-        # vs 0.959 at ef_search=16, 0.731 vs 0.999 at 128). A KB started or finished before that default keeps
-        # the space it recorded (none recorded = "augmented", the older default), so reruns still resume.
-        recorded = _recorded_hnsw_options(out)
-        space = "ip" if recorded is None else recorded.get("space", "augmented")
-        hnsw_options = {**(hnsw_options or {}), "space": space}
     settings = {"index": index, "dtype": dtype, "passage_fingerprint": p_fp, "question_fingerprint": q_fp,
-                "hnsw_options": hnsw_options or {}, "sketch": sketch}
+                "hnsw_options": hnsw_options, "sketch": sketch}
 
     if (out / META).exists():
         meta = _read_meta(out)
@@ -253,7 +270,7 @@ def build_kb(passages, out_dir, *, encoder=None, index: str = "flat", dtype: str
         built = {"index": meta["index"], "dtype": meta["dtype"],
                  "passage_fingerprint": meta["passage_encoder"]["fingerprint"],
                  "question_fingerprint": meta["question_encoder"]["fingerprint"],
-                 "hnsw_options": _with_space(meta), "sketch": meta.get("sketch", False)}
+                 "hnsw_options": _resolved_record(meta), "sketch": meta.get("sketch", False)}
         diff = [k for k in settings if settings[k] != built[k]]
         if meta["passages_sha256"] != digest:
             diff.append("passages")
@@ -274,16 +291,19 @@ def build_kb(passages, out_dir, *, encoder=None, index: str = "flat", dtype: str
     state = json.loads(state_path.read_text()) if state_path.exists() else None
     if state is not None and (out / PASSAGES).exists():
         digest, n = _scan_passages(passages)
-        old = {**{k: state.get(k) for k in settings}, "hnsw_options": _with_space(state),
-               "sketch": state.get("sketch", False)}  # builds started before the option had none
-        diff = [k for k in settings if settings[k] != old[k]]
+        # Only what the encoded shards depend on must match; the index options are applied by _finish.
+        diff = ["passage_fingerprint"] if state.get("passage_fingerprint") != p_fp else []
         if state.get("passages_sha256") != digest:
             diff.append("passages")
         if state.get("shard_size") != shard_size:
             diff.append("shard_size")
         if diff:
             raise ValueError(f"{out} holds an unfinished build that differs in {', '.join(diff)}; rerun with the "
-                             f"same arguments to resume it, or delete {out} to start over")
+                             f"same passages, passage encoder and shard_size to resume it, or delete {out} to "
+                             f"start over")
+        if any(state.get(k) != v for k, v in settings.items()):
+            state = {**state, **settings}
+            write_json_atomic(state_path, state)
     else:
         shutil.rmtree(out / BUILD_DIR, ignore_errors=True)
         digest, n = _write_db(passages, out / PASSAGES, show_progress)
@@ -305,6 +325,32 @@ def _with_space(record: dict) -> dict:
     if record.get("index") == "hnsw":
         opts.setdefault("space", "augmented")
     return opts
+
+
+HNSW_OPTIONS = ("M", "ef_construction", "ef_search", "space", "norm_headroom", "seed")
+
+
+def resolve_hnsw_options(options: dict | None) -> dict:
+    """Validate HNSWIndex options and fill in its defaults: {M, ef_construction, ef_search, space, norm_headroom,
+    seed}. ValueError naming the bad option and its value (HNSWIndex's own checks, on an empty index: hnswlib is
+    not needed)."""
+    from .index import HNSWIndex
+
+    options = dict(options or {})
+    unknown = sorted(set(options) - set(HNSW_OPTIONS), key=str)
+    if unknown:
+        raise ValueError(f"hnsw_options: unknown option(s) {unknown}; known: {list(HNSW_OPTIONS)}")
+    try:
+        idx = HNSWIndex(1, **options)
+    except ValueError as e:
+        raise ValueError(f"hnsw_options: {e}") from None
+    return {"M": idx.M, "ef_construction": idx.ef_construction, "ef_search": idx.ef_search, "space": idx.space,
+            "norm_headroom": idx.norm_headroom, "seed": idx.seed}
+
+
+def _resolved_record(record: dict) -> dict:
+    """The hnsw options of a meta.json with the defaults of the time filled in ({} for a flat index)."""
+    return resolve_hnsw_options(_with_space(record)) if record.get("index") == "hnsw" else {}
 
 
 def _recorded_hnsw_options(out: Path) -> dict | None:
@@ -611,6 +657,7 @@ class KnowledgeBase:
                 self._bm25 = BM25.build(texts, show_progress=len(texts) > 100000)
                 try:
                     self._bm25.save(d)
+                    usual_mode(d, directory=True)  # BM25.save's mkdtemp leaves it 0700: others could not read it
                     (d / "passages_sha256.txt").write_text(stamp + "\n")
                 except OSError:
                     pass  # read-only KB: keep it in memory
@@ -632,12 +679,13 @@ class KnowledgeBase:
     def search(self, questions, k: int, mode: str = "dense", *, batch_size: int = 64, show_progress: bool = False,
                hybrid_weight: float | None = None, candidates: int = 100,
                question_vectors: torch.Tensor | None = None) -> SearchResult:
-        """Top-k passages for questions (list of str, or vectors [Q, D] for mode "dense").
+        """Top-k passages for questions (any iterable of str, or vectors [Q, D] for mode "dense").
 
         mode "dense": inner product with the stored vectors; "bm25": BM25 over title + text; "hybrid": DPR's
-        BM25+DPR fusion: the union of the top-`candidates` dense and BM25 passages, ranked by
-        dense + hybrid_weight * bm25 (default: self.hybrid_weight, see DEFAULT_HYBRID_WEIGHT).
-        question_vectors [Q, D] may be given with text questions to skip encoding them (hybrid).
+        BM25+DPR fusion: the union of the top-`candidates` (int >= 1) dense and BM25 passages, ranked by
+        dense + hybrid_weight * bm25, hybrid_weight a finite float >= 0 (default: self.hybrid_weight, see
+        DEFAULT_HYBRID_WEIGHT; 0 is the dense ranking, a large weight the BM25 one).
+        question_vectors [Q, D] (one row per question) may be given with text questions to skip encoding them.
         Ties are broken by the lower row. Tensors come back on the index's device."""
         if mode not in ("dense", "bm25", "hybrid"):
             raise ValueError(f"mode must be 'dense', 'bm25' or 'hybrid', got {mode!r}")
@@ -648,22 +696,53 @@ class KnowledgeBase:
         if not 1 <= k <= len(self):
             raise ValueError(f"k must be an int in [1, {len(self)}] (the KB size), got {k=}")
         is_vec = isinstance(questions, torch.Tensor)
-        if not is_vec and (isinstance(questions, str) or not all(isinstance(q, str) for q in questions)):
-            raise TypeError(f"questions must be a list of str or a [Q, D] tensor, got {type(questions).__name__}")
+        if not is_vec:
+            if isinstance(questions, (str, bytes)) or not isinstance(questions, Iterable):
+                raise TypeError(f"questions must be an iterable of str or a [Q, D] tensor, got "
+                                f"{type(questions).__name__}: {questions!r:.80}")
+            questions = list(questions)  # once: a generator would be used up by the check below
+            bad = next((i for i, x in enumerate(questions) if not isinstance(x, str)), None)
+            if bad is not None:
+                raise TypeError(f"questions must be an iterable of str or a [Q, D] tensor; item {bad} is "
+                                f"{type(questions[bad]).__name__}: {questions[bad]!r:.80}")
         if is_vec and mode != "dense":
             raise ValueError(f"mode {mode!r} needs the question texts (BM25), got a tensor")
+        if question_vectors is not None:
+            if is_vec:
+                raise ValueError("question_vectors is for text questions; questions is already a tensor")
+            if not isinstance(question_vectors, torch.Tensor):
+                raise TypeError(f"question_vectors must be a [Q, {self.dim}] tensor, got "
+                                f"{type(question_vectors).__name__}")
+            if question_vectors.dim() != 2 or question_vectors.shape != (len(questions), self.dim):
+                raise ValueError(f"question_vectors must be [Q, D] = [{len(questions)}, {self.dim}] (one row per "
+                                 f"question), got {tuple(question_vectors.shape)} for {len(questions)} questions")
+            question_vectors = question_vectors.detach()
+        if mode == "hybrid":
+            lam = self.hybrid_weight if hybrid_weight is None else hybrid_weight
+            what = "hybrid_weight" if hybrid_weight is not None else "kb.hybrid_weight"
+            if isinstance(lam, bool) or not isinstance(lam, numbers.Real):
+                raise TypeError(f"{what} must be a float, got {type(lam).__name__}: {lam!r}")
+            lam = float(lam)
+            if not math.isfinite(lam) or lam < 0:
+                raise ValueError(f"{what} must be a finite float >= 0 (the weight of the BM25 score), got {lam!r}")
+            try:
+                candidates = operator.index(candidates)
+            except TypeError:
+                raise TypeError(f"candidates must be an int, got {type(candidates).__name__}: "
+                                f"{candidates!r}") from None
+            if candidates < 1:
+                raise ValueError(f"candidates must be an int >= 1, got {candidates=}")
         dev = self.index.device
         if mode == "dense":
             q = question_vectors if question_vectors is not None else \
                 self._query_vectors(questions, batch_size, show_progress)
             scores, rows = self.index.search(q, k)
         elif mode == "bm25":
-            scores, rows = self.bm25.search(list(questions), k)
+            scores, rows = self.bm25.search(questions, k)
         else:
             q = question_vectors if question_vectors is not None else \
                 self._query_vectors(questions, batch_size, show_progress)
-            lam = self.hybrid_weight if hybrid_weight is None else float(hybrid_weight)
-            scores, rows = self._hybrid(list(questions), q, k, lam, max(int(candidates), k))
+            scores, rows = self._hybrid(questions, q, k, lam, max(candidates, k))
         rows, scores = rows.to(dev), scores.to(dev).float()
         titles, texts = self.passages(rows.cpu())
         return SearchResult(rows=rows, scores=scores, ids=self.ids(rows.cpu()), titles=titles, texts=texts,
@@ -727,6 +806,8 @@ def build_kb_cli(argv: list[str]) -> int:
     ap.add_argument("--shard-size", type=int, default=4096, help="passages per resumable shard")
     ap.add_argument("--hnsw-m", type=int, default=32)
     ap.add_argument("--hnsw-ef-construction", type=int, default=200)
+    ap.add_argument("--hnsw-ef-search", type=int, default=None,
+                    help="query-time beam width saved with the index (default: HNSWIndex's, 128)")
     ap.add_argument("--hnsw-space", choices=["ip", "augmented"], default=None,
                     help="hnswlib inner-product graph (the default for new KBs: better recall on real embeddings) "
                          "or DPR's L2 augmentation")
@@ -738,11 +819,16 @@ def build_kb_cli(argv: list[str]) -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
-    if args.threads:
+    if args.threads is not None and args.threads < 1:
+        print(f"pyrag build-kb: error: --threads must be >= 1, got {args.threads}", file=sys.stderr)
+        return 2
+    if args.threads is not None:
         torch.set_num_threads(args.threads)
     hnsw = None
     if args.index == "hnsw":
         hnsw = {"M": args.hnsw_m, "ef_construction": args.hnsw_ef_construction}
+        if args.hnsw_ef_search is not None:
+            hnsw["ef_search"] = args.hnsw_ef_search
         if args.hnsw_space is not None:
             hnsw["space"] = args.hnsw_space
     try:

@@ -9,20 +9,41 @@ import json
 import os
 import sys
 import tempfile
+import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 __all__ = ["atomic_dir", "atomic_path", "iter_passages", "read_passages", "read_qa", "read_squad",
-           "replace_dir", "write_json_atomic"]
+           "replace_dir", "usual_mode", "write_json_atomic"]
+
+
+def _umask() -> int:
+    """The process umask, read without changing it (os.umask set-and-restore is process-wide and would race with
+    other threads creating files); 0o022 where /proc is unavailable."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0o022
+
+
+def usual_mode(path, directory: bool = False) -> None:
+    """Give a mkstemp file (0600) / mkdtemp directory (0700) the mode open() / mkdir() would have given it
+    (0666 / 0777 less the umask), so a KB or model directory stays readable by other users and containers."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
 
 
 def write_json_atomic(path, obj: Any) -> None:
-    """Write obj as JSON to path through a temporary file in the same directory and os.replace."""
+    """Write obj as JSON to path through a temporary file in the same directory and os.replace (the file gets
+    the usual 0666-less-umask mode)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        usual_mode(tmp)
         with os.fdopen(fd, "w") as f:
             json.dump(obj, f, indent=2, sort_keys=True)
             f.write("\n")
@@ -35,11 +56,17 @@ def write_json_atomic(path, obj: Any) -> None:
 
 
 def atomic_path(path) -> tuple[Path, Path]:
-    """(tmp, final): a fresh temporary name beside `path`; write tmp, then os.replace(tmp, final)."""
+    """(tmp, final): a fresh temporary file beside `path`; write into tmp (it already exists, with the usual
+    0666-less-umask mode, which writing into it keeps), then os.replace(tmp, final)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    try:
+        usual_mode(tmp)
+    except BaseException:
+        _unlink(tmp)
+        raise
     return Path(tmp), path
 
 
@@ -67,13 +94,15 @@ def replace_dir(tmp, path) -> None:
 @contextlib.contextmanager
 def atomic_dir(path):
     """Write a directory atomically: `with atomic_dir(path) as tmp:` fill tmp (created beside path); on success it
-    replaces path (replace_dir), on an exception it is removed and path is left as it was."""
+    replaces path (replace_dir), on an exception it is removed and path is left as it was. The directory gets
+    the usual 0777-less-umask mode (mkdtemp alone would leave it 0700)."""
     import shutil
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
+        usual_mode(tmp, directory=True)
         yield tmp
         replace_dir(tmp, path)
     except BaseException:
@@ -199,30 +228,69 @@ def read_passages(source) -> list[dict]:
     return [rec for _, rec in iter_passages(source)]
 
 
+def _squad_answers(qa: dict, where: str) -> list[str]:
+    answers = qa.get("answers", [])
+    if not isinstance(answers, list):
+        raise ValueError(f"{where}: 'answers' must be a list of {{\"text\": ...}} objects, got {answers!r}")
+    out = []
+    for i, a in enumerate(answers):
+        if not isinstance(a, dict) or not isinstance(a.get("text"), str):
+            raise ValueError(f"{where}: answer {i} must be an object with a 'text' string, got {a!r}")
+        out.append(a["text"])
+    return out
+
+
 def read_squad(path) -> tuple[list[dict], list[dict]]:
-    """(passages, questions) of a SQuAD v1.1 file.
+    """(passages, questions) of a SQuAD v1.1 (or v2.0) file.
 
     passages: {"id": "title#j", "title", "text"} for every paragraph in file order.
-    questions: {"id", "question", "answers": [str], "gold_ids": ["title#j"], "article": article index}."""
+    questions: {"id", "question", "answers": [str], "gold_ids": ["title#j"], "article": article index}.
+    SQuAD v2.0's unanswerable questions ("is_impossible": true, or no answers) are skipped, with one
+    UserWarning giving their count (they have no answer to find and no gold passage). A question without a
+    'question' string, or a malformed answer, is a ValueError naming the file, article, paragraph and question."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"SQuAD file not found: {str(path)!r}")
     passages = [rec for _, rec in _squad_passages(path)]
-    questions = []
+    questions, skipped = [], 0
     for ai, art in enumerate(_squad_data(path, _load_json(path))):
         for j, par in enumerate(art.get("paragraphs", [])):
-            for qa in par.get("qas", []):
-                answers = [a["text"] for a in qa.get("answers", [])]
+            for qi, qa in enumerate(par.get("qas", [])):
+                where = f"{path}: article {ai} paragraph {j} question {qi}"
+                if not isinstance(qa, dict) or not isinstance(qa.get("question"), str):
+                    keys = sorted(qa) if isinstance(qa, dict) else type(qa).__name__
+                    raise ValueError(f"{where}: expected an object with a 'question' string (got {keys})")
+                answers = _squad_answers(qa, where)
+                if qa.get("is_impossible") or not answers:
+                    skipped += 1
+                    continue
                 questions.append({"id": qa.get("id", ""), "question": qa["question"], "answers": answers,
                                   "gold_ids": [f"{art.get('title', '')}#{j}"], "article": ai})
+    if skipped:
+        warnings.warn(f"{path}: skipped {skipped} unanswerable question(s) (SQuAD v2.0 'is_impossible' or no "
+                      f"answers); {len(questions)} kept", stacklevel=2)
     return passages, questions
+
+
+def _gold_list(value: Any, key: str, where: str) -> list[str]:
+    if isinstance(value, (str, int)) and not isinstance(value, bool):
+        return [str(value)]
+    if isinstance(value, (list, tuple)) and all(isinstance(g, (str, int)) and not isinstance(g, bool)
+                                                for g in value):
+        return [str(g) for g in value]
+    raise ValueError(f"{where}: {key!r} must be a passage id or a list of them, got {value!r}")
 
 
 def read_qa(path) -> list[dict]:
     """Questions with answers (and gold passage ids when known) from SQuAD JSON, a JSON list, or JSONL.
 
-    Each record becomes {"question": str, "answers": [str], "gold_ids": [str] (possibly empty)}; JSON(L)
-    records may give "gold_id" or "gold_ids", or DPR's "positive_ctxs" with "passage_id"s."""
+    Each record becomes {"question": str, "answers": [str], "gold_ids": [str] (possibly empty)}.
+    SQuAD JSON: see read_squad (gold = the question's paragraph "title#j"; unanswerable questions skipped).
+    JSON(L) records need "question" (str) and "answers" (a non-empty list of str, or one str); the gold passage
+    id(s), optional, come from the first of these keys present and not null: "gold_ids" (list or one id),
+    "gold_id", "passage_id" (one id, as pyrag's demo corpus writes); else DPR's "positive_ctxs" (their
+    "passage_id"s).
+    A malformed record is a ValueError naming the file and line (JSONL) or item (JSON list)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"QA file not found: {str(path)!r}")
@@ -247,12 +315,18 @@ def read_qa(path) -> list[dict]:
         if not isinstance(r, dict) or not isinstance(r.get("question"), str):
             raise ValueError(f"{where}: expected an object with a 'question' string")
         answers = r.get("answers", [])
-        answers = [answers] if isinstance(answers, str) else list(answers)
-        if not answers or not all(isinstance(a, str) for a in answers):
+        answers = [answers] if isinstance(answers, str) else answers
+        if not isinstance(answers, (list, tuple)) or not answers or not all(isinstance(a, str) for a in answers):
             raise ValueError(f"{where}: 'answers' must be a non-empty list of strings, got {r.get('answers')!r}")
-        gold = r.get("gold_ids", r.get("gold_id", []))
-        gold = [gold] if isinstance(gold, str) else list(gold)
+        gold: list[str] = []
+        for key in ("gold_ids", "gold_id", "passage_id"):
+            if r.get(key) is not None:
+                gold = _gold_list(r[key], key, where)
+                break
         if not gold and "positive_ctxs" in r:
-            gold = [str(c["passage_id"]) for c in r["positive_ctxs"] if "passage_id" in c]
-        out.append({"question": r["question"], "answers": answers, "gold_ids": [str(g) for g in gold]})
+            ctxs = r["positive_ctxs"]
+            if not isinstance(ctxs, list) or not all(isinstance(c, dict) for c in ctxs):
+                raise ValueError(f"{where}: 'positive_ctxs' must be a list of objects, got {ctxs!r}")
+            gold = [str(c["passage_id"]) for c in ctxs if "passage_id" in c]
+        out.append({"question": r["question"], "answers": list(answers), "gold_ids": gold})
     return out

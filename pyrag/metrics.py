@@ -137,52 +137,107 @@ def retrieval_report(texts, ids, answers, gold_ids=None, ks=(1, 5, 20)) -> dict:
     return rep
 
 
+DEFAULT_KS = (1, 5, 20)
+
+
+def _cutoffs(given: list[int] | None, n: int) -> list[int]:
+    """The recall@k cut-offs for a KB of n passages: the given ones (each in [1, n], else ValueError), or
+    DEFAULT_KS without those above n, with n itself as the largest when any was dropped."""
+    if given is None:
+        ks = [k for k in DEFAULT_KS if k <= n]
+        return ks + [n] if len(ks) < len(DEFAULT_KS) and n not in ks else ks
+    bad = [k for k in given if not 1 <= k <= n]
+    if bad:
+        raise ValueError(f"--k {bad[0]} is out of range: each cut-off must be in [1, {n}] (the KB holds {n} "
+                         f"passages)")
+    return sorted(set(given))
+
+
+def _question_encoder(path: str):
+    """The question encoder in `path`: an encoder directory (config.json), or a BiEncoder directory such as
+    `pyrag train-retriever`'s out/final (its question_encoder/)."""
+    from pathlib import Path
+
+    from .models.encoders import Encoder
+
+    p = Path(path)
+    if not p.is_dir():
+        raise FileNotFoundError(f"--encoder directory not found: {path!r}")
+    if (p / "config.json").is_file():
+        return Encoder.from_pretrained(p)
+    if (p / "question_encoder" / "config.json").is_file():
+        return Encoder.from_pretrained(p / "question_encoder")
+    if (p / "final" / "question_encoder" / "config.json").is_file():
+        raise ValueError(f"--encoder {path!r} is a `pyrag train-retriever` output directory; pass its trained "
+                         f"encoder, {str(p / 'final')!r} (or {str(p / 'final' / 'question_encoder')!r})")
+    raise FileNotFoundError(f"--encoder {path!r} is neither an encoder directory (no config.json) nor a "
+                            f"BiEncoder directory (no question_encoder/config.json)")
+
+
 def eval_retriever_cli(argv: list[str]) -> int:
     """`pyrag eval-retriever`: recall@k / MRR of a knowledge base on a QA file."""
     ap = argparse.ArgumentParser(prog="pyrag eval-retriever", description=(
         "Retrieve passages from a knowledge base for every question of a QA file and report recall@k (an answer "
         "string, SQuAD-normalised, occurs in one of the top-k passages), MRR, and gold-passage recall@k when the "
-        "file names gold passages. QA file: SQuAD JSON (gold = the question's paragraph, id 'title#j') or JSONL "
-        "lines {\"question\", \"answers\": [...], optional \"gold_ids\": [...]}."))
+        "file names gold passages. QA file: SQuAD JSON (gold = the question's paragraph, id 'title#j'; "
+        "unanswerable v2.0 questions are skipped) or JSON(L) records {\"question\", \"answers\": [...], optional "
+        "\"gold_ids\": [...] | \"gold_id\" | \"passage_id\"}."))
     ap.add_argument("--kb", required=True, help="knowledge base directory (pyrag build-kb)")
     ap.add_argument("--qa", required=True, help="questions: SQuAD JSON or JSONL")
-    ap.add_argument("--k", type=int, nargs="+", default=[1, 5, 20], help="cut-offs (default: 1 5 20)")
+    ap.add_argument("--k", type=int, nargs="+", default=None,
+                    help="cut-offs, each at most the KB size (default: 1 5 20, those above the KB size replaced "
+                         "by the KB size)")
     ap.add_argument("--mode", choices=["dense", "bm25", "hybrid"], default="dense")
     ap.add_argument("--encoder", default=None,
-                    help="question encoder directory (default: the one the KB was built with)")
+                    help="question encoder: an encoder directory, or a BiEncoder directory such as `pyrag "
+                         "train-retriever`'s out/final (its question_encoder/ is used); default: the one the KB "
+                         "was built with")
     ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--limit", type=int, default=None, help="evaluate only the first N questions")
+    ap.add_argument("--limit", type=int, default=None, help="evaluate only the first N questions (N >= 0)")
     ap.add_argument("--out", default=None, help="also write the report as JSON here")
     args = ap.parse_args(argv)
+
+    def fail(msg) -> int:
+        print(f"pyrag eval-retriever: error: {msg}", file=sys.stderr)
+        return 2
+
+    if args.limit is not None and args.limit < 0:
+        return fail(f"--limit must be >= 0 (or left out for all questions), got {args.limit}")
+    if args.batch_size < 1:
+        return fail(f"--batch-size must be >= 1, got {args.batch_size}")
 
     from .kb import KnowledgeBase
     from .kb_io import read_qa
 
-    qa = read_qa(args.qa)
-    if args.limit is not None:
-        qa = qa[: args.limit]
-    if not qa:
-        print(f"pyrag eval-retriever: no questions in {args.qa}", file=sys.stderr)
-        return 2
-    kb = KnowledgeBase.open(args.kb)
-    if args.encoder:
-        from .models.encoders import Encoder
+    try:
+        qa = read_qa(args.qa)
+        if args.limit is not None:
+            qa = qa[: args.limit]
+        if not qa:
+            return fail(f"no questions to evaluate in {args.qa}" + (f" (--limit {args.limit})" if args.limit == 0
+                                                                     else ""))
+        kb = KnowledgeBase.open(args.kb)
+        ks = _cutoffs(args.k, len(kb))
+        if args.encoder:
+            kb.question_encoder = _question_encoder(args.encoder)
+        k = max(ks)
+        texts, ids = [], []
+        for i in range(0, len(qa), 1024):
+            chunk = qa[i:i + 1024]
+            res = kb.search([x["question"] for x in chunk], k, mode=args.mode, batch_size=args.batch_size,
+                            show_progress=len(qa) > 1024)
+            texts += res.texts
+            ids += res.ids
+        golds = [x["gold_ids"] for x in qa] if all(x.get("gold_ids") for x in qa) else None
+        rep = retrieval_report(texts, ids, [x["answers"] for x in qa], golds, ks=ks)
+        rep["mode"] = args.mode
+        print(json.dumps(rep, indent=2))
+        if args.out:
+            from .kb_io import write_json_atomic
 
-        kb.question_encoder = Encoder.from_pretrained(args.encoder)
-    k = max(args.k)
-    texts, ids = [], []
-    for i in range(0, len(qa), 1024):
-        chunk = qa[i:i + 1024]
-        res = kb.search([x["question"] for x in chunk], k, mode=args.mode, batch_size=args.batch_size,
-                        show_progress=len(qa) > 1024)
-        texts += res.texts
-        ids += res.ids
-    golds = [x["gold_ids"] for x in qa] if all(x.get("gold_ids") for x in qa) else None
-    rep = retrieval_report(texts, ids, [x["answers"] for x in qa], golds, ks=args.k)
-    rep["mode"] = args.mode
-    print(json.dumps(rep, indent=2))
-    if args.out:
-        from .kb_io import write_json_atomic
-
-        write_json_atomic(args.out, rep)
+            write_json_atomic(args.out, rep)
+    except KeyError as e:  # a record missing a field the KB or the reader needs
+        return fail(f"missing key {e}")
+    except (ValueError, OSError, TypeError) as e:
+        return fail(e)
     return 0

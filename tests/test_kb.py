@@ -428,3 +428,221 @@ def test_kb_built_before_the_hnsw_space_option_still_reruns_as_a_no_op(tmp_path,
     with pytest.raises(ValueError, match="differs in hnsw_options"):
         build_kb(ps, out, encoder=Encoder.from_pretrained(enc_dir), index="hnsw", hnsw_options={"space": "ip"},
                  show_progress=False)
+
+
+def test_bad_index_options_are_refused_before_any_encoding(tmp_path, enc, monkeypatch):
+    def no_encoding(*a, **k):
+        raise AssertionError("options must be checked before encoding")
+
+    monkeypatch.setattr(Encoder, "encode_passages", no_encoding)
+    ps = _passages(12)
+    for opts, match in (({"M": 1}, r"hnsw_options: M must be an int >= 2, got 1"),
+                        ({"ef_construction": 0}, "ef_construction must be an int >= 1, got 0"),
+                        ({"ef_search": -3}, "ef_search must be an int >= 1, got -3"),
+                        ({"space": "l2"}, "space must be one of"),
+                        ({"norm_headroom": float("nan")}, "norm_headroom"),
+                        ({"m": 16}, r"unknown option\(s\) \['m'\]")):
+        with pytest.raises(ValueError, match=match):
+            build_kb(ps, tmp_path / "kb", encoder=enc, index="hnsw", hnsw_options=opts, show_progress=False)
+    with pytest.raises(ValueError, match="hnsw_options are for index='hnsw' only"):
+        build_kb(ps, tmp_path / "kb", encoder=enc, index="flat", hnsw_options={"M": 16}, show_progress=False)
+    with pytest.raises(TypeError, match="hnsw_options must be a dict"):
+        build_kb(ps, tmp_path / "kb", encoder=enc, index="hnsw", hnsw_options=[("M", 16)], show_progress=False)
+    assert not (tmp_path / "kb").exists()  # nothing written, so a corrected rerun starts cleanly
+
+
+def test_build_kb_cli_checks_options_before_encoding(tmp_path, enc_dir, capsys, monkeypatch):
+    from pyrag.kb import build_kb_cli
+
+    def no_encoding(*a, **k):
+        raise AssertionError("options must be checked before encoding")
+
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps(p) + "\n" for p in _passages(12)))
+    monkeypatch.setattr(Encoder, "encode_passages", no_encoding)
+    base = [str(tmp_path / "p.jsonl"), "--out", str(tmp_path / "kb"), "--encoder", str(enc_dir), "--no-progress"]
+    threads = torch.get_num_threads()
+    for extra, match in ((["--index", "hnsw", "--hnsw-m", "1"], "M must be an int >= 2, got 1"),
+                         (["--index", "hnsw", "--hnsw-ef-search", "0"], "ef_search must be an int >= 1, got 0"),
+                         (["--threads", "-1"], "--threads must be >= 1, got -1"),
+                         (["--threads", "0"], "--threads must be >= 1, got 0")):
+        assert build_kb_cli(base + extra) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("pyrag build-kb: error: ") and match in err and "Traceback" not in err
+    assert torch.get_num_threads() == threads and not (tmp_path / "kb").exists()
+
+
+def test_resume_with_other_index_options_rebuilds_only_the_index(tmp_path, enc, monkeypatch):
+    ps = _passages()
+    out = tmp_path / "kb"
+    real_save, saved = kbmod._save_shard, []
+
+    def crash_after_two(path, vectors):
+        if len(saved) == 2:
+            raise KeyboardInterrupt("simulated interruption")
+        real_save(path, vectors)
+        saved.append(path.name)
+
+    monkeypatch.setattr(kbmod, "_save_shard", crash_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        build_kb(ps, out, encoder=enc, index="hnsw", hnsw_options={"M": 8}, shard_size=8, show_progress=False)
+    monkeypatch.setattr(kbmod, "_save_shard", real_save)
+    # A build state written by an older pyrag that took a bad option (M=1) still resumes with a good one.
+    state = json.loads((out / "build" / "state.json").read_text())
+    (out / "build" / "state.json").write_text(json.dumps({**state, "hnsw_options": {"M": 1, "space": "ip"}}))
+    encoded = []
+    real_encode = Encoder.encode_passages
+
+    def counting(self, titles, texts, *a, **k):
+        encoded.append(len(texts))
+        return real_encode(self, titles, texts, *a, **k)
+
+    monkeypatch.setattr(Encoder, "encode_passages", counting)
+    kb = build_kb(ps, out, encoder=enc, index="hnsw", hnsw_options={"M": 16, "ef_search": 50}, shard_size=8,
+                  show_progress=False)
+    assert sum(encoded) == len(ps) - 16  # the two finished shards were reused
+    want = {"M": 16, "ef_construction": 200, "ef_search": 50, "space": "ip", "norm_headroom": 1.0, "seed": 100}
+    assert kb.meta["hnsw_options"] == want  # every option as used, defaults filled in
+    assert (kb.index.M, kb.index.ef_search, kb.index.space) == (16, 50, "ip")
+    # Rerunning the finished KB with the same options (given partly) is a no-op; other options are refused.
+    assert build_kb(ps, out, encoder=enc, index="hnsw", hnsw_options={"M": 16, "ef_search": 50},
+                    show_progress=False).meta == kb.meta
+    with pytest.raises(ValueError, match="finished knowledge base that differs in hnsw_options"):
+        build_kb(ps, out, encoder=enc, index="hnsw", hnsw_options={"M": 16}, show_progress=False)
+
+    # index and dtype can change on resume too: flat int8 from shards encoded for an hnsw build
+    monkeypatch.setattr(kbmod, "_save_shard", crash_after_two)
+    saved.clear()
+    with pytest.raises(KeyboardInterrupt):
+        build_kb(ps, tmp_path / "kb2", encoder=enc, index="hnsw", shard_size=8, show_progress=False)
+    monkeypatch.setattr(kbmod, "_save_shard", real_save)
+    encoded.clear()
+    kb2 = build_kb(ps, tmp_path / "kb2", encoder=enc, dtype="int8", shard_size=8, show_progress=False)
+    assert sum(encoded) == len(ps) - 16
+    assert (kb2.meta["index"], kb2.meta["dtype"], kb2.meta["hnsw_options"]) == ("flat", "int8", {})
+    assert kb2.search(["where did zorvex live"], 3).rows.tolist() == kb.search(["where did zorvex live"], 3,
+                                                                                 ).rows.tolist()
+    # what the shards depend on still must match
+    monkeypatch.setattr(kbmod, "_save_shard", crash_after_two)
+    saved.clear()
+    with pytest.raises(KeyboardInterrupt):
+        build_kb(ps, tmp_path / "kb3", encoder=enc, shard_size=8, show_progress=False)
+    monkeypatch.setattr(kbmod, "_save_shard", real_save)
+    with pytest.raises(ValueError, match="unfinished build that differs in shard_size"):
+        build_kb(ps, tmp_path / "kb3", encoder=enc, shard_size=4, show_progress=False)
+
+
+def test_kb_files_follow_the_umask(tmp_path, enc):
+    import os
+    import stat
+
+    with torch.no_grad():  # an encoder changed in memory is saved with the KB (atomic_dir)
+        next(enc.parameters()).add_(0.01)
+    old = os.umask(0o027)
+    try:
+        kb = build_kb(_passages(12), tmp_path / "kb", encoder=enc, bm25=True, show_progress=False)
+    finally:
+        os.umask(old)
+    out = tmp_path / "kb"
+    # mkstemp / mkdtemp would leave 0600 / 0700: other users and containers could not read the KB
+    for name in ("meta.json", "passages.sqlite", "index.pyragidx"):
+        assert stat.S_IMODE((out / name).stat().st_mode) == 0o640, name
+    assert stat.S_IMODE((out / "bm25").stat().st_mode) == 0o750
+    assert stat.S_IMODE((out / "passage_encoder").stat().st_mode) == 0o750  # saved with the KB
+    assert stat.S_IMODE((out / "passage_encoder" / "config.json").stat().st_mode) == 0o640
+    assert kb.meta["passage_encoder"]["path"] == "passage_encoder"
+
+
+def test_search_input_checks(built):
+    kb = KnowledgeBase.open(built)
+    qs = ["where did zorvex live", "the blue lake of brisa"]
+    want = kb.search(qs, 3)
+    # any iterable of str, used once (a generator is not consumed by the type check)
+    for form in ((q for q in qs), tuple(qs), iter(qs)):
+        assert kb.search(form, 3).ids == want.ids
+        assert kb.search(form if not hasattr(form, "__next__") else (q for q in qs), 3, mode="bm25").ids == \
+            kb.search(qs, 3, mode="bm25").ids
+    assert kb.search((q for q in qs), 3, mode="hybrid").ids == kb.search(qs, 3, mode="hybrid").ids
+    with pytest.raises(TypeError, match="item 1 is int"):
+        kb.search(["a", 3], 1)
+    with pytest.raises(TypeError, match="questions must be an iterable of str"):
+        kb.search("one question", 1)
+    # question_vectors: one row per question, the KB's dim
+    q = kb.encode_questions(qs)
+    assert kb.search(qs, 3, mode="hybrid", question_vectors=q).ids == kb.search(qs, 3, mode="hybrid").ids
+    for mode in ("dense", "hybrid"):
+        with pytest.raises(ValueError, match=rf"\[2, {kb.dim}\].*got \(3, {kb.dim}\) for 2 questions"):
+            kb.search(qs, 1, mode=mode, question_vectors=torch.randn(3, kb.dim))
+        with pytest.raises(ValueError, match=r"got \(2, 7\)"):
+            kb.search(qs, 1, mode=mode, question_vectors=torch.randn(2, 7))
+    with pytest.raises(ValueError, match="questions is already a tensor"):
+        kb.search(q, 1, question_vectors=q)
+
+
+def test_hybrid_weight_must_be_finite_and_non_negative(built):
+    kb = KnowledgeBase.open(built)
+    qs = ["where did zorvex live", "the blue lake of brisa"]
+    for bad in (float("nan"), float("inf"), -float("inf"), -0.5):
+        with pytest.raises(ValueError, match=r"hybrid_weight must be a finite float >= 0.*got " + repr(bad)):
+            kb.search(qs, 2, mode="hybrid", hybrid_weight=bad)
+    with pytest.raises(TypeError, match="hybrid_weight must be a float, got str"):
+        kb.search(qs, 2, mode="hybrid", hybrid_weight="0.5")
+    with pytest.raises(ValueError, match="candidates must be an int >= 1, got candidates=0"):
+        kb.search(qs, 2, mode="hybrid", candidates=0)
+    kb.hybrid_weight = float("nan")
+    with pytest.raises(ValueError, match="kb.hybrid_weight must be a finite float"):
+        kb.search(qs, 2, mode="hybrid")
+    assert kb.search(qs, 2, mode="dense").rows.shape == (2, 2)  # only hybrid uses it
+
+
+def test_eval_retriever_cli_errors_and_defaults(tmp_path, enc_dir, capsys):
+    from pyrag.metrics import eval_retriever_cli
+
+    ps = _passages(15)
+    build_kb(ps, tmp_path / "kb", encoder=Encoder.from_pretrained(enc_dir), show_progress=False)
+    # the demo corpus names the gold passage "passage_id"
+    qa = [{"question": p["title"], "answers": [p["title"].split()[0]], "passage_id": p["id"]} for p in ps]
+    (tmp_path / "qa.jsonl").write_text("".join(json.dumps(q) + "\n" for q in qa))
+    kb_arg = ["--kb", str(tmp_path / "kb")]
+    qa_arg = ["--qa", str(tmp_path / "qa.jsonl")]
+
+    def run(*argv):
+        rc = eval_retriever_cli(list(argv))
+        out, err = capsys.readouterr()
+        assert "Traceback" not in err
+        return rc, out, err
+
+    rc, out, _ = run(*kb_arg, *qa_arg, "--mode", "bm25")
+    rep = json.loads(out)
+    # default cut-offs 1 5 20 on a 15-passage KB: 20 is replaced by the KB size
+    assert rc == 0 and sorted(k for k in rep if k.startswith("recall@")) == ["recall@1", "recall@15", "recall@5"]
+    assert rep["recall@15"] == 1.0 and rep["gold_recall@15"] == 1.0 and "gold_mrr" in rep
+    rc, out, _ = run(*kb_arg, *qa_arg, "--limit", "4")
+    assert rc == 0 and json.loads(out)["questions"] == 4
+
+    # a BiEncoder directory (what `pyrag train-retriever` writes to out/final): its question encoder is used
+    bi = BiEncoder(Encoder.from_pretrained(enc_dir), Encoder.from_pretrained(enc_dir))
+    bi.save_pretrained(tmp_path / "train" / "final")
+    rc, out, _ = run(*kb_arg, *qa_arg, "--encoder", str(tmp_path / "train" / "final"))
+    assert rc == 0 and json.loads(out)["questions"] == 15
+
+    other = tmp_path / "enc8"
+    tiny_encoder(other, WORDS, hidden=8, heads=2)
+    capsys.readouterr()
+    cases = [
+        ((*qa_arg, "--kb", str(tmp_path / "nokb")), "knowledge base directory not found"),
+        ((*kb_arg, "--qa", str(tmp_path / "no.jsonl")), "QA file not found"),
+        ((*kb_arg, *qa_arg, "--k", "1", "50"), "--k 50 is out of range: each cut-off must be in [1, 15]"),
+        ((*kb_arg, *qa_arg, "--k", "0"), "--k 0 is out of range"),
+        ((*kb_arg, *qa_arg, "--limit", "-1"), "--limit must be >= 0"),
+        ((*kb_arg, *qa_arg, "--limit", "0"), "no questions to evaluate"),
+        ((*kb_arg, *qa_arg, "--batch-size", "0"), "--batch-size must be >= 1"),
+        ((*kb_arg, *qa_arg, "--encoder", str(tmp_path / "train")), str(tmp_path / "train" / "final")),
+        ((*kb_arg, *qa_arg, "--encoder", str(tmp_path)), "neither an encoder directory"),
+        ((*kb_arg, *qa_arg, "--encoder", str(other)), "question encoder dim 8 != KB dim 32"),
+    ]
+    squad = {"data": [{"title": "T", "paragraphs": [{"context": "c", "qas": [{"id": "q", "answers": []}]}]}]}
+    (tmp_path / "bad.json").write_text(json.dumps(squad))
+    cases.append(((*kb_arg, "--qa", str(tmp_path / "bad.json")), "article 0 paragraph 0 question 0"))
+    for argv, match in cases:
+        rc, _, err = run(*argv)
+        assert rc == 2 and err.startswith("pyrag eval-retriever: error: ") and match in err, (argv, err)

@@ -168,12 +168,25 @@ def test_rag_token_generate_matches_hf(parts, num_beams, extra):
     s = {**SETTINGS, **extra}
     max_new = 10
     with torch.no_grad():
-        ref = hf.generate(context_input_ids=ctx, context_attention_mask=ctx_mask, doc_scores=scores, n_docs=K,
-                          num_beams=num_beams, max_length=max_new + 1, min_length=0, do_sample=False, **GEN, **s)
+        out = hf.generate(context_input_ids=ctx, context_attention_mask=ctx_mask, doc_scores=scores, n_docs=K,
+                          num_beams=num_beams, max_length=max_new + 1, min_length=0, do_sample=False,
+                          output_scores=True, output_logits=True, return_dict_in_generate=True, **GEN, **s)
+    ref = out.sequences
     got = ours.generate(context_input_ids=ctx, context_attention_mask=ctx_mask, doc_scores=scores,
                         num_beams=num_beams, max_new_tokens=max_new, **s)
     assert _hf_padded(got.sequences) == _hf_padded(ref)
     assert len({tuple(r) for r in _hf_padded(ref)}) > 1  # the questions really get different answers
+    # scores: the answer's log-prob, the sum of its tokens' marginal log-probs
+    if num_beams == 1:  # greedy: the model's own (unprocessed) marginal log-probs at the chosen tokens
+        toks = ref[:, 1:]
+        lp = torch.stack(out.logits, 1).float().log_softmax(-1).gather(2, toks[:, :, None]).squeeze(2)
+        lp = lp.masked_fill(torch.cumsum(toks == EOS, 1) - (toks == EOS).long() > 0, 0.0)  # after </s>: padding
+        torch.testing.assert_close(got.scores, lp.sum(1), rtol=1e-4, atol=1e-4)
+    else:  # beam: HF's sequences_scores is the length-normalised form, reported beside it
+        torch.testing.assert_close(got.extra["beam_scores"], out.sequences_scores, rtol=1e-4, atol=1e-4)
+        lp = s["length_penalty"]
+        torch.testing.assert_close(got.scores, got.extra["beam_scores"] * (got.lengths - 1).float() ** lp,
+                                   rtol=1e-4, atol=1e-4)
 
 
 def _unpadded(ctx, mask):

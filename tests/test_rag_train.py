@@ -158,12 +158,16 @@ def test_cli_train_ask_eval(tmp_path, capsys):
         assert rep["f1"] == pytest.approx(sum(f1_score(p, a) for p, a in zip(preds, gold)) / rep["n"])
 
     # RAG-Token through the command line as well
+    # (--dev without --eval-every: evaluated once, at the end)
     rc = train_cli(["--kb", str(kb.path), "--train", str(tmp_path / "train.jsonl"), "--generator",
                     str(tmp_path / "generator"), "--mode", "token", "--out", str(tmp_path / "tok"), "--steps", "2",
-                    "--n-docs", "2", "--no-progress"])
+                    "--n-docs", "2", "--no-progress", "--dev", str(tmp_path / "dev.jsonl")])
     assert rc == 0
     assert json.loads((tmp_path / "tok" / "model" / "pyrag_rag.json").read_text())["mode"] == "token"
-    assert json.loads(capsys.readouterr().out)["step"] == 2
+    res = json.loads(capsys.readouterr().out)
+    assert res["step"] == 2 and res["dev"]["n"] == 8
+    assert eval_cli(["--model", str(tmp_path / "tok"), "--data", str(tmp_path / "dev.jsonl"), "--limit", "-1"]) == 2
+    assert "--limit must be >= 0" in capsys.readouterr().err
 
     assert eval_cli(["--model", str(tmp_path / "nowhere"), "--data", str(tmp_path / "dev.jsonl")]) == 2
     assert "no pyrag RAG model" in capsys.readouterr().err
@@ -175,6 +179,26 @@ def test_cli_train_ask_eval(tmp_path, capsys):
 def _logged_lrs(out):
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     return [(r["lr_generator"], r["lr_question_encoder"]) for r in lines if "lr_generator" in r]
+
+
+def test_bad_hyperparameters_are_refused(tmp_path):
+    model, _passages, qa, _kb = tiny_setup(tmp_path, n=16, n_docs=2)
+    for kw, msg in (({"lr_generator": -1e-3}, "lr_generator must be a finite number >= 0"),
+                    ({"lr_question_encoder": float("nan")}, "lr_question_encoder must be a finite"),
+                    ({"weight_decay": -0.1}, "weight_decay must be"),
+                    ({"max_grad_norm": -1.0}, "max_grad_norm must be a number >= 0"),
+                    ({"eval_every": -2}, "eval_every must be an int >= 0")):
+        with pytest.raises(ValueError, match=msg):
+            train_rag(model, qa, steps=2, out_dir=tmp_path / "run", **{**_train_kwargs(), **kw})
+    assert not (tmp_path / "run" / "checkpoint").exists()
+    from pyrag.models.rag import RagToken
+
+    with pytest.raises(TypeError, match="label_smoothing must be a float"):
+        RagToken.from_parts(model.question_encoder, tmp_path / "generator", model.kb, label_smoothing="0.1")
+    with pytest.raises(ValueError, match="questions is empty"):
+        model([], [])
+    with pytest.raises(ValueError, match="questions is empty"):
+        model.generate([])
 
 
 def test_separate_learning_rates_and_warmups(tmp_path):

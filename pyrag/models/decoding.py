@@ -48,7 +48,9 @@ class DecodeSettings:
 @dataclass
 class DecodeResult:
     """sequences [N, L] (decoder prompt included, padded with pad_token_id), lengths [N], scores [N] (log-prob
-    of the sequence: marginal for RAG; length penalty not applied)."""
+    of the sequence under the decoding distribution: marginal for RAG, summed over its tokens, length penalty not
+    applied; beam_search's own result is the exception: HF's length-normalised beam score, the sum being in
+    extra["sum_logprobs"])."""
 
     sequences: torch.Tensor
     lengths: torch.Tensor
@@ -246,7 +248,9 @@ def rag_token_decode(gen, input_ids: torch.Tensor, attention_mask: torch.Tensor,
         src = index.view(B, 1, nb) - torch.arange(B, device=dev).view(B, 1, 1) * nb
         gen.reorder(state, (gen_rows[:, :, :1] + src).reshape(-1))
 
-    return beam_search(step, reorder, prompt, nb, s)
+    res = beam_search(step, reorder, prompt, nb, s)
+    # scores: the sequence's log-prob, as greedy gives it; HF's length-normalised beam score stays in extra
+    return DecodeResult(res.sequences, res.lengths, res.extra["sum_logprobs"], {**res.extra, "beam_scores": res.scores})
 
 
 def rag_sequence_decode(gen, input_ids: torch.Tensor, attention_mask: torch.Tensor, doc_scores: torch.Tensor,

@@ -289,9 +289,13 @@ class Encoder(nn.Module):
 
 
 def _check_texts(texts) -> list[str]:
-    if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
+    if isinstance(texts, (str, bytes)) or not hasattr(texts, "__iter__"):
         raise TypeError(f"texts must be a list of str, got {type(texts).__name__}")
-    return list(texts)
+    texts = list(texts)
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise TypeError(f"texts[{i}] must be a str, got {type(t).__name__}: {t!r}"[:200])
+    return texts
 
 
 def _dpr_kind_from_weights(path: Path) -> str:

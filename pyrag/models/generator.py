@@ -158,6 +158,8 @@ def _pad(rows: list[list[int]], pad_id: int, left: bool = False) -> tuple[torch.
 def _check_texts(name: str, values) -> list[str]:
     if isinstance(values, str) or not isinstance(values, (list, tuple)):
         raise TypeError(f"{name} must be a list of str, got {type(values).__name__}")
+    if not values:
+        raise ValueError(f"{name} is empty: give at least one")
     for i, v in enumerate(values):
         if not isinstance(v, str):
             raise TypeError(f"{name}[{i}] must be a str, got {type(v).__name__}: {v!r}")

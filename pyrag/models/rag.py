@@ -47,8 +47,13 @@ class RagOutput:
 @dataclass
 class RagGeneration:
     """answers (decoded text), sequences [B, L] token ids (decoder prompt included, pad-padded), lengths [B],
-    scores [B] (log p(answer | question), marginal over the passages), doc_scores / doc_prior [B, K] (p(z|x)), and
-    the passages used: rows [B, K], ids, titles, texts."""
+    scores [B] = log p(answer | question), marginal over the passages, summed over the answer's tokens (RagToken:
+    sum_t log sum_k p(z_k|x) p(y_t|x,z_k,y_<t) -- greedy sums the model's log-probs; beam search, like HF's, sums
+    them after the logits processors, so a forced BOS/EOS counts 0 -- and beam search also reports HF's
+    length-normalised beam score (sequences_scores) in extra["beam_scores"]. RagSequence: log sum_k
+    p(z_k|x) p(y|x,z_k), the first forced BOS excluded as HF's exclude_bos_score; "fast" decoding counts only the
+    passages whose beam held y), doc_scores / doc_prior [B, K] (p(z|x)), and the passages used: rows [B, K], ids,
+    titles, texts."""
 
     answers: list[str]
     sequences: torch.Tensor
@@ -93,6 +98,8 @@ class RagModel(nn.Module):
                             f"{type(generator).__name__}")
         if not isinstance(n_docs, int) or n_docs < 1:
             raise ValueError(f"n_docs must be a positive int, got {n_docs=}")
+        if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)):
+            raise TypeError(f"label_smoothing must be a float in [0, 1), got {label_smoothing!r}")
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing=}")
         self.question_encoder = question_encoder

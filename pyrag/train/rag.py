@@ -153,8 +153,9 @@ def train_rag(model, train_data, dev_data=None, *, steps: int, batch_size: int =
     a JSONL / SQuAD JSON path. One step = grad_accum micro-batches of batch_size questions, then clipping to
     max_grad_norm, AdamW (lr_question_encoder / lr_generator, linear warmup over warmup_steps, then linear decay
     to 0 at `steps`; warmup_steps_question_encoder, if given, warms the question encoder up separately: a longer
-    one keeps a fresh generator's uninformative passage posteriors from pushing the retriever around). bf16 autocast on CUDA only (CPU runs fp32). Every eval_every steps: EM / F1 / recall on
-    dev_data (JSONL metrics and the progress bar show them); every save_every steps (and at the end) a
+    one keeps a fresh generator's uninformative passage posteriors from pushing the retriever around). bf16
+    autocast on CUDA only (CPU runs fp32). Every eval_every steps: EM / F1 / recall on dev_data (JSONL metrics and
+    the progress bar show them; with eval_every=0, once at the end); every save_every steps (and at the end) a
     checkpoint in out_dir/checkpoint: weights, optimizer, scheduler, RNG states and data position, so that
     training resumed from it (resume=True, the default, whenever one exists) continues exactly as if never
     stopped. stop_at: end this run after that step (a checkpoint is written), e.g. to split a run into jobs.
@@ -175,6 +176,16 @@ def train_rag(model, train_data, dev_data=None, *, steps: int, batch_size: int =
     for name, v in (("steps", steps), ("batch_size", batch_size), ("grad_accum", grad_accum)):
         if not isinstance(v, int) or v < 1:
             raise ValueError(f"{name} must be a positive int, got {v!r}")
+    for name, v in (("lr_generator", lr_generator), ("lr_question_encoder", lr_question_encoder),
+                    ("weight_decay", weight_decay)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+            raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+    if max_grad_norm is not None and (isinstance(max_grad_norm, bool) or not isinstance(max_grad_norm, (int, float))
+                                      or not max_grad_norm >= 0):
+        raise ValueError(f"max_grad_norm must be a number >= 0 (0 or None: no clipping), got {max_grad_norm!r}")
+    for name, v in (("eval_every", eval_every), ("save_every", save_every), ("log_every", log_every)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ValueError(f"{name} must be an int >= 0 (0: never), got {v!r}")
     qe_warmup = warmup_steps if warmup_steps_question_encoder is None else warmup_steps_question_encoder
     for name, v in (("warmup_steps", warmup_steps), ("warmup_steps_question_encoder", qe_warmup)):
         if not isinstance(v, int) or not 0 <= v <= steps:
@@ -310,7 +321,7 @@ def train_rag(model, train_data, dev_data=None, *, steps: int, batch_size: int =
                                       "lr_question_encoder": opt.param_groups[0]["lr"], "grad_norm": float(norm),
                                       "examples": pos, "seconds": round(time.time() - t0, 3)})
                 running = []
-            if dev is not None and eval_every and (step % eval_every == 0 or step == steps):
+            if dev is not None and ((eval_every and step % eval_every == 0) or step == steps):
                 dev_metrics = evaluate_rag(model, dev, **(eval_kwargs or {}), distributed=g is not None)
                 model.train()
                 best = dev_metrics["em"] if best is None else max(best, dev_metrics["em"])
@@ -538,6 +549,8 @@ def eval_cli(argv: list[str]) -> int:
     args = ap.parse_args(argv)
     try:
         model = _load_for_cli(args.model, args.kb, args.device)
+        if args.limit is not None and args.limit < 0:
+            raise ValueError(f"--limit must be >= 0, got {args.limit}")
         data = load_qa(args.data)[: args.limit]
         res = evaluate_rag(model, data, batch_size=args.batch_size, num_beams=args.num_beams,
                            max_new_tokens=args.max_new_tokens, n_docs=args.n_docs, decoding=args.decoding,
