@@ -127,7 +127,7 @@ def rag_sequence_loss(
     logits [B*K, T, V] (HF's layout, passages of a question adjacent) or [B, K, T, V], fp32/bf16/fp16;
     doc_scores [B, K] unnormalised passage scores (log_softmax over k inside, as HF does); target [B, T]
     labels aligned with the logits, ignore_index positions contribute nothing. epsilon: label smoothing as
-    HF transformers defines it (DESIGN.md). reduction "none" -> [B], "sum", "mean" (over questions).
+    HF transformers defines it (the exact formula: pyrag/reference.py). reduction "none" -> [B], "sum", "mean" (over questions).
     Gradients reach logits and doc_scores. inplace_backward=True writes dL/dlogits into the logits buffer
     in backward (eager mode; the logits' values are destroyed) to save a logits-sized allocation.
 

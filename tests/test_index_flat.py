@@ -474,3 +474,10 @@ def test_save_is_atomic_when_writing_fails(tmp_path, monkeypatch):
     monkeypatch.undo()
     index.save(path)
     assert len(FlatIndex.load(path)) == 310
+
+
+def test_load_index_on_a_directory_points_to_sharded_load(tmp_path):
+    from pyrag.index import load_index
+
+    with pytest.raises(ValueError, match=r"is a directory, not an index file.*ShardedIndex\.load"):
+        load_index(tmp_path)

@@ -25,7 +25,7 @@ FORMAT_VERSION = 1
 @dataclasses.dataclass(frozen=True)
 class Settings:
     """Everything that determines the demo's result. Sized so the default finishes in under 10 minutes on 2 CPU
-    cores and --quick in under 2 (see DESIGN.md, "Sizing the embedded default")."""
+    cores and --quick in under 2 (measured on a quiet 2-core machine; a loaded one takes far longer)."""
 
     seed: int = 0
     # corpus: two passages per entity, one question per fact

@@ -18,6 +18,11 @@ def load_index(path, mmap: bool = True, *, verify: bool = True):
     mmap maps stored vectors from the file instead of reading them; verify checks the payload CRC-32 first
     (one sequential read of the file). ValueError naming the path for a truncated, corrupted, foreign or
     unsupported file."""
+    from pathlib import Path
+
+    if Path(path).is_dir():  # ShardedIndex.save writes a directory of per-rank files, loaded collectively
+        raise ValueError(f"{str(path)!r} is a directory, not an index file; a ShardedIndex directory is opened on "
+                         f"every rank with ShardedIndex.load(path)")
     c = _format.load_container(path, mmap=mmap, verify=verify)
     if c.kind not in _KINDS:
         raise ValueError(f"{path}: unknown index kind {c.kind!r} (known: {sorted(_KINDS)})")

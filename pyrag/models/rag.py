@@ -30,7 +30,9 @@ _REDUCTIONS = ("mean", "sum", "none")
 class RagOutput:
     """loss: reduced as asked (scalar, or [B] for "none"); per_question_loss [B]; doc_scores [B, K] (q . d, with
     gradient to the question encoder); doc_posterior [B, K] = p(z_k | x, y) ∝ p(z_k|x) prod_t p(y_t|x,z_k,y_<t)
-    (no gradient; None when not asked for); logits [B*K, T, V]; rows [B, K] KB rows and the passages' ids,
+    (no gradient; None when not asked for); logits [B*K, T, V], or None when they were never built whole (over
+    model.head_chunk_bytes, 128 MiB by default, the loss projects a few questions at a time); rows [B, K] KB rows
+    and the passages' ids,
     titles, texts (None on the precomputed-context path)."""
 
     loss: torch.Tensor
