@@ -26,9 +26,9 @@ def check_matrix(x, name: str, dim: int) -> torch.Tensor:
     """x as a finite floating tensor of shape [N, dim] (dtype and device unchanged)."""
     x = as_tensor(x, name)
     if x.dtype not in FLOAT_INPUT_DTYPES:
-        raise TypeError(f"{name} must be float32/float64/float16/bfloat16, got {x.dtype=}")
+        raise TypeError(f"{name} must be float32/float64/float16/bfloat16, got dtype {x.dtype}")
     if x.dim() != 2 or x.shape[1] != dim:
-        raise ValueError(f"{name} must have shape [N, {dim}] for this index (dim={dim}), got {tuple(x.shape)=}")
+        raise ValueError(f"{name} must have shape [N, {dim}] for this index (dim={dim}), got shape {tuple(x.shape)}")
     if x.numel() and not _all_finite(x):
         bad = (~torch.isfinite(x)).any(dim=1).nonzero()[0, 0].item()
         raise ValueError(f"{name} contains NaN or infinite values (first in row {bad}); refusing to index/search them")

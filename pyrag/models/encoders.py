@@ -248,7 +248,7 @@ class Encoder(nn.Module):
         order = sorted(range(len(texts)), key=lambda i: -len(ids[i]))
         pad = self.tokenizer.pad_token_id
         bar = None
-        if progress is None and show_progress:
+        if progress is None and show_progress and len(texts) > batch_size:  # a bar for one batch is noise
             from tqdm.auto import tqdm
 
             bar = progress = tqdm(total=len(texts), desc="encoding", unit="text", smoothing=0.05)

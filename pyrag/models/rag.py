@@ -475,7 +475,7 @@ class RagModel(nn.Module):
         if kb is None and cfg.get("kb_path"):
             if not Path(cfg["kb_path"]).is_dir():
                 raise FileNotFoundError(f"the knowledge base this model was saved with is gone: {cfg['kb_path']!r}; "
-                                        f"pass kb=... to from_pretrained")
+                                        f"pass kb=... to from_pretrained (--kb on the command line)")
             kb = KnowledgeBase.open(cfg["kb_path"], verify=False)
         elif kb is not None and not hasattr(kb, "search"):
             kb = KnowledgeBase.open(kb, verify=False)
