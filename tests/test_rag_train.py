@@ -5,6 +5,7 @@ NaN handling; and the `pyrag train / ask / eval` commands end to end."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -52,14 +53,15 @@ def test_training_raises_answer_em_and_gold_passage_recall(tmp_path, seed):
 
 
 def test_resume_is_exact(tmp_path):
-    kw = _train_kwargs(grad_accum=2, batch_size=4, eval_every=0, save_every=3, log_every=1, seed=3, warmup_steps=2,
+    # log windows of 2 steps, the stop at step 3 inside one: the resumed log must still equal the straight one
+    kw = _train_kwargs(grad_accum=2, batch_size=4, eval_every=0, save_every=3, log_every=2, seed=3, warmup_steps=2,
                        warmup_steps_question_encoder=3)
     straight, _, qa, _ = tiny_setup(tmp_path / "a", n=16, gen_dropout=0.1)
     train_rag(straight, qa, steps=8, out_dir=tmp_path / "a" / "run", **kw)
 
     first, _, _, _ = tiny_setup(tmp_path / "b", n=16, gen_dropout=0.1)
-    res = train_rag(first, qa, steps=8, out_dir=tmp_path / "b" / "run", stop_at=4, **kw)
-    assert res["step"] == 4 and not res["finished"] and "model" not in res
+    res = train_rag(first, qa, steps=8, out_dir=tmp_path / "b" / "run", stop_at=3, **kw)
+    assert res["step"] == 3 and not res["finished"] and "model" not in res
     torch.manual_seed(1234)  # the resumed run must not depend on the RNG state it starts with
     second, _, _, _ = tiny_setup(tmp_path / "c", n=16, gen_dropout=0.1)
     res = train_rag(second, qa, steps=8, out_dir=tmp_path / "b" / "run", **kw)
@@ -111,7 +113,7 @@ def _write_jsonl(path, rows):
     path.write_text("".join(json.dumps({"question": r["question"], "answers": r["answers"]}) + "\n" for r in rows))
 
 
-def test_cli_train_ask_eval(tmp_path, capsys):
+def test_cli_train_ask_eval(tmp_path, capsys, monkeypatch):
     _, _passages, qa, kb = tiny_setup(tmp_path, n=32)
     _write_jsonl(tmp_path / "train.jsonl", qa)
     _write_jsonl(tmp_path / "dev.jsonl", qa[:8])
@@ -168,6 +170,20 @@ def test_cli_train_ask_eval(tmp_path, capsys):
     assert res["step"] == 2 and res["dev"]["n"] == 8
     assert eval_cli(["--model", str(tmp_path / "tok"), "--data", str(tmp_path / "dev.jsonl"), "--limit", "-1"]) == 2
     assert "--limit must be >= 0" in capsys.readouterr().err
+
+    # Ctrl-C during training: exit 130, naming the checkpoint a rerun resumes from
+    import pyrag.train.rag as train_mod
+
+    def interrupted(*a, out_dir, **k):
+        (Path(out_dir) / "checkpoint").mkdir(parents=True)
+        (Path(out_dir) / "checkpoint" / "state.json").write_text('{"step": 7}')
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_mod, "train_rag", interrupted)
+    assert train_cli(["--kb", str(kb.path), "--train", str(tmp_path / "train.jsonl"), "--generator",
+                      str(tmp_path / "generator"), "--out", str(tmp_path / "cut"), "--no-progress"]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted; the last checkpoint is step 7" in err and "Rerun the same command" in err
 
     assert eval_cli(["--model", str(tmp_path / "nowhere"), "--data", str(tmp_path / "dev.jsonl")]) == 2
     assert "no pyrag RAG model" in capsys.readouterr().err

@@ -91,7 +91,8 @@ def _save_checkpoint(out: Path, model, opt, sched, state: dict, rng) -> Path:
         save_model(model, str(tmp / "model.safetensors"))
         torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": rng, **state},
                    tmp / "trainer.pt")
-        (tmp / "state.json").write_text(json.dumps({k: v for k, v in state.items() if k != "best_dev_em"}) + "\n")
+        (tmp / "state.json").write_text(json.dumps({k: v for k, v in state.items()
+                                                    if k not in ("best_dev_em", "running")}) + "\n")
     return path
 
 
@@ -216,7 +217,7 @@ def train_rag(model, train_data, dev_data=None, *, steps: int, batch_size: int =
     qe_groups = sum(1 for g in opt.param_groups if g["part"] == "question_encoder")
     sched = torch.optim.lr_scheduler.LambdaLR(opt, [schedule(qe_warmup)] * qe_groups +
                                               [schedule(warmup_steps)] * (len(opt.param_groups) - qe_groups))
-    step, pos, best = 0, 0, None
+    step, pos, best, running = 0, 0, None, []
     # what decides the examples, the schedule and the update: resuming under other values would not continue
     # the same run (checked against the checkpoint's state.json before anything is loaded into the model;
     # checkpoints written before a key was recorded are taken as matching)
@@ -233,6 +234,7 @@ def train_rag(model, train_data, dev_data=None, *, steps: int, batch_size: int =
                              f"or use another out_dir")
         st = _load_checkpoint(out, model, opt, sched, rank)
         step, pos, best = st["step"], st["data_pos"], st.get("best_dev_em")
+        running = list(st.get("running", []))  # the losses of the log window the checkpoint fell into
         if main:
             _truncate_metrics(out, step)
     else:
@@ -258,7 +260,7 @@ def train_rag(model, train_data, dev_data=None, *, steps: int, batch_size: int =
         rng = gather_objects(_rng_state(), g) if g is not None else _rng_state()
         if main:
             _save_checkpoint(out, model, opt, sched, {"step": step, "data_pos": pos, "best_dev_em": best,
-                                                      **run_config}, rng)
+                                                      "running": list(running), **run_config}, rng)
         if g is not None:
             barrier(g)  # nobody moves on (or reads it back) before it is whole
         last_ckpt = step
@@ -273,7 +275,7 @@ def train_rag(model, train_data, dev_data=None, *, steps: int, batch_size: int =
 
     bar = tqdm(total=steps, initial=step, desc="train rag", unit="step", disable=not show_progress or not main)
     model.train()
-    dev_metrics, running, t0 = None, [], time.time()
+    dev_metrics, t0 = None, time.time()
     params = [p for group in opt.param_groups for p in group["params"]]
     try:
         while step < end:
@@ -315,11 +317,15 @@ def train_rag(model, train_data, dev_data=None, *, steps: int, batch_size: int =
             running.append(total)
             bar.update(1)
             bar.set_postfix(loss=f"{total:.4f}", **({"dev_em": f"{dev_metrics['em']:.3f}"} if dev_metrics else {}))
-            if main and log_every and (step % log_every == 0 or step == end):
-                _append_metrics(out, {"step": step, "loss": sum(running) / len(running),
-                                      "lr_generator": opt.param_groups[-1]["lr"],
-                                      "lr_question_encoder": opt.param_groups[0]["lr"], "grad_norm": float(norm),
-                                      "examples": pos, "seconds": round(time.time() - t0, 3)})
+            # log windows end at multiples of log_every (and the last step), also across a stop and resume: the
+            # window's losses so far travel in the checkpoint
+            if log_every and (step % log_every == 0 or step == steps):
+                if main:
+                    _append_metrics(out, {"step": step, "loss": sum(running) / len(running),
+                                          "lr_generator": opt.param_groups[-1]["lr"],
+                                          "lr_question_encoder": opt.param_groups[0]["lr"],
+                                          "grad_norm": float(norm), "examples": pos,
+                                          "seconds": round(time.time() - t0, 3)})
                 running = []
             if dev is not None and ((eval_every and step % eval_every == 0) or step == steps):
                 dev_metrics = evaluate_rag(model, dev, **(eval_kwargs or {}), distributed=g is not None)
@@ -471,6 +477,12 @@ def train_cli(argv: list[str]) -> int:
     except (ValueError, FileNotFoundError, TypeError) as e:
         print(f"pyrag train: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        state = Path(args.out) / CHECKPOINT / "state.json"
+        where = (f"the last checkpoint is step {json.loads(state.read_text())['step']} in {state.parent}"
+                 if state.is_file() else "no checkpoint was written yet (--save-every N writes them)")
+        print(f"\npyrag train: interrupted; {where}. Rerun the same command to resume from it.", file=sys.stderr)
+        return 130
     finally:
         if joined:
             torch.distributed.destroy_process_group()
