@@ -40,6 +40,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pyrag: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     module, func, _ = COMMANDS[name]
+    if "--no-progress" in argv:  # transformers' own bars too (loading / saving weights)
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     try:
         return int(getattr(importlib.import_module(module), func)(argv[1:]) or 0)
     except KeyboardInterrupt:

@@ -203,10 +203,11 @@ def test_bad_hyperparameters_are_refused(tmp_path):
                     ({"lr_question_encoder": float("nan")}, "lr_question_encoder must be a finite"),
                     ({"weight_decay": -0.1}, "weight_decay must be"),
                     ({"max_grad_norm": -1.0}, "max_grad_norm must be a number >= 0"),
-                    ({"eval_every": -2}, "eval_every must be an int >= 0")):
+                    ({"eval_every": -2}, "eval_every must be an int >= 0"),
+                    ({"n_docs": 99}, "n_docs=99 is larger than the knowledge base")):
         with pytest.raises(ValueError, match=msg):
             train_rag(model, qa, steps=2, out_dir=tmp_path / "run", **{**_train_kwargs(), **kw})
-    assert not (tmp_path / "run" / "checkpoint").exists()
+    assert not (tmp_path / "run").exists()  # refused before anything was written
     from pyrag.models.rag import RagToken
 
     with pytest.raises(TypeError, match="label_smoothing must be a float"):

@@ -191,6 +191,8 @@ def train_rag(model, train_data, dev_data=None, *, steps: int, batch_size: int =
     for name, v in (("warmup_steps", warmup_steps), ("warmup_steps_question_encoder", qe_warmup)):
         if not isinstance(v, int) or not 0 <= v <= steps:
             raise ValueError(f"{name} must be an int in [0, steps={steps}], got {v!r}")
+    if hasattr(model, "_k"):
+        model._k(n_docs)  # n_docs larger than the KB: refused before anything is written
     from .distributed import current_group
 
     g = current_group() if distributed is None or distributed else None
