@@ -206,7 +206,7 @@ def test_bad_hyperparameters_are_refused(tmp_path):
                     ({"eval_every": -2}, "eval_every must be an int >= 0"),
                     ({"n_docs": 99}, "n_docs=99 is larger than the knowledge base")):
         with pytest.raises(ValueError, match=msg):
-            train_rag(model, qa, steps=2, out_dir=tmp_path / "run", **{**_train_kwargs(), **kw})
+            train_rag(model, qa, steps=100, out_dir=tmp_path / "run", **{**_train_kwargs(), **kw})
     assert not (tmp_path / "run").exists()  # refused before anything was written
     from pyrag.models.rag import RagToken
 
