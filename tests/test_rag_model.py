@@ -277,10 +277,26 @@ def test_save_and_load_roundtrip_references_the_kb(small, tmp_path):
     model.save_pretrained(tmp_path / "m")  # overwriting an existing save works (atomic replace)
     cfg = json.loads((tmp_path / "m" / "pyrag_rag.json").read_text())
     cfg["kb_path"] = str(tmp_path / "gone")
+    cfg["kb_path_relative"] = "../gone"
     (tmp_path / "m" / "pyrag_rag.json").write_text(json.dumps(cfg))
     with pytest.raises(FileNotFoundError, match="knowledge base this model was saved with is gone"):
         RagModel.from_pretrained(tmp_path / "m")
     assert RagModel.from_pretrained(tmp_path / "m", kb=kb.path).kb.path == kb.path
+
+
+def test_a_model_and_its_kb_moved_together_still_load(tmp_path):
+    import shutil
+
+    from pyrag.models.rag import RagModel
+
+    model, _, qa, _kb = tiny_setup(tmp_path / "project", n=16, n_docs=2)
+    model.save_pretrained(tmp_path / "project" / "model")
+    shutil.move(tmp_path / "project", tmp_path / "moved")  # the recorded absolute KB path is gone now
+    loaded = RagModel.from_pretrained(tmp_path / "moved" / "model")
+    assert loaded.kb.path.resolve() == (tmp_path / "moved" / "kb").resolve()
+    qs = [r["question"] for r in qa[:2]]
+    assert loaded.generate(qs, num_beams=1, max_new_tokens=4).ids == model.generate(qs, num_beams=1,
+                                                                                     max_new_tokens=4).ids
 
 
 # ---- decoder-only generator ----

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -447,14 +448,18 @@ class RagModel(nn.Module):
 
     def save_pretrained(self, path) -> None:
         """Write config (pyrag_rag.json), question_encoder/ and generator/ (safetensors + tokenizers) into the
-        directory `path`, replacing it atomically. The knowledge base is referenced by its path, not copied."""
+        directory `path`, replacing it atomically. The knowledge base is referenced, not copied: by its absolute
+        path and by its path relative to `path`, so a model and its KB moved together still find each other."""
         if not hasattr(self.question_encoder, "save_pretrained"):
             raise TypeError(f"the question encoder ({type(self.question_encoder).__name__}) cannot be saved; "
                             f"use a pyrag Encoder")
         with atomic_dir(path) as tmp:
             self.question_encoder.save_pretrained(tmp / "question_encoder")
             self.generator.save_pretrained(tmp / "generator")
-            (tmp / CONFIG_NAME).write_text(json.dumps(self.config_dict(), indent=2) + "\n")
+            cfg = self.config_dict()
+            if cfg.get("kb_path"):
+                cfg["kb_path_relative"] = os.path.relpath(cfg["kb_path"], Path(path).resolve())
+            (tmp / CONFIG_NAME).write_text(json.dumps(cfg, indent=2) + "\n")
 
     @classmethod
     def from_pretrained(cls, path, kb=None, *, device=None) -> RagModel:
@@ -473,10 +478,15 @@ class RagModel(nn.Module):
             raise ValueError(f"{f}: not a {FORMAT} version {VERSION} config")
         klass = cls if cls is not RagModel else {"token": RagToken, "sequence": RagSequence}[cfg["mode"]]
         if kb is None and cfg.get("kb_path"):
-            if not Path(cfg["kb_path"]).is_dir():
-                raise FileNotFoundError(f"the knowledge base this model was saved with is gone: {cfg['kb_path']!r}; "
-                                        f"pass kb=... to from_pretrained (--kb on the command line)")
-            kb = KnowledgeBase.open(cfg["kb_path"], verify=False)
+            tried = [Path(cfg["kb_path"])]
+            if cfg.get("kb_path_relative"):  # the model and its KB moved together
+                tried.append((path / cfg["kb_path_relative"]).resolve())
+            found = next((p for p in tried if p.is_dir()), None)
+            if found is None:
+                raise FileNotFoundError(f"the knowledge base this model was saved with is gone: "
+                                        f"{' or '.join(repr(str(p)) for p in tried)}; pass kb=... to "
+                                        f"from_pretrained (--kb on the command line)")
+            kb = KnowledgeBase.open(found, verify=False)
         elif kb is not None and not hasattr(kb, "search"):
             kb = KnowledgeBase.open(kb, verify=False)
         qe = Encoder.from_pretrained(path / "question_encoder")
