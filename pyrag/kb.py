@@ -286,6 +286,7 @@ def build_kb(passages, out_dir, *, encoder=None, index: str = "flat", dtype: str
             _ = kb.bm25  # build and cache it now
         return kb
 
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     state_path = out / BUILD_DIR / "state.json"
     state = json.loads(state_path.read_text()) if state_path.exists() else None
@@ -306,7 +307,12 @@ def build_kb(passages, out_dir, *, encoder=None, index: str = "flat", dtype: str
             write_json_atomic(state_path, state)
     else:
         shutil.rmtree(out / BUILD_DIR, ignore_errors=True)
-        digest, n = _write_db(passages, out / PASSAGES, show_progress)
+        try:
+            digest, n = _write_db(passages, out / PASSAGES, show_progress)
+        except BaseException:
+            if created:  # unreadable passages: leave no empty out_dir behind (nothing was encoded yet)
+                shutil.rmtree(out, ignore_errors=True)
+            raise
         state = {**settings, "passages_sha256": digest, "count": n, "shard_size": shard_size}
         write_json_atomic(state_path, state)
 

@@ -222,6 +222,7 @@ def test_bad_inputs_give_clear_errors(tmp_path, enc):
     (tmp_path / "bad.jsonl").write_text(f"{good}\n\n{{\"id\": \"x\", \"text\": oops}}\n")
     with pytest.raises(ValueError, match=r"bad\.jsonl:3: malformed JSON on line 3"):
         build_kb(tmp_path / "bad.jsonl", tmp_path / "kb", encoder=enc, show_progress=False)
+    assert not (tmp_path / "kb").exists()  # nothing encoded: no empty out_dir left behind
     dup = _passages(5) + [{"id": "p2", "title": "", "text": "again"}]
     with pytest.raises(ValueError, match=r"duplicate passage id 'p2': at passage #2 and again at passage #5"):
         build_kb(dup, tmp_path / "kb", encoder=enc, show_progress=False)
