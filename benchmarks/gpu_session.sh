@@ -44,7 +44,7 @@ stamp built
 cd /tmp
 python -c "import pyrag, torch; print('has_cuda_kernels', pyrag.has_cuda_kernels(), torch.__version__)" | tee "$OUT/import.txt"
 # hnswlib and bm25s are absent there: only test files whose imports do not need them.
-TEST_FILES=${TEST_FILES:-"tests/test_rag_loss.py tests/test_rag_loss_ops.py tests/test_topk_ip.py tests/test_compat_hf.py tests/test_lean_activations.py tests/test_index_flat_sketch.py"}
+TEST_FILES=${TEST_FILES:-"tests/test_rag_loss.py tests/test_rag_loss_edge.py tests/test_rag_loss_ops.py tests/test_topk_ip.py tests/test_compat_hf.py tests/test_lean_activations.py tests/test_index_flat_sketch.py"}
 # shellcheck disable=SC2046
 timeout 150 python -m pytest -q -k "cuda or CUDA" $(for f in $TEST_FILES; do echo "$REPO/$f"; done) \
   > "$OUT/tests.txt" 2>&1
