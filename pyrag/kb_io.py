@@ -18,16 +18,22 @@ __all__ = ["atomic_dir", "atomic_path", "iter_passages", "read_passages", "read_
            "replace_dir", "usual_mode", "write_json_atomic"]
 
 
+# Where /proc is unavailable (macOS), the umask as it was at import: os.umask can only be read by setting it, which
+# is process-wide, so it is done once here rather than while other threads may be creating files.
+_IMPORT_UMASK = os.umask(0o077)
+os.umask(_IMPORT_UMASK)
+
+
 def _umask() -> int:
     """The process umask, read without changing it (os.umask set-and-restore is process-wide and would race with
-    other threads creating files); 0o022 where /proc is unavailable."""
+    other threads creating files); the umask at import where /proc is unavailable."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith("Umask:"):
                 return int(line.split()[1], 8)
     except (OSError, ValueError, IndexError):
         pass
-    return 0o022
+    return _IMPORT_UMASK
 
 
 def usual_mode(path, directory: bool = False) -> None:

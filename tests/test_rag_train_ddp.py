@@ -21,7 +21,8 @@ from pyrag.train.rag import evaluate_rag, train_rag
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-KW = {"lr_generator": 3e-3, "lr_question_encoder": 1e-3, "show_progress": False, "log_every": 1, "seed": 5}
+KW = {"lr_generator": 3e-3, "lr_question_encoder": 1e-3, "show_progress": False, "log_every": 1, "seed": 5,
+      "distributed": True}
 
 
 def _params(model) -> dict:
@@ -36,6 +37,7 @@ def _worker(rank: int, world: int, port: int, root: str) -> None:
     straight, first, second = (tiny_setup(Path(root) / f"drop{rank}{x}", n=16, n_docs=2, gen_dropout=0.2)[0]
                                for x in "abc")
     poisoned_model, _, _, _ = tiny_setup(Path(root) / f"nan{rank}", n=16, n_docs=2)
+    extra = [tiny_setup(Path(root) / f"extra{rank}{x}", n=16, n_docs=2)[0] for x in "abc"]
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     out = {}
     try:
@@ -81,6 +83,33 @@ def _worker(rank: int, world: int, port: int, root: str) -> None:
             out["nan"] = None
         except FloatingPointError as e:
             out["nan"] = str(e)
+
+        # 4. an error on one rank only (an answer too long for the generator in rank 1's slice): both stop
+        model = extra[0]
+        if rank == 1:
+            model.generator.max_answer_length = 1
+        try:
+            train_rag(model, qa, steps=3, batch_size=2, out_dir=os.path.join(root, "err"), **KW)
+            out["err"] = None
+        except (ValueError, RuntimeError) as e:
+            out["err"] = f"{type(e).__name__}: {e}"
+
+        # 5. out_dirs not shared: rank 0 alone writes the checkpoint, into its own directory; resuming from it is
+        # refused on both ranks (not a hang, not rank 1 silently starting over)
+        local = os.path.join(root, f"local{rank}")
+        train_rag(extra[1], qa, steps=2, batch_size=2, out_dir=local, stop_at=1, **KW)
+        try:
+            train_rag(extra[1], qa, steps=2, batch_size=2, out_dir=local, **KW)
+            out["unshared"] = None
+        except ValueError as e:
+            out["unshared"] = str(e)
+
+        # 6. without distributed=True a call on one rank trains that rank alone (no collective to wait in)
+        if rank == 0:
+            kw = {**KW, "distributed": False}
+            out["alone"] = train_rag(extra[2], qa, steps=1, batch_size=2, out_dir=os.path.join(root, "alone"),
+                                     **kw)["step"]
+        dist.barrier()
         torch.save(out, os.path.join(root, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -111,7 +140,7 @@ def test_two_ranks_make_the_update_of_one_process_on_the_global_batch(two_ranks,
         assert torch.equal(r0["params"][n], r1["params"][n]), n
     model, _, qa, _ = tiny_setup(tmp_path / "one", n=16, n_docs=2)
     train_rag(model, qa, qa[:6], steps=3, batch_size=8, out_dir=tmp_path / "run", eval_every=3,
-              eval_kwargs={"ks": (1, 2)}, **KW)
+              eval_kwargs={"ks": (1, 2)}, **{**KW, "distributed": False})
     one = _params(model)
     start, *_ = tiny_setup(tmp_path / "start", n=16, n_docs=2)
     assert any(not torch.equal(p, one[n]) for n, p in start.named_parameters())  # training moved the weights
@@ -163,11 +192,11 @@ def test_a_bad_loss_on_one_rank_stops_every_rank(two_ranks):
 def test_a_checkpoint_is_refused_under_another_world_size(two_ranks, tmp_path):
     root, _ = two_ranks
     model, _, qa, _ = tiny_setup(tmp_path / "one", n=16, n_docs=2)
-    kw = {**KW, "steps": 4, "batch_size": 2, "grad_accum": 2, "save_every": 1}
+    kw = {**KW, "steps": 4, "batch_size": 2, "grad_accum": 2, "save_every": 1, "distributed": False}
     with pytest.raises(ValueError, match="written with world_size=2 \\(now 1\\)"):
         train_rag(model, qa, out_dir=root / "split", **kw)
     with pytest.raises(ValueError, match="distributed=True needs an initialised"):
-        train_rag(model, qa, out_dir=tmp_path / "x", distributed=True, **kw)
+        train_rag(model, qa, out_dir=tmp_path / "x", **{**kw, "distributed": True})
 
 
 def test_pyrag_train_under_torchrun(tmp_path):
@@ -200,3 +229,20 @@ def test_pyrag_train_under_torchrun(tmp_path):
     for n, value in a.items():
         if not n.endswith("k_proj.bias"):
             torch.testing.assert_close(value, b[n], rtol=1e-4, atol=2e-4, msg=lambda m, n=n: f"{n}: {m}")
+
+
+def test_an_error_on_one_rank_stops_every_rank(two_ranks):
+    _, (r0, r1) = two_ranks
+    assert r1["err"] is not None and "ValueError" in r1["err"] and "generator's limit" in r1["err"], r1["err"]
+    assert r0["err"] is not None and "another rank failed at step 1" in r0["err"], r0["err"]
+
+
+def test_out_dir_must_be_shared_by_the_ranks(two_ranks):
+    _, (r0, r1) = two_ranks
+    for r in (r0, r1):
+        assert r["unshared"] is not None and "visible on rank(s) [0] only" in r["unshared"], r["unshared"]
+
+
+def test_without_distributed_one_rank_trains_alone(two_ranks):
+    _, (r0, _) = two_ranks
+    assert r0["alone"] == 1

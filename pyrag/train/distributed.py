@@ -51,9 +51,12 @@ def init_from_env(device: str | None = None) -> torch.device | None:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world < 2:
         return None
-    use_cuda = torch.cuda.is_available() if device is None else torch.device(device).type == "cuda"
+    named = torch.device(device) if device is not None else None
+    use_cuda = torch.cuda.is_available() if named is None else named.type == "cuda"
     if use_cuda:
-        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        # a device named with its index ("cuda:1") is used as given; otherwise this rank's local GPU
+        dev = named if named is not None and named.index is not None else torch.device(
+            "cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(dev)
     else:
         dev = torch.device(device or "cpu")

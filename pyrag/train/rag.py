@@ -147,7 +147,7 @@ def train_rag(model, train_data, dev_data=None, *, steps: int, batch_size: int =
               save_every: int = 0, log_every: int = 10, bf16: bool = True, resume: bool = True,
               stop_at: int | None = None, n_docs: int | None = None, epsilon: float | None = None,
               eval_kwargs: dict | None = None, show_progress: bool = True, save_model: bool = True,
-              distributed: bool | None = None) -> dict:
+              distributed: bool = False) -> dict:
     """Fine-tune a RagToken / RagSequence on (question, answer) pairs; the passages stay as indexed.
 
     train_data / dev_data: lists of {"question", "answers": [...]} (the first answer is the training target) or
@@ -163,9 +163,9 @@ def train_rag(model, train_data, dev_data=None, *, steps: int, batch_size: int =
     A non-finite loss or gradient stops training with FloatingPointError, leaving the last good checkpoint.
     The final model is saved (save_pretrained) to out_dir/model. Returns a dict of final metrics.
 
-    Data parallel: called on every rank of an initialised torch.distributed process group (e.g. under torchrun;
-    `pyrag train` joins one by itself), it trains one model across the ranks (distributed=None: whenever the
-    group has 2+ ranks; False: ignore it). batch_size is per rank: each micro-batch of the global example stream
+    Data parallel (distributed=True): called on every rank of an initialised torch.distributed process group of 2+
+    ranks (e.g. under torchrun; `pyrag train` joins one by itself), it trains one model across the ranks (under
+    NCCL each rank's model on its own GPU; torch.cuda.set_device is done to match). batch_size is per rank: each micro-batch of the global example stream
     is batch_size * world_size questions, rank r taking the r-th slice, and the gradients are averaged over the
     ranks before clipping -- the same update as one process with batch_size * world_size. Rank 0's weights are
     broadcast at the start; every rank retrieves from its own copy of the knowledge base (a memory-mapped index
@@ -193,19 +193,12 @@ def train_rag(model, train_data, dev_data=None, *, steps: int, batch_size: int =
             raise ValueError(f"{name} must be an int in [0, steps={steps}], got {v!r}")
     if hasattr(model, "_k"):
         model._k(n_docs)  # n_docs larger than the KB: refused before anything is written
-    from .distributed import current_group
-
-    g = current_group() if distributed is None or distributed else None
-    if distributed and g is None:
-        raise ValueError("distributed=True needs an initialised torch.distributed process group of 2+ ranks "
-                         "(dist.init_process_group, e.g. under torchrun)")
+    device = next(model.parameters()).device
+    g = _join_group(distributed, device)
     rank, world, main = (g.rank, g.size, g.main) if g else (0, 1, True)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    device = next(model.parameters()).device
     amp = bool(bf16) and device.type == "cuda"
-    if g is not None and g.comm.type == "cuda" and device.type != "cuda":
-        raise ValueError(f"an NCCL process group moves CUDA tensors only; the model is on {device}")
 
     opt = torch.optim.AdamW(_param_groups(model, lr_generator, lr_question_encoder, weight_decay))
 
@@ -228,7 +221,15 @@ def train_rag(model, train_data, dev_data=None, *, steps: int, batch_size: int =
                   "warmup_steps": warmup_steps, "warmup_steps_question_encoder": qe_warmup,
                   "weight_decay": weight_decay, "max_grad_norm": max_grad_norm, "n_docs": n_docs, "epsilon": epsilon,
                   "world_size": world}
-    if resume and (out / CHECKPOINT / "trainer.pt").exists():
+    found = resume and (out / CHECKPOINT / "trainer.pt").exists()
+    if g is not None:  # every rank must take the same branch (resume or start), or the collectives below mismatch
+        from .distributed import gather_objects
+
+        seen = gather_objects(bool(found), g)
+        if any(seen) and not all(seen):
+            raise ValueError(f"{out / CHECKPOINT} is visible on rank(s) {[r for r, x in enumerate(seen) if x]} only: "
+                             f"out_dir must be one directory that every rank sees (a shared file system)")
+    if found:
         saved = json.loads((out / CHECKPOINT / "state.json").read_text())
         diff = [f"{k}={saved[k]!r} (now {v!r})" for k, v in run_config.items() if k in saved and saved[k] != v]
         if diff:
@@ -281,31 +282,43 @@ def train_rag(model, train_data, dev_data=None, *, steps: int, batch_size: int =
     params = [p for group in opt.param_groups for p in group["params"]]
     try:
         while step < end:
-            total, nonfinite = 0.0, None
+            total, nonfinite, failed = 0.0, None, None
             for _ in range(grad_accum):
                 first = pos + rank * batch_size  # this rank's slice of the global micro-batch
                 batch = [_example(train, seed, first + i) for i in range(batch_size)]
                 pos += batch_size * world
-                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
-                    o = model([r["question"] for r in batch], [r["answers"][0] for r in batch], n_docs=n_docs,
-                              epsilon=epsilon, reduction="mean", return_posterior=False, inplace_backward=True)
-                loss = o.loss / grad_accum
-                value = loss.item()
-                if not math.isfinite(value):
-                    nonfinite = value
+                if failed is not None:
+                    continue
+                try:
+                    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+                        o = model([r["question"] for r in batch], [r["answers"][0] for r in batch], n_docs=n_docs,
+                                  epsilon=epsilon, reduction="mean", return_posterior=False, inplace_backward=True)
+                    loss = o.loss / grad_accum
+                    value = loss.item()
+                    if not math.isfinite(value):
+                        nonfinite = value
+                        if g is None:
+                            bad("loss", value)
+                    else:
+                        loss.backward()
+                        total += value
+                    del o, loss
+                except Exception as e:  # re-raised below, once the other ranks have heard of it
                     if g is None:
-                        bad("loss", value)
-                else:
-                    loss.backward()
-                    total += value
-                del o, loss
+                        raise
+                    failed = e
             if g is not None:
                 from .distributed import average_gradients, sum_floats
 
-                # every rank learns of a bad loss anywhere, so all stop together instead of one hanging in a
-                # collective
-                total, n_bad = sum_floats([total, nonfinite is not None], g)
+                # every rank learns of a bad loss or an error anywhere (e.g. an over-long answer in one rank's
+                # slice, out of memory), so all stop together instead of some waiting in a collective
+                total, n_bad, n_failed = sum_floats([total, nonfinite is not None, failed is not None], g)
                 total /= world
+                if failed is not None:
+                    raise failed
+                if n_failed:
+                    raise RuntimeError(f"training stopped: another rank failed at step {step + 1} (its error is in its "
+                                       f"own output); the last good checkpoint is step {last_ckpt}")
                 if n_bad:
                     bad("loss", nonfinite if nonfinite is not None else "non-finite on another rank")
                 average_gradients(params, g)
@@ -330,7 +343,7 @@ def train_rag(model, train_data, dev_data=None, *, steps: int, batch_size: int =
                                           "seconds": round(time.time() - t0, 3)})
                 running = []
             if dev is not None and ((eval_every and step % eval_every == 0) or step == steps):
-                dev_metrics = evaluate_rag(model, dev, **(eval_kwargs or {}), distributed=g is not None)
+                dev_metrics = evaluate_rag(model, dev, **{**(eval_kwargs or {}), "distributed": g is not None})
                 model.train()
                 best = dev_metrics["em"] if best is None else max(best, dev_metrics["em"])
                 if main:
@@ -352,6 +365,26 @@ def train_rag(model, train_data, dev_data=None, *, steps: int, batch_size: int =
     return result
 
 
+def _join_group(distributed: bool, device: torch.device):
+    """The process group train_rag / evaluate_rag run across (None: one process). Under NCCL the current CUDA device
+    is set to the model's, so the collectives' buffers are on this rank's GPU."""
+    if not distributed:
+        return None
+    from .distributed import current_group
+
+    g = current_group()
+    if g is None:
+        raise ValueError("distributed=True needs an initialised torch.distributed process group of 2+ ranks "
+                         "(dist.init_process_group, e.g. under torchrun)")
+    if g.comm.type == "cuda":
+        if device.type != "cuda":
+            raise ValueError(f"an NCCL process group moves CUDA tensors only; the model is on {device}")
+        if device.index is not None and device.index != torch.cuda.current_device():
+            torch.cuda.set_device(device)
+            g = current_group()
+    return g
+
+
 # ---- evaluation ----
 
 def evaluate_rag(model, data, *, batch_size: int = 8, num_beams: int = 1, max_new_tokens: int = 20,
@@ -364,14 +397,12 @@ def evaluate_rag(model, data, *, batch_size: int = 8, num_beams: int = 1, max_ne
     distributed=True (every rank of an initialised torch.distributed group calls it with the same data): each
     rank answers every world_size-th question, and every rank returns the metrics of all of them."""
     from ..metrics import exact_match, f1_score, retrieval_report
-    from .distributed import current_group, gather_objects
+    from .distributed import gather_objects
 
     data = _check_data("data", data)
     K = model.n_docs if n_docs is None else n_docs
     ks = tuple(sorted({k for k in ks if k <= K} | {K}))  # recall at n_docs always, as at the smaller ks asked
-    grp = current_group() if distributed else None
-    if distributed and grp is None:
-        raise ValueError("distributed=True needs an initialised torch.distributed process group of 2+ ranks")
+    grp = _join_group(distributed, next(model.parameters()).device)
     mine = data[grp.rank::grp.size] if grp else data
     preds, texts, ids = [], [], []
     from tqdm.auto import tqdm
@@ -467,8 +498,8 @@ def train_cli(argv: list[str]) -> int:
         cls = RagToken if args.mode == "token" else RagSequence
         model = cls.from_parts(qe, args.generator, kb, n_docs=args.n_docs, label_smoothing=args.label_smoothing,
                                max_combined_length=args.max_combined_length).to(device or _device(args.device))
-        res = train_rag(model, args.train, args.dev, steps=args.steps, batch_size=args.batch_size,
-                        lr_generator=args.lr_generator, lr_question_encoder=args.lr_question_encoder,
+        res = train_rag(model, args.train, args.dev, distributed=device is not None, steps=args.steps,
+                        batch_size=args.batch_size, lr_generator=args.lr_generator, lr_question_encoder=args.lr_question_encoder,
                         out_dir=args.out, warmup_steps=args.warmup_steps, grad_accum=args.grad_accum,
                         max_grad_norm=args.max_grad_norm, weight_decay=args.weight_decay, seed=args.seed,
                         eval_every=args.eval_every, save_every=args.save_every, bf16=not args.no_bf16,
