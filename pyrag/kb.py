@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ._argparse import DefaultsFormatter
 from .kb_io import atomic_path, iter_passages, usual_mode, write_json_atomic
 
 __all__ = ["DEFAULT_HYBRID_WEIGHT", "KnowledgeBase", "SearchResult", "build_kb", "build_kb_cli"]
@@ -798,7 +799,7 @@ def _check_encoder(path: Path, rec: dict, enc, what: str) -> None:
 
 def build_kb_cli(argv: list[str]) -> int:
     """`pyrag build-kb`: encode a passage file into a knowledge base directory."""
-    ap = argparse.ArgumentParser(prog="pyrag build-kb", description=(
+    ap = argparse.ArgumentParser(formatter_class=DefaultsFormatter, prog="pyrag build-kb", description=(
         "Encode passages into a knowledge base directory (passages.sqlite, index.pyragidx, meta.json). "
         "Interrupted builds resume from the last finished shard when rerun with the same arguments; rerunning "
         "a finished build is a no-op."))

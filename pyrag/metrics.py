@@ -11,6 +11,8 @@ import string
 import sys
 from collections.abc import Iterable, Sequence
 
+from ._argparse import DefaultsFormatter
+
 __all__ = [
     "answer_hits",
     "eval_retriever_cli",
@@ -176,7 +178,7 @@ def _question_encoder(path: str):
 
 def eval_retriever_cli(argv: list[str]) -> int:
     """`pyrag eval-retriever`: recall@k / MRR of a knowledge base on a QA file."""
-    ap = argparse.ArgumentParser(prog="pyrag eval-retriever", description=(
+    ap = argparse.ArgumentParser(formatter_class=DefaultsFormatter, prog="pyrag eval-retriever", description=(
         "Retrieve passages from a knowledge base for every question of a QA file and report recall@k (an answer "
         "string, SQuAD-normalised, occurs in one of the top-k passages), MRR, and gold-passage recall@k when the "
         "file names gold passages. QA file: SQuAD JSON (gold = the question's paragraph, id 'title#j'; "

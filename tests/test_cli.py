@@ -21,6 +21,19 @@ def test_every_command_prints_its_help(name, capsys):
     assert code == 0
     out = capsys.readouterr().out
     assert out.startswith(f"usage: pyrag {name}"), out[:200]
+    assert "(default: " in out  # options show their defaults, with or without a help text
+
+
+def test_help_shows_defaults_even_without_help_text(capsys):
+    try:
+        main(["train", "--help"])
+    except SystemExit:
+        pass
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    for option, default in (("--steps STEPS", "1000"), ("--eval-every EVAL_EVERY", "0"),
+                            ("--mode {token,sequence}", "token"), ("--lr-generator LR_GENERATOR", "3e-05")):
+        assert f"{option} (default: {default})" in out, option
+    assert "--no-bf16 no bf16 autocast on GPU --device" in out  # flags (default False) get no "(default: False)"
 
 
 def test_usage_lists_every_command(capsys):

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from .._argparse import DefaultsFormatter
 from ..kb_io import write_json_atomic
 
 FORMAT_VERSION = 1
@@ -385,7 +386,7 @@ def _device_name(device: torch.device) -> str:
 # command line
 
 def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="pyrag demo", description=(
+    ap = argparse.ArgumentParser(formatter_class=DefaultsFormatter, prog="pyrag demo", description=(
         "Train retrieval-augmented QA end to end on an embedded synthetic corpus of invented entities and compare "
         "it with a closed-book model of the same size and budget: closed-book BART, RAG-Token with a frozen "
         "retriever, and RAG-Token / RAG-Sequence with the question encoder trained jointly. Needs no downloads; "

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .._argparse import DefaultsFormatter
 from ..kb_io import atomic_dir
 
 __all__ = ["ask_cli", "eval_cli", "evaluate_rag", "load_qa", "train_cli", "train_rag"]
@@ -452,7 +453,7 @@ def _device(name: str | None) -> torch.device:
 
 def train_cli(argv: list[str]) -> int:
     """`pyrag train`: jointly fine-tune a RAG model on a QA file."""
-    ap = argparse.ArgumentParser(prog="pyrag train", description=(
+    ap = argparse.ArgumentParser(formatter_class=DefaultsFormatter, prog="pyrag train", description=(
         "Jointly train the question encoder and the generator of a RAG-Token / RAG-Sequence model on "
         "(question, answers) pairs, retrieving from a fixed knowledge base. Data: JSONL lines "
         "{\"question\", \"answers\": [...]} or SQuAD JSON. Rerunning with the same --out resumes exactly. "
@@ -532,7 +533,7 @@ def _load_for_cli(model_dir, kb, device):
 
 def ask_cli(argv: list[str]) -> int:
     """`pyrag ask`: answer questions with a trained model and show the passages it used."""
-    ap = argparse.ArgumentParser(prog="pyrag ask", description=(
+    ap = argparse.ArgumentParser(formatter_class=DefaultsFormatter, prog="pyrag ask", description=(
         "Answer a question with a trained RAG model; prints the answer and the retrieved passages with their "
         "prior p(z|x) and posterior p(z|x,answer)."))
     ap.add_argument("question", nargs="+", help="one or more questions")
@@ -576,7 +577,7 @@ def ask_cli(argv: list[str]) -> int:
 
 def eval_cli(argv: list[str]) -> int:
     """`pyrag eval`: EM / F1 / recall@k of a trained model on a QA file."""
-    ap = argparse.ArgumentParser(prog="pyrag eval", description=(
+    ap = argparse.ArgumentParser(formatter_class=DefaultsFormatter, prog="pyrag eval", description=(
         "Generate answers for a QA file (JSONL {\"question\", \"answers\"} or SQuAD JSON) and report exact match "
         "and F1 (SQuAD v1.1 normalisation) and retrieval recall@k."))
     ap.add_argument("--model", required=True, help="model directory (or a `pyrag train --out` directory)")

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .._argparse import DefaultsFormatter
 from ..kb_io import atomic_path
 from ..metrics import has_answer
 
@@ -452,7 +453,7 @@ def train_retriever(model, examples: list[dict], *, out_dir, steps: int, batch_s
 
 def train_retriever_cli(argv: list[str]) -> int:
     """`pyrag train-retriever`: fine-tune a DPR bi-encoder on (question, gold passage) pairs of a KB."""
-    ap = argparse.ArgumentParser(prog="pyrag train-retriever", description=(
+    ap = argparse.ArgumentParser(formatter_class=DefaultsFormatter, prog="pyrag train-retriever", description=(
         "Fine-tune a DPR bi-encoder with in-batch negatives and BM25 hard negatives mined from a knowledge base. "
         "Training questions: SQuAD JSON (gold = the question's paragraph, id 'title#j') or JSONL "
         "{\"question\", \"answers\", \"gold_ids\"}; gold ids must be passage ids of --kb. Resumes from "
