@@ -12,24 +12,26 @@ import pyrag
 from pyrag.cli import COMMANDS, main
 
 
-@pytest.mark.parametrize("name", sorted(COMMANDS))
-def test_every_command_prints_its_help(name, capsys):
-    try:  # argparse exits 0 after printing --help; a command may also catch that and return 0
+def _help(name: str, capsys) -> str:
+    """`pyrag <name> --help`: exit code 0 (argparse exits after printing; a command may also catch that and
+    return 0), and the printed text."""
+    try:
         code = main([name, "--help"])
     except SystemExit as e:
         code = e.code
     assert code == 0
-    out = capsys.readouterr().out
+    return capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", sorted(COMMANDS))
+def test_every_command_prints_its_help(name, capsys):
+    out = _help(name, capsys)
     assert out.startswith(f"usage: pyrag {name}"), out[:200]
     assert "(default: " in out  # options show their defaults, with or without a help text
 
 
 def test_help_shows_defaults_even_without_help_text(capsys):
-    try:
-        main(["train", "--help"])
-    except SystemExit:
-        pass
-    out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    out = " ".join(_help("train", capsys).split())  # argparse wraps lines
     for option, default in (("--steps STEPS", "1000"), ("--eval-every EVAL_EVERY", "0"),
                             ("--mode {token,sequence}", "token"), ("--lr-generator LR_GENERATOR", "3e-05")):
         assert f"{option} (default: {default})" in out, option

@@ -5,13 +5,12 @@ raise on every rank (never hang) when one rank's input is bad."""
 from __future__ import annotations
 
 import os
-import socket
-import time
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from dist_helpers import free_port, spawn_ranks
 
 import pyrag
 from pyrag.index import FlatIndex, ShardedIndex
@@ -101,20 +100,8 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run_two_ranks(tmp_path, timeout=240):
-    ctx = mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=False)
-    deadline = time.monotonic() + timeout
-    while not ctx.join(timeout=5):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail(f"sharded workers did not finish within {timeout}s (a collective hung?)")
+    spawn_ranks(_worker, (2, free_port(), str(tmp_path)), 2, timeout, "sharded workers")
     return [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
 
 
@@ -192,7 +179,7 @@ def _nccl_worker(rank: int, port: int, out_dir: str) -> None:
 
 @pytest.mark.skipif(not pyrag.has_cuda_kernels(), reason="needs a GPU and pyrag's CUDA kernels")
 def test_sharded_index_over_nccl_on_one_gpu_matches_flat(tmp_path):
-    mp.spawn(_nccl_worker, args=(_free_port(), str(tmp_path)), nprocs=1, join=True)
+    mp.spawn(_nccl_worker, args=(free_port(), str(tmp_path)), nprocs=1, join=True)
     s, i = torch.load(tmp_path / "nccl.pt")
     x, _ = _data()
     single = FlatIndex(D, "float16").to("cuda")

@@ -130,10 +130,8 @@ def test_hybrid_is_dense_plus_weighted_bm25_over_the_union(built):
     assert [float(bm[i][r]) for i, r in enumerate(top)] == [float(b.max()) for b in bm]  # dense only breaks ties
 
 
-def test_interrupted_build_resumes_to_the_same_kb(tmp_path, enc, monkeypatch):
-    ps = _passages()
-    build_kb(ps, tmp_path / "whole", encoder=enc, shard_size=8, show_progress=False)
-
+def _interrupted_build(monkeypatch, *args, **kw) -> None:
+    """build_kb(*args, **kw) interrupted (KeyboardInterrupt) after its second encoded shard is saved."""
     real_save, saved = kbmod._save_shard, []
 
     def crash_after_two(path, vectors):
@@ -143,13 +141,22 @@ def test_interrupted_build_resumes_to_the_same_kb(tmp_path, enc, monkeypatch):
         saved.append(path.name)
 
     monkeypatch.setattr(kbmod, "_save_shard", crash_after_two)
-    with pytest.raises(KeyboardInterrupt):
-        build_kb(ps, tmp_path / "resumed", encoder=enc, shard_size=8, show_progress=False)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            build_kb(*args, **kw)
+    finally:
+        monkeypatch.setattr(kbmod, "_save_shard", real_save)
+
+
+def test_interrupted_build_resumes_to_the_same_kb(tmp_path, enc, monkeypatch):
+    ps = _passages()
+    build_kb(ps, tmp_path / "whole", encoder=enc, shard_size=8, show_progress=False)
+
+    _interrupted_build(monkeypatch, ps, tmp_path / "resumed", encoder=enc, shard_size=8, show_progress=False)
     assert not (tmp_path / "resumed" / "meta.json").exists()
     with pytest.raises(FileNotFoundError, match="unfinished build"):
         KnowledgeBase.open(tmp_path / "resumed")
 
-    monkeypatch.setattr(kbmod, "_save_shard", real_save)
     encoded = []
     real_encode = Encoder.encode_passages
 
@@ -167,11 +174,7 @@ def test_interrupted_build_resumes_to_the_same_kb(tmp_path, enc, monkeypatch):
     assert not (tmp_path / "resumed" / "build").exists()
 
     # A different input for the unfinished-build directory is refused instead of mixing shards.
-    monkeypatch.setattr(kbmod, "_save_shard", crash_after_two)
-    saved.clear()
-    with pytest.raises(KeyboardInterrupt):
-        build_kb(ps, tmp_path / "other", encoder=enc, shard_size=8, show_progress=False)
-    monkeypatch.setattr(kbmod, "_save_shard", real_save)
+    _interrupted_build(monkeypatch, ps, tmp_path / "other", encoder=enc, shard_size=8, show_progress=False)
     with pytest.raises(ValueError, match="unfinished build that differs in passages"):
         build_kb(ps[:-1], tmp_path / "other", encoder=enc, shard_size=8, show_progress=False)
 
@@ -475,18 +478,8 @@ def test_build_kb_cli_checks_options_before_encoding(tmp_path, enc_dir, capsys, 
 def test_resume_with_other_index_options_rebuilds_only_the_index(tmp_path, enc, monkeypatch):
     ps = _passages()
     out = tmp_path / "kb"
-    real_save, saved = kbmod._save_shard, []
-
-    def crash_after_two(path, vectors):
-        if len(saved) == 2:
-            raise KeyboardInterrupt("simulated interruption")
-        real_save(path, vectors)
-        saved.append(path.name)
-
-    monkeypatch.setattr(kbmod, "_save_shard", crash_after_two)
-    with pytest.raises(KeyboardInterrupt):
-        build_kb(ps, out, encoder=enc, index="hnsw", hnsw_options={"M": 8}, shard_size=8, show_progress=False)
-    monkeypatch.setattr(kbmod, "_save_shard", real_save)
+    _interrupted_build(monkeypatch, ps, out, encoder=enc, index="hnsw", hnsw_options={"M": 8}, shard_size=8,
+                       show_progress=False)
     # A build state written by an older pyrag that took a bad option (M=1) still resumes with a good one.
     state = json.loads((out / "build" / "state.json").read_text())
     (out / "build" / "state.json").write_text(json.dumps({**state, "hnsw_options": {"M": 1, "space": "ip"}}))
@@ -511,11 +504,8 @@ def test_resume_with_other_index_options_rebuilds_only_the_index(tmp_path, enc, 
         build_kb(ps, out, encoder=enc, index="hnsw", hnsw_options={"M": 16}, show_progress=False)
 
     # index and dtype can change on resume too: flat int8 from shards encoded for an hnsw build
-    monkeypatch.setattr(kbmod, "_save_shard", crash_after_two)
-    saved.clear()
-    with pytest.raises(KeyboardInterrupt):
-        build_kb(ps, tmp_path / "kb2", encoder=enc, index="hnsw", shard_size=8, show_progress=False)
-    monkeypatch.setattr(kbmod, "_save_shard", real_save)
+    _interrupted_build(monkeypatch, ps, tmp_path / "kb2", encoder=enc, index="hnsw", shard_size=8,
+                       show_progress=False)
     encoded.clear()
     kb2 = build_kb(ps, tmp_path / "kb2", encoder=enc, dtype="int8", shard_size=8, show_progress=False)
     assert sum(encoded) == len(ps) - 16
@@ -523,11 +513,7 @@ def test_resume_with_other_index_options_rebuilds_only_the_index(tmp_path, enc, 
     assert kb2.search(["where did zorvex live"], 3).rows.tolist() == kb.search(["where did zorvex live"], 3,
                                                                                  ).rows.tolist()
     # what the shards depend on still must match
-    monkeypatch.setattr(kbmod, "_save_shard", crash_after_two)
-    saved.clear()
-    with pytest.raises(KeyboardInterrupt):
-        build_kb(ps, tmp_path / "kb3", encoder=enc, shard_size=8, show_progress=False)
-    monkeypatch.setattr(kbmod, "_save_shard", real_save)
+    _interrupted_build(monkeypatch, ps, tmp_path / "kb3", encoder=enc, shard_size=8, show_progress=False)
     with pytest.raises(ValueError, match="unfinished build that differs in shard_size"):
         build_kb(ps, tmp_path / "kb3", encoder=enc, shard_size=4, show_progress=False)
 

@@ -7,14 +7,12 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from dist_helpers import free_port, spawn_ranks
 from test_rag_model import tiny_setup
 
 from pyrag.train.rag import evaluate_rag, train_rag
@@ -115,22 +113,10 @@ def _worker(rank: int, world: int, port: int, root: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
     root = tmp_path_factory.mktemp("ddp")
-    ctx = mp.spawn(_worker, args=(2, _free_port(), str(root)), nprocs=2, join=False)
-    deadline = time.monotonic() + 600
-    while not ctx.join(timeout=5):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail("data-parallel workers did not finish within 600 s (a collective hung?)")
+    spawn_ranks(_worker, (2, free_port(), str(root)), 2, 600, "data-parallel workers")
     return root, [torch.load(root / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
 
@@ -217,7 +203,7 @@ def test_pyrag_train_under_torchrun(tmp_path):
               "--no-progress"]
     env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(pyrag.__file__)), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
          "-m", "pyrag", "train", *common, "--batch-size", "4", "--out", str(tmp_path / "ddp")],
         check=False, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -18,6 +18,15 @@ import torch
 
 from .._argparse import DefaultsFormatter
 from ..kb_io import atomic_dir
+from .distributed import (
+    average_gradients,
+    barrier,
+    broadcast_parameters,
+    current_group,
+    gather_objects,
+    init_from_env,
+    sum_floats,
+)
 
 __all__ = ["ask_cli", "eval_cli", "evaluate_rag", "load_qa", "train_cli", "train_rag"]
 
@@ -224,8 +233,6 @@ def train_rag(model, train_data, dev_data=None, *, steps: int, batch_size: int =
                   "world_size": world}
     found = resume and (out / CHECKPOINT / "trainer.pt").exists()
     if g is not None:  # every rank must take the same branch (resume or start), or the collectives below mismatch
-        from .distributed import gather_objects
-
         seen = gather_objects(bool(found), g)
         if any(seen) and not all(seen):
             raise ValueError(f"{out / CHECKPOINT} is visible on rank(s) {[r for r, x in enumerate(seen) if x]} only: "
@@ -251,16 +258,12 @@ def train_rag(model, train_data, dev_data=None, *, steps: int, batch_size: int =
         if main:
             (out / METRICS).unlink(missing_ok=True)
         if g is not None:
-            from .distributed import broadcast_parameters
-
             broadcast_parameters([model.question_encoder, model.generator], g)
     last_ckpt = step if (out / CHECKPOINT).exists() else None
     end = steps if stop_at is None else min(steps, stop_at)
 
     def checkpoint():
         nonlocal last_ckpt
-        from .distributed import barrier, gather_objects
-
         rng = gather_objects(_rng_state(), g) if g is not None else _rng_state()
         if main:
             _save_checkpoint(out, model, opt, sched, {"step": step, "data_pos": pos, "best_dev_em": best,
@@ -309,8 +312,6 @@ def train_rag(model, train_data, dev_data=None, *, steps: int, batch_size: int =
                         raise
                     failed = e
             if g is not None:
-                from .distributed import average_gradients, sum_floats
-
                 # every rank learns of a bad loss or an error anywhere (e.g. an over-long answer in one rank's
                 # slice, out of memory), so all stop together instead of some waiting in a collective
                 total, n_bad, n_failed = sum_floats([total, nonfinite is not None, failed is not None], g)
@@ -359,8 +360,6 @@ def train_rag(model, train_data, dev_data=None, *, steps: int, batch_size: int =
         if main:
             model.save_pretrained(out / MODEL)
         if g is not None:
-            from .distributed import barrier
-
             barrier(g)
         result["model"] = str(out / MODEL)
     return result
@@ -371,8 +370,6 @@ def _join_group(distributed: bool, device: torch.device):
     is set to the model's, so the collectives' buffers are on this rank's GPU."""
     if not distributed:
         return None
-    from .distributed import current_group
-
     g = current_group()
     if g is None:
         raise ValueError("distributed=True needs an initialised torch.distributed process group of 2+ ranks "
@@ -398,7 +395,6 @@ def evaluate_rag(model, data, *, batch_size: int = 8, num_beams: int = 1, max_ne
     distributed=True (every rank of an initialised torch.distributed group calls it with the same data): each
     rank answers every world_size-th question, and every rank returns the metrics of all of them."""
     from ..metrics import exact_match, f1_score, retrieval_report
-    from .distributed import gather_objects
 
     data = _check_data("data", data)
     K = model.n_docs if n_docs is None else n_docs
@@ -487,7 +483,6 @@ def train_cli(argv: list[str]) -> int:
     from ..kb import KnowledgeBase
     from ..models.encoders import Encoder
     from ..models.rag import RagSequence, RagToken
-    from .distributed import init_from_env
 
     joined = not torch.distributed.is_initialized()
     device = init_from_env(args.device)  # under torchrun: this rank's device, the process group joined
