@@ -29,11 +29,12 @@ stamp build
 ARCH=$(python -c "import torch; m, n = torch.cuda.get_device_capability(); print(f'{m}{n}')")
 PYPATH=
 if ! python -m pip install --no-build-isolation --no-deps \
-    --config-settings=cmake.define.CMAKE_CUDA_ARCHITECTURES="$ARCH" . > "$OUT/build.log" 2>&1; then
+    --config-settings=cmake.define.CMAKE_CUDA_ARCHITECTURES="$ARCH" \
+    --config-settings=cmake.define.PYRAG_DISABLE_CUDA_SIM=ON . > "$OUT/build.log" 2>&1; then
   { which -a python python3 pip; python -m pip --version; python -c "import scikit_build_core.build as b; print(b)"; } \
     > "$OUT/build_diag.txt" 2>&1
   # Fallback: the same CMake project built in place (no packaging step), imported from the checkout.
-  cmake -S . -B build/gpu -G Ninja -DPYRAG_INPLACE=ON -DCMAKE_CUDA_ARCHITECTURES="$ARCH" \
+  cmake -S . -B build/gpu -G Ninja -DPYRAG_INPLACE=ON -DCMAKE_CUDA_ARCHITECTURES="$ARCH" -DPYRAG_DISABLE_CUDA_SIM=ON \
     -Dpybind11_DIR="$(python -m pybind11 --cmakedir)" -DPython_EXECUTABLE="$(which python)" > "$OUT/build2.log" 2>&1 \
     && cmake --build build/gpu >> "$OUT/build2.log" 2>&1 || { tail -40 "$OUT/build2.log"; exit 1; }
   PYPATH=$REPO

@@ -14,11 +14,16 @@
 
 namespace py = pybind11;
 
+// The same bindings build pyrag._C_cudasim, the kernels compiled for the CUDA simulator (csrc/sim/).
+#ifndef PYRAG_CUDA_MODULE
+#define PYRAG_CUDA_MODULE _C_cuda
+#endif
+
 namespace {
 cudaStream_t as_stream(std::uintptr_t s) { return reinterpret_cast<cudaStream_t>(s); }
 }  // namespace
 
-PYBIND11_MODULE(_C_cuda, m) {
+PYBIND11_MODULE(PYRAG_CUDA_MODULE, m) {
   m.doc() = "pyrag CUDA kernels (framework-free; called from pyrag.ops)";
   // Number of visible devices, 0 (not an exception) without a driver or GPU so import stays cheap and safe.
   m.def("device_count", [] {
@@ -30,6 +35,15 @@ PYBIND11_MODULE(_C_cuda, m) {
     return n;
   });
   (void)as_stream;
+#ifdef PYRAG_CUDA_SIM
+  m.def("sim_configure", &pyrag_sim::configure, py::arg("order"), py::arg("seed"), py::arg("sms"),
+        "Simulator settings: thread/block order (0 forward, 1 reverse, 2 shuffled by seed) and the SM count.");
+  m.def("sim_stats", [] {
+    const pyrag_sim::Stats s = pyrag_sim::stats();
+    return py::dict(py::arg("launches") = s.launches, py::arg("blocks") = s.blocks);
+  });
+  pyrag_sim::bind_selftests(&m);
+#endif
   // [ops: bindings] one block per op below, each owned by that op's files.
   // ---- rag_loss (pyrag/ops/rag_loss.py): fused RAG marginalisation on the caller's stream ----
   {

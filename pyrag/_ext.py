@@ -1,10 +1,14 @@
-"""Loads the compiled kernels: pyrag._C (CPU, always built) and pyrag._C_cuda (built where nvcc was found)."""
+"""Loads the compiled kernels: pyrag._C (CPU, always built) and pyrag._C_cuda (built where nvcc was found), and
+switches the CUDA simulator (pyrag._C_cudasim, built with _C_cuda) on for tests."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import importlib
+import threading
 
-__all__ = ["cpu", "cuda", "has_cuda_kernels"]
+__all__ = ["cpu", "cuda", "has_cuda_kernels", "simulate_cuda"]
 
 try:
     from . import _C as cpu
@@ -28,3 +32,42 @@ def has_cuda_kernels() -> bool:
     import torch
 
     return torch.cuda.is_available() and cuda.device_count() > 0
+
+
+# The CUDA simulator module while simulate_cuda() is active, else None (see pyrag.ops._common.kernels_for).
+sim = None
+_sim_lock = threading.Lock()
+_SIM_ORDERS = {"forward": 0, "reverse": 1, "shuffle": 2}
+
+
+@contextlib.contextmanager
+def simulate_cuda(order: str = "forward", seed: int = 0, sms: int = 4):
+    """Inside the block, pyrag's ops on CPU tensors run the CUDA kernels' code through the CUDA simulator
+    (csrc/sim/: every thread a fiber, blocks one after another) instead of the CPU kernels: the same host code,
+    launches, shared memory and warp protocols as on a GPU, checked for deadlocks and shared-memory overruns.
+    For testing CUDA code on machines without a GPU; slow (one core), so keep shapes small.
+
+    order: how threads (and blocks) take turns between synchronisation points -- "forward", "reverse" or
+    "shuffle" (seeded); a result that changes with it reveals a race. sms: the multiprocessor count the kernels
+    plan their grids for (small values give few, long-running blocks; large ones many short blocks)."""
+    global sim
+    if order not in _SIM_ORDERS:
+        raise ValueError(f"order must be one of {sorted(_SIM_ORDERS)}, got {order!r}")
+    if not isinstance(sms, int) or sms < 1:
+        raise ValueError(f"sms must be an int >= 1, got {sms!r}")
+    try:
+        mod = importlib.import_module("pyrag._C_cudasim")
+    except ImportError as e:
+        raise RuntimeError(
+            "the CUDA simulator pyrag._C_cudasim was not built (it is built with pyrag._C_cuda, where CMake finds "
+            "the CUDA toolkit)"
+        ) from e
+    with _sim_lock:
+        if sim is not None:
+            raise RuntimeError("simulate_cuda() is already active")
+        mod.sim_configure(_SIM_ORDERS[order], seed, sms)
+        sim = mod
+    try:
+        yield mod
+    finally:
+        sim = None

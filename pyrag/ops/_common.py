@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from .. import _ext
@@ -17,14 +19,28 @@ def ptr(t: torch.Tensor | None) -> int:
 
 
 def stream(t: torch.Tensor) -> int:
-    """The current CUDA stream of t's device, as an integer for the CUDA module (kernels launch on it)."""
+    """The current CUDA stream of t's device, as an integer for the CUDA module (kernels launch on it); 0 for a
+    CPU tensor (the CUDA simulator's only stream)."""
+    if t.device.type == "cpu":
+        return 0
     return torch.cuda.current_stream(t.device).cuda_stream
 
 
+def simulating(t: torch.Tensor) -> bool:
+    """Whether t's op runs the CUDA kernels' code in the CUDA simulator (pyrag._ext.simulate_cuda)."""
+    return t.device.type == "cpu" and _ext.sim is not None
+
+
+def device_guard(t: torch.Tensor):
+    """Makes t's GPU current (kernels plan for and launch on the current device); nothing for CPU tensors."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
 def kernels_for(t: torch.Tensor):
-    """The compiled module that serves t's device, or None when pyrag has no kernel there (use the reference)."""
+    """The compiled module that serves t's device, or None when pyrag has no kernel there (use the reference).
+    CPU tensors get the CUDA simulator instead of the CPU kernels inside pyrag._ext.simulate_cuda()."""
     if t.device.type == "cpu":
-        return _ext.cpu
+        return _ext.sim or _ext.cpu
     if t.device.type == "cuda" and _ext.has_cuda_kernels():
         return _ext.cuda
     return None

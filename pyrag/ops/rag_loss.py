@@ -7,7 +7,16 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from ._common import DTYPE_CODES, FLOAT_DTYPES, kernels_for, num_threads, ptr, stream
+from ._common import (
+    DTYPE_CODES,
+    FLOAT_DTYPES,
+    device_guard,
+    kernels_for,
+    num_threads,
+    ptr,
+    simulating,
+    stream,
+)
 
 MODES = {"sequence": 0, "token": 1}
 # The ops call the mode argument "kind": opcheck's internals reserve the parameter name "mode".
@@ -20,9 +29,9 @@ def _aux_shape(mode: str, B: int, K: int, T: int) -> tuple[int, ...]:
 
 def _launch(t: Tensor, fn, *args):
     """Calls a kernel entry point with the CPU thread count, or on t's device and current CUDA stream."""
-    if t.device.type == "cpu":
+    if t.device.type == "cpu" and not simulating(t):
         return fn(*args, num_threads())
-    with torch.cuda.device(t.device):  # the stream belongs to t's device, which must be current at launch
+    with device_guard(t):  # the stream belongs to t's device, which must be current at launch
         return fn(*args, stream(t))
 
 

@@ -243,6 +243,8 @@ def _topk_ip_torch_chunked(queries, docs, k, doc_scale, chunk=None):
 @_topk_ip_op.register_kernel("cpu")
 def _topk_ip_cpu(queries, docs, k, doc_scale, sketch_codes=None, sketch_scale=None, sketch_norm=None,
                  sketch_res=None):
+    if _common.simulating(queries):  # pyrag._ext.simulate_cuda(): the CUDA kernels' code, run on the CPU
+        return _topk_ip_cuda(queries, docs, k, doc_scale)
     _check_finite(queries)
     nq, dim = queries.shape
     nb = docs.shape[0]
@@ -280,17 +282,18 @@ def _topk_ip_cpu(queries, docs, k, doc_scale, sketch_codes=None, sketch_scale=No
 @_topk_ip_op.register_kernel("cuda")
 def _topk_ip_cuda(queries, docs, k, doc_scale, *_sketch):  # the sketch serves the memory-bound CPU kernel only
     _check_finite(queries)
-    cuda = _ext.cuda
+    simulated = _common.simulating(queries)
+    cuda = _ext.sim if simulated else _ext.cuda
     nq, dim = queries.shape
     nb = docs.shape[0]
     if (
-        not _ext.has_cuda_kernels()
+        not (simulated or _ext.has_cuda_kernels())
         or k > cuda.topk_ip_max_k
         or dim > cuda.topk_ip_max_dim
         or nb > cuda.topk_ip_max_n
     ):
         return _topk_ip_torch_chunked(queries, docs, k, doc_scale)
-    with torch.cuda.device(queries.device):  # the kernel plans for, and launches on, the current device
+    with _common.device_guard(queries):  # the kernel plans for, and launches on, the current device
         scores = torch.empty((nq, k), dtype=torch.float32, device=queries.device)
         ids = torch.empty((nq, k), dtype=torch.int64, device=queries.device)
         if nq == 0:
@@ -332,7 +335,10 @@ _mm_fp32_out: dict[int, bool] = {}
 
 
 def _mm_has_fp32_out(device: torch.device) -> bool:
-    """Whether torch.mm takes out_dtype=float32 for fp16/bf16 inputs here (fp32 accumulate and output; torch 2.8+)."""
+    """Whether torch.mm takes out_dtype=float32 for fp16/bf16 inputs here (fp32 accumulate and output; torch 2.8+).
+    On the CPU (the CUDA simulator) the GEMM upcasts instead (_mm_fp32)."""
+    if device.type == "cpu":
+        return True
     idx = device.index if device.index is not None else torch.cuda.current_device()
     if idx not in _mm_fp32_out:
         try:
@@ -341,6 +347,14 @@ def _mm_has_fp32_out(device: torch.device) -> bool:
         except (TypeError, RuntimeError):
             _mm_fp32_out[idx] = False
     return _mm_fp32_out[idx]
+
+
+def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b with fp32 accumulation and output: cuBLAS on fp16/bf16 inputs on a GPU; exact upcasts on the CPU,
+    whose torch.mm has no out_dtype (the CUDA simulator's stand-in for cuBLAS)."""
+    if a.device.type == "cpu":
+        return torch.mm(a.to(torch.float32), b.to(torch.float32))
+    return torch.mm(a, b, out_dtype=torch.float32)
 
 
 def _use_gemm_path(queries: torch.Tensor, docs: torch.Tensor) -> bool:
@@ -375,7 +389,7 @@ def _query_parts(queries: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tenso
 
 
 def _topk_ip_cuda_gemm(queries, docs, k, scores, ids) -> None:
-    cuda = _ext.cuda
+    cuda = _ext.sim if _common.simulating(queries) else _ext.cuda
     nq, nb = queries.shape[0], docs.shape[0]
     qp, qmul = _query_parts(queries, docs.dtype)
     nparts = qp.shape[0] // nq
@@ -387,7 +401,7 @@ def _topk_ip_cuda_gemm(queries, docs, k, scores, ids) -> None:
     stream = _common.stream(docs)
     for lo in range(0, nb, chunk):
         n = min(chunk, nb - lo)
-        s = torch.mm(qp, docs[lo : lo + n].T, out_dtype=torch.float32)  # [parts * Q, n], fp32 accumulation
+        s = _mm_fp32(qp, docs[lo : lo + n].T)  # [parts * Q, n], fp32 accumulation
         for i in range(1, nparts):
             s[:nq] += s[i * nq : (i + 1) * nq]
         cuda.topk_select(

@@ -1,0 +1,299 @@
+"""The CUDA kernels' code, run on the CPU by the CUDA simulator (pyrag._ext.simulate_cuda, csrc/sim/): the same
+host code, launches, shared memory and warp protocols as on a GPU, checked against the references that the GPU
+tests use (tests/test_rag_loss.py, tests/test_topk_ip.py), on shapes small enough for one core. Each kernel also
+runs with threads and blocks taking turns in reverse and shuffled order: a result that changed would be a race.
+
+This does not replace the GPU run (timing, the memory model, real tensor cores and cuBLAS are not simulated); it
+makes every CI run execute the CUDA code paths a GPU machine is needed to time."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+from test_rag_loss import LOSSES, assert_three_way, make_inputs, max_err, run
+from test_topk_ip import _make, assert_topk_exact
+
+from pyrag import _ext, rag_token_marginal_logprobs
+from pyrag import reference as ref
+from pyrag.ops.topk_ip import topk_ip, topk_ip_options
+
+# The simulator is built with pyrag._C_cuda (wherever CMake finds the CUDA toolkit, as on CI): without the CUDA
+# module there is nothing to simulate; with it, a missing simulator fails the tests instead of skipping them.
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("pyrag._C_cuda") is None,
+    reason="CPU-only build: no CUDA toolkit was found, so neither pyrag._C_cuda nor its simulator was built",
+)
+
+ORDERS = ["forward", "reverse", "shuffle"]
+
+
+def sim_run(fn, order="forward", sms=4):
+    """fn() inside the simulator; asserts kernels really ran there (not the CPU kernels or a torch fallback)."""
+    with _ext.simulate_cuda(order=order, seed=5, sms=sms) as mod:
+        before = mod.sim_stats()["launches"]
+        out = fn()
+        assert mod.sim_stats()["launches"] > before, "no kernel went through the simulator"
+    return out
+
+
+def same(a, b):
+    """Bitwise equality of (nested) outputs, NaN equal to NaN."""
+    if isinstance(a, (tuple, list)):
+        return all(same(x, y) for x, y in zip(a, b))
+    return a.shape == b.shape and torch.equal(a.nan_to_num(), b.nan_to_num()) and torch.equal(a.isnan(), b.isnan())
+
+
+# ---- the simulator itself ----
+
+
+def _selftest(name, threads=64, smem=0, order="forward"):
+    out = torch.full((threads * 6,), -1, dtype=torch.int64)
+    with _ext.simulate_cuda(order=order, seed=1) as mod:
+        mod.selftest(name, out.data_ptr(), threads, smem)
+    return out
+
+
+def test_simulated_collectives_follow_cuda():
+    assert _selftest("block_sum", threads=256)[:2].tolist() == [sum(range(256))] * 2
+    got = _selftest("collectives").view(64, 6)
+    for t in range(64):
+        lane = t % 32
+        match = 0xF << (lane // 4 * 4)
+        up = lane - 1 if lane >= 1 else lane
+        down = lane + 3 if lane + 3 < 32 else lane
+        assert got[t].tolist() == [0xAAAAAAAA, match, up, down, 1, 0], t
+
+
+def test_simulator_reports_a_deadlock_instead_of_hanging():
+    with pytest.raises(RuntimeError, match="deadlock, 31 of 64 threads wait forever"):
+        _selftest("deadlock")
+
+
+def test_simulator_reports_shared_memory_overruns_and_bad_launches():
+    with pytest.raises(RuntimeError, match="past the 1024 bytes of dynamic shared memory"):
+        _selftest("smem_overrun", smem=1024)
+    _selftest("smem_launch", smem=1024)  # the same kernel within its memory is fine
+    with pytest.raises(RuntimeError, match="invalid argument"):  # > 48 KiB without cudaFuncSetAttribute
+        _selftest("smem_launch", smem=64 << 10)
+    with pytest.raises(RuntimeError, match="invalid configuration"):
+        _selftest("block_sum", threads=2048)
+
+
+def test_thread_order_exposes_a_race():
+    outs = {order: _selftest("race", order=order)[:64] for order in ORDERS}
+    assert len({tuple(o.tolist()) for o in outs.values()}) > 1, outs
+
+
+def test_simulate_cuda_checks_its_arguments():
+    with pytest.raises(ValueError, match="order"), _ext.simulate_cuda(order="backwards"):
+        pass
+    with pytest.raises(ValueError, match="sms"), _ext.simulate_cuda(sms=0):
+        pass
+    with _ext.simulate_cuda(), pytest.raises(RuntimeError, match="already active"), _ext.simulate_cuda():
+        pass
+    assert _ext.sim is None
+
+
+# ---- fused losses (csrc/rag_loss_cuda.cu) ----
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("epsilon", [0.0, 0.1])
+@pytest.mark.parametrize("mode,per_token", [("sequence", False), ("token", False), ("token", True)])
+def test_losses_three_way(mode, per_token, epsilon, dtype):
+    z, s, y = make_inputs(3, 5, 7, 1001, dtype=dtype, per_token=per_token)
+    sim_run(lambda: assert_three_way(mode, z, s, y, epsilon=epsilon))
+
+
+@pytest.mark.parametrize("mode", ["sequence", "token"])
+def test_losses_bart_vocabulary_and_reductions(mode):
+    z, s, y = make_inputs(2, 3, 5, 50265, dtype=torch.bfloat16)
+    for reduction in ("none", "mean"):
+        sim_run(lambda r=reduction: assert_three_way(mode, z, s, y, epsilon=0.1, reduction=r))
+
+
+@pytest.mark.parametrize("mode", ["sequence", "token"])
+def test_losses_agree_with_the_cpu_kernels_in_every_order(mode):
+    fn, _ = LOSSES[mode]
+    z, s, y = make_inputs(3, 4, 6, 301, per_token=mode == "token")
+    gout = torch.randn(3)
+    cpu = run(fn, z, s, y, gout, epsilon=0.1, reduction="none")
+    outs = [sim_run(lambda: run(fn, z, s, y, gout, epsilon=0.1, reduction="none"), order=order) for order in ORDERS]
+    for o in outs:
+        for a, b in zip(o, cpu):
+            assert max_err(a, b) <= 1e-5 * max(1.0, b.abs().max().item())
+    assert all(same(o, outs[0]) for o in outs[1:]), "the result depends on the order threads run: a race"
+
+
+@pytest.mark.parametrize("mode", ["sequence", "token"])
+def test_losses_inplace_backward(mode):
+    fn, _ = LOSSES[mode]
+    z, s, y = make_inputs(2, 3, 4, 257)
+    want = run(fn, z, s, y, torch.ones(2), reduction="none")
+
+    def inplace():
+        zz = z.clone().requires_grad_()
+        ss = s.clone().requires_grad_()
+        loss = fn(zz, ss, y, inplace_backward=True, reduction="none")
+        gz, gs = torch.autograd.grad(loss, (zz, ss), torch.ones(2))
+        return loss.detach(), gz, gs
+
+    got = sim_run(inplace)
+    for a, b in zip(got, want):
+        assert max_err(a, b) <= 1e-5 * max(1.0, b.abs().max().item())
+
+
+@pytest.mark.parametrize("mode", ["sequence", "token"])
+def test_nan_logits_give_nan_where_the_reference_does(mode):
+    # The CUDA kernels' NaN propagation (lse_push / lse_merge): a NaN logit makes its question's loss and gradients
+    # NaN, as in the reference; the other questions are untouched.
+    fn, ref_fn = LOSSES[mode]
+    B, K, T, V = 3, 4, 5, 37
+    g = torch.Generator().manual_seed(7)
+    s = torch.randn(B, K, generator=g)
+    y = torch.randint(0, V, (B, T), generator=g)
+    for where in ("one", "all"):
+        z = torch.randn(B * K, T, V, generator=g)
+        if where == "one":
+            z[K + 2, 1, 5] = float("nan")
+        else:
+            z[K:2 * K] = float("nan")
+        gout = torch.ones(B)
+        want = run(ref_fn, z.double(), s.double(), y, gout.double(), epsilon=0.1, reduction="none")
+        got = sim_run(lambda z=z, g=gout: run(fn, z, s, y, g, epsilon=0.1, reduction="none"))
+        for name, a, b in zip(("loss", "grad logits", "grad doc_scores"), got, want):
+            assert torch.equal(a.isnan(), b.isnan()), f"{where}: {name} NaN pattern differs"
+        assert torch.isnan(got[0][1]) and torch.isfinite(got[0][[0, 2]]).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("steps", [None, 4])
+def test_token_marginal(steps, dtype):
+    B, K, V = 3, 4, 1001
+    z, s, _ = make_inputs(B, K, steps or 1, V, dtype=dtype, pad=False)
+    step = z[:, 0] if steps is None else z
+    gout = torch.randn((B, V) if steps is None else (B, steps, V), dtype=torch.float64)
+
+    def grads(fn, zz, ss, g):
+        zz = zz.detach().requires_grad_()
+        ss = ss.detach().requires_grad_()
+        out = fn(zz, ss)
+        return (out.detach(), *torch.autograd.grad(out, (zz, ss), g))
+
+    truth = grads(ref.rag_token_marginal_logprobs_reference, step.double(), s.double(), gout)
+    refd = grads(ref.rag_token_marginal_logprobs_reference, step, s, gout.float())
+    kern = sim_run(lambda: grads(rag_token_marginal_logprobs, step, s, gout.float()))
+    tol = {torch.float32: 2e-6, torch.bfloat16: 1e-2}[dtype]
+    for name, t, r, k in zip(("out", "grad logits", "grad doc_scores"), truth, refd, kern):
+        assert max_err(k, t) <= max_err(r, t) + tol * max(1.0, t.abs().max().item()), name
+
+
+# ---- top-k search (csrc/topk_ip_cuda.cu) ----
+
+STORAGE = [torch.float32, torch.float16, torch.bfloat16, torch.int8]
+
+
+def _search(q, d, k, scale=None, order="forward", sms=4, **options):
+    with topk_ip_options(**options):
+        return sim_run(lambda: topk_ip(q, d, k, doc_scale=scale), order=order, sms=sms)
+
+
+@pytest.mark.parametrize("dtype", STORAGE, ids=str)
+@pytest.mark.parametrize(
+    "Q,N,D,k",
+    # 1-2 queries: the warp-per-doc streaming kernel; more: register tiles (fp32/int8) or tensor cores (fp16/bf16)
+    [(1, 1, 7, 1), (2, 1001, 769, 10), (3, 1001, 129, 100), (17, 3000, 128, 100), (65, 700, 7, 700)],
+)
+def test_fused_search_exact(Q, N, D, k, dtype):
+    q, d, scale = _make(Q, N, D, dtype, seed=13)
+    s, i = _search(q, d, k, scale, cuda_path="fused")
+    assert_topk_exact(q, d, k, s, i, scale)
+
+
+@pytest.mark.parametrize("order", ["reverse", "shuffle"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_fused_search_does_not_depend_on_thread_order(dtype, order):
+    q, d, scale = _make(17, 2000, 40, dtype, seed=3)
+    want = _search(q, d, 50, scale, cuda_path="fused")
+    assert same(_search(q, d, 50, scale, order=order, cuda_path="fused"), want)
+
+
+def test_large_k_and_duplicates():
+    g = torch.Generator().manual_seed(14)
+    base = torch.randn(600, 64, generator=g)
+    owner = torch.randperm(3000, generator=g) % 600
+    d = base[owner].half()
+    q = torch.randn(3, 64, generator=g)
+    s, i = _search(q, d, 2048)
+    assert_topk_exact(q, d, 2048, s, i)
+    same_doc = owner[i][:, 1:] == owner[i][:, :-1]
+    assert torch.equal(s[:, 1:][same_doc], s[:, :-1][same_doc]) and bool((i[:, 1:][same_doc] > i[:, :-1][same_doc]).all())
+
+
+@pytest.mark.parametrize("sms", [1, 64])
+def test_many_chunks_merge_in_several_levels(sms):
+    # Many doc chunks per query (sms=64: hundreds of blocks over the docs): the candidate lists are merged over
+    # several levels, which must keep exactly the k best; sms=1 gives few chunks with long lists.
+    q, d, _ = _make(2, 30000, 16, torch.float32, seed=16)
+    s, i = _search(q, d, 1000, sms=sms)
+    assert_topk_exact(q, d, 1000, s, i)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_half_queries_take_the_exact_single_part_path(dtype):
+    q, d, _ = _make(20, 1500, 64, dtype, seed=15)
+    qh = q.to(dtype)
+    s, i = _search(qh, d, 10, cuda_path="fused")
+    assert_topk_exact(qh.float(), d, 10, s, i)
+
+
+SELECTS = ["block", "warp"]
+
+
+@pytest.mark.parametrize("select", SELECTS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("qdtype", [torch.float32, None])  # None: queries in the docs' dtype (one exact part)
+@pytest.mark.parametrize("chunk", [0, 1000, 333])  # 0: one chunk; else several, the last one short (333: unaligned)
+def test_gemm_path_over_chunks(dtype, qdtype, chunk, select):
+    q, d, _ = _make(40, 3000, 96, dtype, seed=17)
+    q = q * 3e3 if dtype == torch.float16 else q  # fp16 query parts need the power-of-two rescale to stay finite
+    qq = q if qdtype is not None else q.to(dtype)
+    s, i = _search(qq, d, 64, cuda_path="gemm", cuda_chunk=chunk, cuda_select=select)
+    assert_topk_exact(qq.float(), d, 64, s, i)
+
+
+@pytest.mark.parametrize("k", [1, 100, 2048])
+def test_select_kernels_agree_bit_for_bit(k):
+    # Ties everywhere (integer-valued scores, duplicated docs), NaN docs, many chunks: both selection kernels must
+    # return exactly the fused kernel's scores and ids, in every thread order.
+    g = torch.Generator().manual_seed(23)
+    base = torch.randint(-3, 4, (700, 32), generator=g).to(torch.float16)
+    d = base[torch.randint(0, 700, (5000,), generator=g)]
+    d[::97] = float("nan")
+    q = torch.randint(-2, 3, (20, 32), generator=g).to(torch.float16)
+    want = _search(q, d, k, cuda_path="fused")
+    for select in SELECTS:
+        for order in ORDERS:
+            got = _search(q, d, k, order=order, cuda_path="gemm", cuda_chunk=1024, cuda_select=select)
+            assert torch.equal(got[1], want[1]), f"{select}, {order}: ids differ from the fused kernel"
+            assert same(got[0], want[0]), f"{select}, {order}: scores differ"
+
+
+@pytest.mark.parametrize("select", SELECTS)
+def test_gemm_path_with_k_larger_than_the_chunk(select):
+    q, d, _ = _make(12, 2000, 40, torch.float16, seed=19)
+    s, i = _search(q, d, 500, cuda_path="gemm", cuda_chunk=128, cuda_select=select)
+    assert_topk_exact(q, d, 500, s, i)
+
+
+def test_nan_docs_rank_last():
+    q, d, _ = _make(5, 400, 24, torch.float32, seed=21)
+    d[::3] = float("nan")
+    s, i = _search(q, d, 300)
+    finite = s.isfinite()
+    assert bool((i[finite] % 3 != 0).all())  # every real score beats a NaN doc
+    want_s, want_i = topk_ip(q, d, 300)  # the CPU kernel (another summation order: scores to rounding)
+    assert torch.equal(i, want_i) and torch.equal(s.isfinite(), want_s.isfinite())
+    torch.testing.assert_close(s, want_s, rtol=1e-5, atol=1e-5)
