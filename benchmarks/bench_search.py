@@ -21,6 +21,7 @@ from pyrag.ops.sketch import make_sketch
 from pyrag.ops.topk_ip import cpu_has_amx, topk_ip_options
 
 SKETCH_MAX_Q = 12  # topk_ip reads a given sketch up to this many queries (csrc/topk_ip_cpu.cpp, kSketchMaxQ)
+CUDA_SKETCH_MAX_Q = 8  # and on CUDA (csrc/topk_ip_cuda.h, kCudaSketchMaxQ)
 
 
 def _ints(s: str) -> list[int]:
@@ -140,6 +141,8 @@ def bench_cuda(args) -> list[dict]:
     for lo in range(0, args.cuda_n, 1 << 20):  # fill in pieces: no fp32 copy of the whole matrix
         hi = min(args.cuda_n, lo + (1 << 20))
         docs[lo:hi] = torch.randn(hi - lo, args.d, generator=g, device=dev).half()
+    # The int8 sketch (FlatIndex(sketch=True) on the GPU): up to 8 queries read its codes, half of fp16's bytes.
+    sketch = make_sketch(docs) if any(nq <= CUDA_SKETCH_MAX_Q for nq in args.cuda_q) else None
     rows = []
     for nq in args.cuda_q:
         q = torch.randn(nq, args.d, generator=g, device=dev)
@@ -150,6 +153,8 @@ def bench_cuda(args) -> list[dict]:
             "pyrag fp16": lambda qh=qh: pyrag.topk_ip(qh, docs, args.k),
             "pyrag fp16 docs, fp32 queries": lambda q=q: pyrag.topk_ip(q, docs, args.k),
         }
+        if sketch is not None and nq <= CUDA_SKETCH_MAX_Q:
+            fns["pyrag fp16+sketch"] = lambda qh=qh: pyrag.topk_ip(qh, docs, args.k, sketch=sketch)
         if nq >= 9:  # the chunked-GEMM path: also time the warp-per-list selection kernel
             fns["pyrag fp16, warp select"] = lambda qh=qh: _with_warp_select(lambda: pyrag.topk_ip(qh, docs, args.k))
         block = []
@@ -161,6 +166,10 @@ def bench_cuda(args) -> list[dict]:
                 print(f"{name}: out of GPU memory at Q={nq}")
                 torch.cuda.empty_cache()
                 continue
+            extra = {}
+            if name.endswith("sketch"):  # the sketch must not change a single bit of the result
+                want, got = fns["pyrag fp16"](), fn()
+                extra["identical_to_unsketched"] = bool(torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]))
             block.append(
                 dict(
                     section="cuda",
@@ -172,6 +181,7 @@ def bench_cuda(args) -> list[dict]:
                     k=args.k,
                     **t,
                     peak_extra_mb=mem / 2**20,
+                    **extra,
                 )
             )
         peers = [r for r in block if r["method"].startswith("torch")]
@@ -180,7 +190,8 @@ def bench_cuda(args) -> list[dict]:
                 r["best_peer"] = peers[0]["method"]
                 r["speedup_vs_best_peer"] = peers[0]["median_ms"] / r["median_ms"]
         rows += block
-        print_table(block, ["method", "Q", "median_ms", "iqr_ms", "peak_extra_mb", "speedup_vs_best_peer"])
+        print_table(block, ["method", "Q", "median_ms", "iqr_ms", "peak_extra_mb", "speedup_vs_best_peer",
+                            "identical_to_unsketched"])
         print(flush=True)
     return rows
 

@@ -96,6 +96,14 @@ PYBIND11_MODULE(_C, m) {
           "Best CPU kernel available here: 0 scalar, 1 AVX2, 2 AVX-512.");
     m.def("topk_ip_has_amx", [] { return tk::amx_usable(); }, "Whether the AMX bf16 prefilter path can run here.");
     m.def(
+        "topk_ip_sketch_bounds",
+        [](P queries, int64_t nq, int64_t dim, P out) {
+          return tk::sketch_bound_constants(reinterpret_cast<const float*>(queries), nq, dim,
+                                            reinterpret_cast<float*>(out));
+        },
+        "Sketch prefilter constants ca, cb, e0, dlim [4, nq] of host fp32 queries [nq, dim] (for the CUDA sketch "
+        "kernel); False if the queries cannot use a sketch.");
+    m.def(
         "topk_ip",
         [](int dtype, P queries, P docs, P scale, int64_t nq, int64_t nb, int64_t dim, int64_t k, P scores, P ids,
            int threads, int64_t tile_n, int split, int parts, int isa, int path, P sk_codes, P sk_scale, P sk_norm,

@@ -138,6 +138,38 @@ PYBIND11_MODULE(PYRAG_CUDA_MODULE, m) {
           throw std::invalid_argument("topk_ip: unknown dtype code " + std::to_string(dtype));
         },
         py::call_guard<py::gil_scoped_release>(), "Top-k inner products on the GPU (see csrc/topk_ip_cuda.h).");
+    m.attr("topk_ip_sketch_max_q") = tk::kCudaSketchMaxQ;
+    m.def(
+        "topk_ip_sketch",
+        [](int dtype, P queries, P docs, P codes, P sk_scale, P sk_norm, P sk_res, P coef, int64_t nq, int64_t nb,
+           int64_t dim, int64_t k, P scores, P ids, P workspace, size_t workspace_bytes, P stream) {
+          const auto* q = reinterpret_cast<const float*>(queries);
+          const auto* c = reinterpret_cast<const int8_t*>(codes);
+          const auto* ss = reinterpret_cast<const float*>(sk_scale);
+          const auto* sn = reinterpret_cast<const float*>(sk_norm);
+          const auto* sr = reinterpret_cast<const float*>(sk_res);
+          const auto* cf = reinterpret_cast<const float*>(coef);
+          auto* os = reinterpret_cast<float*>(scores);
+          auto* oi = reinterpret_cast<int64_t*>(ids);
+          void* ws = reinterpret_cast<void*>(workspace);
+          const cudaStream_t st = as_stream(stream);
+          switch (static_cast<pyrag::DType>(dtype)) {
+            case pyrag::DType::f32:
+              return tk::topk_ip_sketch_cuda(q, reinterpret_cast<const float*>(docs), c, ss, sn, sr, cf, nq, nb, dim,
+                                             k, os, oi, ws, workspace_bytes, st);
+            case pyrag::DType::f16:
+              return tk::topk_ip_sketch_cuda(q, reinterpret_cast<const pyrag::half_t*>(docs), c, ss, sn, sr, cf, nq,
+                                             nb, dim, k, os, oi, ws, workspace_bytes, st);
+            case pyrag::DType::bf16:
+              return tk::topk_ip_sketch_cuda(q, reinterpret_cast<const pyrag::bf16_t*>(docs), c, ss, sn, sr, cf, nq,
+                                             nb, dim, k, os, oi, ws, workspace_bytes, st);
+            default:
+              break;
+          }
+          throw std::invalid_argument("topk_ip_sketch: float docs only, got dtype code " + std::to_string(dtype));
+        },
+        py::call_guard<py::gil_scoped_release>(),
+        "Top-k inner products of few queries over float docs with an int8 sketch (see csrc/topk_ip_cuda.h).");
     m.def("topk_select_workspace_bytes", &tk::cuda_select_workspace_bytes, py::arg("nq"), py::arg("k"),
           py::arg("chunk"), py::arg("variant") = 0,
           "Bytes of scratch the chunked-GEMM selection needs on the current device (variant 0 block, 1 warp).");

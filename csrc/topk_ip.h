@@ -54,6 +54,14 @@ bool amx_usable();
 // With a sketch (float docs only), every doc is first scored against its int8 codes -- by the SIMD kernels up to 12
 // queries (path 0, or path 3), by the AMX prefilter beyond (path 0 where AMX exists, or path 2) -- and only docs a
 // rigorous bound cannot rule out get their exact score: again the same bits as the fused path.
+// Per-query constants of the sketch prefilter's error bound for fp32 queries scored against int8 codes in fp32
+// arithmetic (any summation order): writes ca, cb, e0, dlim ([4, nq], row-major) so that for every doc
+//   |q . d - fl(q . codes) scale| + the exact scorer's own error + the fp32 evaluation of the test
+//     <= ca |d| + cb |d - codes scale| + e0,   unless |d| > dlim (such docs are always rescored).
+// False when some query is too large for int8-code sums or D too long for the analysis (no sketch then). The CUDA
+// sketch kernel takes these constants from here, so both devices share one error analysis.
+bool sketch_bound_constants(const float* queries, int64_t nq, int64_t dim, float* out);
+
 template <class T>
 void topk_ip_cpu(const float* queries, const T* docs, const float* scale, int64_t nq, int64_t nb, int64_t dim,
                  int64_t k, float* scores, int64_t* ids, const CpuOptions& opt, const Sketch* sketch = nullptr);

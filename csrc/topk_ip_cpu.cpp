@@ -804,6 +804,19 @@ bool amx_usable() {
   return ok;
 }
 
+bool sketch_bound_constants(const float* queries, int64_t nq, int64_t dim, float* out) {
+  if (nq < 0 || dim < 1) throw std::invalid_argument("sketch_bound_constants: bad sizes");
+  std::vector<float> ca, cb, e0, dlim;
+  if (!sketch_bounds(query_norms(queries, nq, dim), dim, nullptr, ca, cb, e0, dlim)) return false;
+  for (int64_t i = 0; i < nq; ++i) {
+    out[i] = ca[i];
+    out[nq + i] = cb[i];
+    out[2 * nq + i] = e0[i];
+    out[3 * nq + i] = dlim[i];
+  }
+  return true;
+}
+
 template <class T>
 void topk_ip_cpu(const float* queries, const T* docs, const float* scale, int64_t nq, int64_t nb, int64_t dim,
                  int64_t k, float* scores, int64_t* ids, const CpuOptions& opt, const Sketch* sketch) {

@@ -171,6 +171,10 @@ struct Args {
   int64_t ld_scores = 0, doc0 = 0;
   bool first = true, last = true;
   u64* thr_g = nullptr;  // [nq, chunks]
+  // Sketch path (SketchGemv): codes [nb, dim] int8, the sketch's per-doc scale, norm and residual bounds [nb], and
+  // the bound's constants [4, nq] (ca, cb, e0, dlim; see topk_ip.h sketch_bound_constants).
+  const int8_t* codes = nullptr;
+  const float *sk_scale = nullptr, *sk_norm = nullptr, *sk_res = nullptr, *coef = nullptr;
 };
 
 // Precomputed scores (chunked-GEMM path): the tile is a coalesced copy of a [BQ, BN] block of the score chunk.
@@ -178,7 +182,7 @@ struct Scores {
   static constexpr int BQ = 16, BN = 128;
   static size_t smem_bytes(int64_t) { return size_t(BQ) * BN * 4; }
   static __device__ void init(const Args&, unsigned char*, int64_t) {}
-  static __device__ void tile(const Args& a, unsigned char* smem, int64_t q0, int64_t t0, int64_t hi) {
+  static __device__ void tile(const Args& a, unsigned char* smem, int64_t q0, int64_t t0, int64_t hi, const u64*) {
     float* S = reinterpret_cast<float*>(smem);
     for (int e = threadIdx.x; e < BQ * BN; e += NT) {
       const int64_t qi = e / BN, j = t0 + e % BN;
@@ -186,6 +190,52 @@ struct Scores {
     }
   }
 };
+
+// Each lane's share of the dot products of BQ queries (fp32, in shared memory: qs[qi * D + p]) with R doc rows:
+// lane L takes elements L*V .. L*V+V-1, then 32 V further on, and so on (V elements per 16-byte load with VEC, else
+// V = 1), one fmaf per element in that order; warp_sum of acc[qi][r] is the score. The exact scores of Gemv and the
+// rescoring of the sketch path both come from here, so a doc's score has the same bits on either path.
+template <class T, int BQ, int R, bool VEC>
+__device__ __forceinline__ void lane_dots(const float* qs, int D, const T* const (&rows)[R], int lane,
+                                          float (&acc)[BQ][R]) {
+#pragma unroll
+  for (int qi = 0; qi < BQ; ++qi)
+#pragma unroll
+    for (int r = 0; r < R; ++r) acc[qi][r] = 0.0f;
+  if constexpr (VEC) {
+    constexpr int V = 16 / static_cast<int>(sizeof(T));
+#pragma unroll 4  // several 16-byte loads of each row in flight: the Q=1 path is bandwidth bound
+    for (int p = lane * V; p < D; p += 32 * V) {
+      float dv[R][V];
+#pragma unroll
+      for (int r = 0; r < R; ++r) load16(rows[r] + p, dv[r]);
+#pragma unroll
+      for (int qi = 0; qi < BQ; ++qi) {
+#pragma unroll
+        for (int v4 = 0; v4 < V; v4 += 4) {
+          const float4 x = *reinterpret_cast<const float4*>(qs + qi * D + p + v4);
+          const float xv[4] = {x.x, x.y, x.z, x.w};
+#pragma unroll
+          for (int v = 0; v < 4; ++v)
+#pragma unroll
+            for (int r = 0; r < R; ++r) acc[qi][r] = fmaf(xv[v], dv[r][v4 + v], acc[qi][r]);
+        }
+      }
+    }
+  } else {
+    for (int p = lane; p < D; p += 32) {
+      float dv[R];
+#pragma unroll
+      for (int r = 0; r < R; ++r) dv[r] = to_f(rows[r][p]);
+#pragma unroll
+      for (int qi = 0; qi < BQ; ++qi) {
+        const float x = qs[qi * D + p];
+#pragma unroll
+        for (int r = 0; r < R; ++r) acc[qi][r] = fmaf(x, dv[r], acc[qi][r]);
+      }
+    }
+  }
+}
 
 // Few queries (memory bound): each warp computes 4 docs at a time against BQ queries held in shared memory; every
 // lane reads 16-byte pieces of the doc rows (VEC) so loads are wide and coalesced.
@@ -201,7 +251,7 @@ struct Gemv {
       qs[i] = (q0 + qi < a.nq) ? a.q[(q0 + qi) * a.dim + p] : 0.0f;
     }
   }
-  static __device__ void tile(const Args& a, unsigned char* smem, int64_t, int64_t t0, int64_t hi) {
+  static __device__ void tile(const Args& a, unsigned char* smem, int64_t, int64_t t0, int64_t hi, const u64*) {
     float* S = reinterpret_cast<float*>(smem);
     const float* qs = S + BQ * BN;
     const T* docs = static_cast<const T*>(a.docs);
@@ -217,43 +267,7 @@ struct Gemv {
         rows[r] = docs + (doc < hi ? doc : t0) * a.dim;  // past the end: recompute a valid row, result unused
       }
       float acc[BQ][R];
-#pragma unroll
-      for (int qi = 0; qi < BQ; ++qi)
-#pragma unroll
-        for (int r = 0; r < R; ++r) acc[qi][r] = 0.0f;
-      if constexpr (VEC) {
-        constexpr int V = 16 / static_cast<int>(sizeof(T));
-#pragma unroll 4  // several 16-byte loads of each row in flight: the Q=1 path is bandwidth bound
-        for (int p = lane * V; p < D; p += 32 * V) {
-          float dv[R][V];
-#pragma unroll
-          for (int r = 0; r < R; ++r) load16(rows[r] + p, dv[r]);
-#pragma unroll
-          for (int qi = 0; qi < BQ; ++qi) {
-#pragma unroll
-            for (int v4 = 0; v4 < V; v4 += 4) {
-              const float4 x = *reinterpret_cast<const float4*>(qs + qi * D + p + v4);
-              const float xv[4] = {x.x, x.y, x.z, x.w};
-#pragma unroll
-              for (int v = 0; v < 4; ++v)
-#pragma unroll
-                for (int r = 0; r < R; ++r) acc[qi][r] = fmaf(xv[v], dv[r][v4 + v], acc[qi][r]);
-            }
-          }
-        }
-      } else {
-        for (int p = lane; p < D; p += 32) {
-          float dv[R];
-#pragma unroll
-          for (int r = 0; r < R; ++r) dv[r] = to_f(rows[r][p]);
-#pragma unroll
-          for (int qi = 0; qi < BQ; ++qi) {
-            const float x = qs[qi * D + p];
-#pragma unroll
-            for (int r = 0; r < R; ++r) acc[qi][r] = fmaf(x, dv[r], acc[qi][r]);
-          }
-        }
-      }
+      lane_dots<T, BQ, R, VEC>(qs, D, rows, lane, acc);
 #pragma unroll
       for (int qi = 0; qi < BQ; ++qi)
 #pragma unroll
@@ -265,6 +279,84 @@ struct Gemv {
   }
 };
 
+// Few queries over float docs that carry an int8 sketch (pyrag/ops/sketch.py): the GPU twin of the CPU's SketchPass.
+// Each warp scores its docs against the codes (a quarter / half of fp32 / fp16 bytes) with lane_dots, and computes
+// a doc's exact score -- lane_dots over the doc row, the Gemv arithmetic, so the same bits -- only when the
+// approximate score plus the rigorous bound reaches some query's current threshold (the k-th key of the block's
+// list, at the last cut) or the doc is beyond the overflow limit; every other doc provably cannot enter the top k
+// and gets -inf, which the list never admits once a threshold exists (before one exists every doc is rescored).
+// The bound's constants (ca, cb, e0, dlim per query) come from the CPU code (sketch_bound_constants): fp32 scoring
+// of the codes in any summation order, as here.
+template <class T, int BQ_, bool VEC>
+struct SketchGemv {
+  using Base = Gemv<T, BQ_, VEC>;
+  static constexpr int BQ = BQ_, BN = Base::BN, R = Base::R;
+  static size_t smem_bytes(int64_t dim) { return Base::smem_bytes(dim); }
+  static __device__ void init(const Args& a, unsigned char* smem, int64_t q0) { Base::init(a, smem, q0); }
+  static __device__ void tile(const Args& a, unsigned char* smem, int64_t q0, int64_t t0, int64_t hi,
+                              const u64* thr) {
+    float* S = reinterpret_cast<float*>(smem);
+    const float* qs = S + BQ * BN;
+    const T* docs = static_cast<const T*>(a.docs);
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int D = static_cast<int>(a.dim);
+    // 16-byte code loads need 16-byte rows (D % 16 == 0; the codes tensor itself is 256-byte aligned by torch).
+    const bool cvec = D % 16 == 0 && reinterpret_cast<uintptr_t>(a.codes) % 16 == 0;
+    float tq[BQ], ca[BQ], cb[BQ], e0[BQ], lim[BQ];
+#pragma unroll
+    for (int qi = 0; qi < BQ; ++qi) {
+      const bool real = q0 + qi < a.nq;  // padding queries of the last tile never make a doc a candidate
+      tq[qi] = !real ? INFINITY : thr[qi] == 0 ? -INFINITY : key_score(thr[qi]);
+      const int64_t q = real ? q0 + qi : 0;
+      ca[qi] = a.coef[q];
+      cb[qi] = a.coef[a.nq + q];
+      e0[qi] = a.coef[2 * a.nq + q];
+      lim[qi] = real ? a.coef[3 * a.nq + q] : INFINITY;
+    }
+#pragma unroll 1
+    for (int g = 0; g < BN / 8 / R; ++g) {
+      const int j0 = warp * (BN / 8) + g * R;
+      const int8_t* crows[R];
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        const int64_t doc = t0 + j0 + r;
+        crows[r] = a.codes + (doc < hi ? doc : t0) * a.dim;
+      }
+      float acc[BQ][R];
+      if (cvec) lane_dots<int8_t, BQ, R, true>(qs, D, crows, lane, acc);
+      else lane_dots<int8_t, BQ, R, false>(qs, D, crows, lane, acc);
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        const int64_t doc = t0 + j0 + r;
+        float approx[BQ];
+#pragma unroll
+        for (int qi = 0; qi < BQ; ++qi) approx[qi] = warp_sum(acc[qi][r]);  // every lane, before any branch
+        if (doc >= hi) continue;  // warp-uniform
+        const float sc = a.sk_scale[doc], dn = a.sk_norm[doc], dr = a.sk_res[doc];
+        bool cand = false;
+#pragma unroll
+        for (int qi = 0; qi < BQ; ++qi) {
+          const float ub = approx[qi] * sc + (ca[qi] * dn + (cb[qi] * dr + e0[qi]));
+          cand |= !(ub < tq[qi]) || dn > lim[qi];  // a NaN (overflowed) bound is a candidate too
+        }
+        if (cand) {  // warp-uniform: every lane computed the same bounds
+          const T* row[1] = {docs + doc * a.dim};
+          float ex[BQ][1];
+          lane_dots<T, BQ, 1, VEC>(qs, D, row, lane, ex);
+#pragma unroll
+          for (int qi = 0; qi < BQ; ++qi) {
+            const float v = warp_sum(ex[qi][0]);
+            if (lane == 0) S[qi * BN + j0 + r] = v;
+          }
+        } else if (lane == 0) {
+#pragma unroll
+          for (int qi = 0; qi < BQ; ++qi) S[qi * BN + j0 + r] = -INFINITY;
+        }
+      }
+    }
+  }
+};
+
 // Many queries, fp32/int8 docs: classic shared-memory tiles (BK-deep slices of 64 queries and 64 docs, converted
 // to fp32) with a 4x4 register tile per thread. The tiles alias the score tile S, written after the last slice.
 template <class T>
@@ -272,7 +364,8 @@ struct Simt {
   static constexpr int BQ = 64, BN = 64, BK = 16;
   static size_t smem_bytes(int64_t) { return size_t(BQ) * BN * 4; }
   static __device__ void init(const Args&, unsigned char*, int64_t) {}
-  static __device__ void tile(const Args& a, unsigned char* smem, int64_t q0, int64_t t0, int64_t hi) {
+  static __device__ void tile(const Args& a, unsigned char* smem, int64_t q0, int64_t t0, int64_t hi,
+                              const u64*) {
     float* S = reinterpret_cast<float*>(smem);
     float* Qs = S;            // [BK][BQ]
     float* Ds = S + BK * BQ;  // [BK][BN]
@@ -323,7 +416,8 @@ struct Wmma {
     return std::max(size_t(BQ) * BN * 4, size_t(NP * BQ * LD + BN * LD) * sizeof(T));
   }
   static __device__ void init(const Args&, unsigned char*, int64_t) {}
-  static __device__ void tile(const Args& a, unsigned char* smem, int64_t q0, int64_t t0, int64_t hi) {
+  static __device__ void tile(const Args& a, unsigned char* smem, int64_t q0, int64_t t0, int64_t hi,
+                              const u64*) {
     using namespace nvcuda;
     T* As = reinterpret_cast<T*>(smem);  // [NP][BQ][LD]
     T* Bs = As + NP * BQ * LD;           // [BN][LD]: the doc tile, i.e. B = docs^T in column-major order
@@ -419,7 +513,7 @@ __global__ void __launch_bounds__(NT) search_kernel(Args a) {
   __syncthreads();
   const float* S = reinterpret_cast<const float*>(smem);
   for (int64_t t0 = lo; t0 < hi; t0 += BN) {
-    P::tile(a, smem, q0, t0, hi);
+    P::tile(a, smem, q0, t0, hi, thr);
     __syncthreads();
     for (int e = threadIdx.x; e < BQ * BN; e += NT) {
       const int qi = e / BN, j = e % BN;
@@ -840,6 +934,12 @@ void launch_gemv(const Args& a, const Plan& p, bool vec, cudaStream_t stream) {
   else launch_search<Gemv<D, BQ, false>>(a, p, stream);
 }
 
+template <class D, int BQ>
+void launch_sketch(const Args& a, const Plan& p, bool vec, cudaStream_t stream) {
+  if (vec) launch_search<SketchGemv<D, BQ, true>>(a, p, stream);
+  else launch_search<SketchGemv<D, BQ, false>>(a, p, stream);
+}
+
 // Shared memory of one merge block (G lists of k keys + the sort buffer) is kept under this; above 48 KiB it needs
 // an opt-in, which every sm_80+ GPU grants up to at least 99 KiB (sm_86/89; 163 KiB on sm_80, 227 KiB on sm_90).
 constexpr size_t kMergeSmem = size_t(96) << 10;
@@ -1030,6 +1130,54 @@ void topk_ip_cuda(const float* queries, const T* docs, const float* scale, int64
   }
   merge_lists(a.keys, a.counts, nq, p.chunks, p.cap + k, k, scores, ids, stream);
 }
+
+template <class T>
+void topk_ip_sketch_cuda(const float* queries, const T* docs, const int8_t* codes, const float* sk_scale,
+                         const float* sk_norm, const float* sk_res, const float* coef, int64_t nq, int64_t nb,
+                         int64_t dim, int64_t k, float* scores, int64_t* ids, void* workspace, size_t workspace_bytes,
+                         cudaStream_t stream) {
+  using D = typename DevType<T>::type;
+  if (nq < 0 || nq > kCudaSketchMaxQ || nb < 1 || nb > kCudaMaxN || dim < 1 || dim > kCudaMaxDim || k < 1 ||
+      k > nb || k > kCudaMaxK)
+    throw std::invalid_argument("topk_ip sketch CUDA: unsupported sizes nq=" + std::to_string(nq) + " nb=" +
+                                std::to_string(nb) + " dim=" + std::to_string(dim) + " k=" + std::to_string(k));
+  if (nq == 0) return;
+  constexpr int dtype = std::is_same<T, float>::value ? int(DType::f32)
+                        : std::is_same<T, half_t>::value ? int(DType::f16)
+                                                         : int(DType::bf16);
+  const Plan p = make_plan(nq, nb, dim, k, dtype, false);  // nq <= 8: the gemv plan, whose tiles SketchGemv shares
+  if (workspace_bytes < p.total)
+    throw std::invalid_argument("topk_ip sketch CUDA: workspace of " + std::to_string(workspace_bytes) +
+                                " bytes, need " + std::to_string(p.total));
+  auto* ws = static_cast<unsigned char*>(workspace);
+  Args a = list_args(nq, nb, k, p.cap, p.chunks, p.chunk_len, ws + p.keys_off, ws + p.counts_off);
+  a.q = queries;
+  a.docs = docs;
+  a.dim = dim;
+  a.codes = codes;
+  a.sk_scale = sk_scale;
+  a.sk_norm = sk_norm;
+  a.sk_res = sk_res;
+  a.coef = coef;
+  const bool vec = reinterpret_cast<uintptr_t>(docs) % 16 == 0 && (dim * int64_t(sizeof(T))) % 16 == 0;
+  switch (p.bq) {
+    case 1: launch_sketch<D, 1>(a, p, vec, stream); break;
+    case 2: launch_sketch<D, 2>(a, p, vec, stream); break;
+    case 4: launch_sketch<D, 4>(a, p, vec, stream); break;
+    default: launch_sketch<D, 8>(a, p, vec, stream); break;
+  }
+  merge_lists(a.keys, a.counts, nq, p.chunks, p.cap + k, k, scores, ids, stream);
+}
+
+template void topk_ip_sketch_cuda<float>(const float*, const float*, const int8_t*, const float*, const float*,
+                                         const float*, const float*, int64_t, int64_t, int64_t, int64_t, float*,
+                                         int64_t*, void*, size_t, cudaStream_t);
+template void topk_ip_sketch_cuda<half_t>(const float*, const half_t*, const int8_t*, const float*, const float*,
+                                          const float*, const float*, int64_t, int64_t, int64_t, int64_t, float*,
+                                          int64_t*, void*, size_t, cudaStream_t);
+template void topk_ip_sketch_cuda<bf16_t>(const float*, const bf16_t*, const int8_t*, const float*, const float*,
+                                          const float*, const float*, int64_t, int64_t, int64_t, int64_t, float*,
+                                          int64_t*, void*, size_t, cudaStream_t);
 
 template void topk_ip_cuda<float>(const float*, const float*, const float*, int64_t, int64_t, int64_t, int64_t,
                                   bool, float*, int64_t*, void*, size_t, cudaStream_t);

@@ -32,6 +32,17 @@ void topk_ip_cuda(const float* queries, const T* docs, const float* scale, int64
                   int64_t k, bool exact_queries, float* scores, int64_t* ids, void* workspace,
                   size_t workspace_bytes, cudaStream_t stream);
 
+// Few queries (nq <= kCudaSketchMaxQ) over float docs with an int8 sketch (pyrag/ops/sketch.py): codes [nb, dim],
+// sk_scale / sk_norm / sk_res [nb], coef [4, nq] the bound's constants from sketch_bound_constants (topk_ip.h).
+// Reads the codes first and a doc's row only where the bound cannot rule it out; the same results, bit for bit, as
+// topk_ip_cuda on the same queries and docs. Workspace: cuda_workspace_bytes(nq, nb, dim, k, dtype, false).
+constexpr int64_t kCudaSketchMaxQ = 8;
+template <class T>
+void topk_ip_sketch_cuda(const float* queries, const T* docs, const int8_t* codes, const float* sk_scale,
+                         const float* sk_norm, const float* sk_res, const float* coef, int64_t nq, int64_t nb,
+                         int64_t dim, int64_t k, float* scores, int64_t* ids, void* workspace, size_t workspace_bytes,
+                         cudaStream_t stream);
+
 // Chunked-GEMM path (many queries on fp16/bf16 docs; pyrag/ops/topk_ip.py): the caller computes the scores of doc
 // chunks of at most `chunk` docs with a tensor-core GEMM (cuBLAS through torch) and folds each [nq, n] fp32 chunk
 // (row stride ld, docs doc0 .. doc0 + n, scores times qmul[q] when qmul is not null) into candidate lists kept in

@@ -195,9 +195,9 @@ def test_token_marginal(steps, dtype):
 STORAGE = [torch.float32, torch.float16, torch.bfloat16, torch.int8]
 
 
-def _search(q, d, k, scale=None, order="forward", sms=4, **options):
+def _search(q, d, k, scale=None, order="forward", sms=4, sketch=None, **options):
     with topk_ip_options(**options):
-        return sim_run(lambda: topk_ip(q, d, k, doc_scale=scale), order=order, sms=sms)
+        return sim_run(lambda: topk_ip(q, d, k, doc_scale=scale, sketch=sketch), order=order, sms=sms)
 
 
 @pytest.mark.parametrize("dtype", STORAGE, ids=str)
@@ -297,3 +297,74 @@ def test_nan_docs_rank_last():
     want_s, want_i = topk_ip(q, d, 300)  # the CPU kernel (another summation order: scores to rounding)
     assert torch.equal(i, want_i) and torch.equal(s.isfinite(), want_s.isfinite())
     torch.testing.assert_close(s, want_s, rtol=1e-5, atol=1e-5)
+
+
+# ---- the int8 sketch path (SketchGemv: few queries over float docs that carry a sketch) ----
+
+
+def _sketch_case(Q, N, D, dtype, seed):
+    from pyrag.ops.sketch import make_sketch
+
+    q, d, _ = _make(Q, N, D, torch.float32, seed=seed)
+    d = d.to(dtype)
+    return q, d, make_sketch(d)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize(
+    # Q = 1, 2, 3 (a padded query tile of 4), 8; D unaligned for 16-byte code loads (7, 129) or aligned (64)
+    "Q,N,D,k", [(1, 3000, 64, 10), (2, 5000, 129, 100), (3, 2000, 7, 5), (8, 1500, 48, 300)],
+)
+def test_sketch_path_is_bit_identical_to_the_plain_kernel(Q, N, D, k, dtype):
+    q, d, sk = _sketch_case(Q, N, D, dtype, seed=31)
+    want = _search(q, d, k, cuda_path="fused")
+    got = _search(q, d, k, cuda_path="fused", sketch=sk)
+    assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
+    assert_topk_exact(q, d, k, *got)
+
+
+def test_sketch_path_reads_the_sketch():
+    # Bounds that rule every doc out once a threshold exists must change the result (so the sketch is really what
+    # decides which rows are read); the honest sketch gives the exact result. Reverse order: a race would show.
+    q, d, sk = _sketch_case(2, 4000, 32, torch.float16, seed=32)
+    want = _search(q, d, 20, cuda_path="fused")
+    lying = sk._replace(scale=torch.zeros_like(sk.scale), norm=torch.zeros_like(sk.norm), res=torch.zeros_like(sk.res))
+    assert not torch.equal(_search(q, d, 20, sketch=lying)[1], want[1])
+    assert same(_search(q, d, 20, order="reverse", sketch=sk), want)
+
+
+def test_sketch_path_with_ties_and_huge_rows():
+    # Duplicated rows (ties broken by the lower id) and rows far beyond the others' norm: still bit-identical.
+    from pyrag.ops.sketch import make_sketch
+
+    g = torch.Generator().manual_seed(33)
+    base = torch.randn(300, 40, generator=g)
+    d = base[torch.randint(0, 300, (3000,), generator=g)]
+    d[::501] *= 1e4
+    d = d.half()
+    sk = make_sketch(d)
+    q = torch.randn(4, 40, generator=g)
+    want = _search(q, d, 150, cuda_path="fused")
+    assert same(_search(q, d, 150, sketch=sk), want)
+
+
+def test_sketch_path_is_skipped_for_queries_too_large_for_it():
+    # A query whose int8-code sums could overflow fp32 gets no bound: the plain kernel runs, results stay exact.
+    q, d, sk = _sketch_case(1, 500, 16, torch.float32, seed=34)
+    q = q * 1e36
+    s, i = _search(q, d, 10, sketch=sk)
+    assert_topk_exact(q, d, 10, s, i)
+
+
+def test_flat_index_sketch_in_the_simulator():
+    from pyrag.index import FlatIndex
+
+    g = torch.Generator().manual_seed(35)
+    x = torch.randn(2500, 48, generator=g)
+    plain, sk = FlatIndex(48, "float16"), FlatIndex(48, "float16", sketch=True)
+    plain.add(x)
+    sk.add(x)
+    q = torch.randn(3, 48, generator=g)
+    want = sim_run(lambda: plain.search(q, 25))
+    got = sim_run(lambda: sk.search(q, 25))
+    assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])

@@ -860,6 +860,23 @@ def test_cuda_gemm_path_with_k_larger_than_the_chunk(select):
     assert_topk_exact(q, d, 500, s.cpu(), i.cpu())
 
 
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("Q,N,D,k", [(1, 200000, 768, 100), (2, 70000, 129, 10), (8, 20000, 64, 1000)])
+def test_cuda_sketch_path_is_bit_identical_on_a_side_stream(Q, N, D, k, dtype):
+    from pyrag.ops.sketch import make_sketch
+
+    q, d, _ = _make(Q, N, D, torch.float32, seed=24)
+    qc, dc = q.cuda(), d.to(dtype).cuda()
+    sk = make_sketch(dc)
+    want = topk_ip(qc, dc, k)
+    topk_ip(qc, dc, k, sketch=sk)  # warm-up on the default stream
+    torch.cuda.synchronize()
+    s, i = run_with_default_stream_blocked(lambda: topk_ip(qc, dc, k, sketch=sk))
+    assert torch.equal(i, want[1]) and torch.equal(s, want[0])
+    assert_topk_exact(q, d.to(dtype), k, s.cpu(), i.cpu())
+
+
 def test_cuda_chunk_option_is_checked():
     for bad in (-1, 1.5, True):
         with pytest.raises(ValueError, match="cuda_chunk"), topk_ip_options(cuda_chunk=bad):

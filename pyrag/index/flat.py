@@ -22,9 +22,10 @@ class FlatIndex:
             fp32 scale per row; scores are computed against the dequantised vectors q * scale).
         sketch: also keep an int8 sketch of the float vectors (N * (D + 12) bytes: +25% memory for float32, +50%
             for float16/bfloat16). CPU searches then read the sketch first (up to 12 queries; any number on CPUs
-            with AMX) and compute exact scores only where a rigorous error bound says a row could still make the
-            top k: the same results bit for bit, a quarter of the bytes read (about 2.5x faster at 1 query on a
-            2-core machine, where search is bound by memory bandwidth). Not for dtype="int8" (already compact).
+            with AMX), as do CUDA searches of up to 8 queries, and compute exact scores only where a rigorous error
+            bound says a row could still make the top k: the same results bit for bit, a quarter (fp32) or half
+            (fp16/bf16) of the bytes read (about 2.5x faster at 1 query on a 2-core machine, where search is bound
+            by memory bandwidth). The sketch moves with to(). Not for dtype="int8" (already compact).
 
     `add(embeddings [N, D], ids=None)` appends rows with int64 labels (default: continuing after the largest
     label so far, i.e. 0..N-1 for a fresh index); `search(queries [Q, D], k)` returns (scores [Q, k] fp32,
@@ -109,7 +110,7 @@ class FlatIndex:
             raise ValueError("build_sketch() is for float storage; dtype='int8' is already stored as int8 codes")
         with self._lock.write():
             if self._sketch is None:
-                self._sketch = [RowBuffer(t.cpu()) for t in make_sketch(self._vectors.view())]  # CPU-only, see to()
+                self._sketch = [RowBuffer(t) for t in make_sketch(self._vectors.view())]  # on the vectors' device
         return self
 
     def to(self, device) -> FlatIndex:
@@ -120,7 +121,8 @@ class FlatIndex:
             self._vectors.to(device)
             if self._scales is not None:
                 self._scales.to(device)
-            # The sketch stays on the CPU: only the CPU kernel reads one (GPU search is not bandwidth-starved).
+            for buf in self._sketch or []:  # the CUDA kernel reads it too (up to 8 queries)
+                buf.to(device)
             self._labels.to(device)
         return self
 
@@ -140,8 +142,7 @@ class FlatIndex:
                         torch.empty(0, k, dtype=torch.int64, device=self.device))
             docs = self._vectors.view()
             scale = self._scales.view() if self._scales is not None else None
-            sketch = (Sketch(*(b.view() for b in self._sketch))
-                      if self._sketch is not None and self.device.type == "cpu" else None)
+            sketch = Sketch(*(b.view() for b in self._sketch)) if self._sketch is not None else None
             scores, rows = topk_ip(q, docs, k, doc_scale=scale, sketch=sketch)
             return scores, self._labels.to_labels(rows)
 

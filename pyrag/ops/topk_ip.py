@@ -97,7 +97,9 @@ def topk_ip(
         sketch: optional `pyrag.ops.sketch.make_sketch(docs)` for float docs. On the CPU, searches then scan its
             int8 codes first (SIMD up to 12 queries; beyond, on AMX CPUs, the AMX prefilter; elsewhere the sketch is
             not used past 12 queries) and compute exact scores only for docs a rigorous error bound cannot rule
-            out: the same results bit for bit, about a quarter of the bytes read per search. Costs N * (D + 12) bytes; build it once per doc matrix. Ignored on CUDA. The sketch
+            out: the same results bit for bit, about a quarter of the bytes read per search. On CUDA, up to 8
+            queries read it the same way (half of fp16's bytes), with the same guarantee; more queries do not use
+            it. Costs N * (D + 12) bytes on the docs' device; build it once per doc matrix. The sketch
             describes the docs it was made from: after editing docs in place, make a new one (a stale sketch is
             not detected and gives wrong results).
 
@@ -244,7 +246,7 @@ def _topk_ip_torch_chunked(queries, docs, k, doc_scale, chunk=None):
 def _topk_ip_cpu(queries, docs, k, doc_scale, sketch_codes=None, sketch_scale=None, sketch_norm=None,
                  sketch_res=None):
     if _common.simulating(queries):  # pyrag._ext.simulate_cuda(): the CUDA kernels' code, run on the CPU
-        return _topk_ip_cuda(queries, docs, k, doc_scale)
+        return _topk_ip_cuda(queries, docs, k, doc_scale, sketch_codes, sketch_scale, sketch_norm, sketch_res)
     _check_finite(queries)
     nq, dim = queries.shape
     nb = docs.shape[0]
@@ -280,7 +282,8 @@ def _topk_ip_cpu(queries, docs, k, doc_scale, sketch_codes=None, sketch_scale=No
 
 
 @_topk_ip_op.register_kernel("cuda")
-def _topk_ip_cuda(queries, docs, k, doc_scale, *_sketch):  # the sketch serves the memory-bound CPU kernel only
+def _topk_ip_cuda(queries, docs, k, doc_scale, sketch_codes=None, sketch_scale=None, sketch_norm=None,
+                  sketch_res=None):
     _check_finite(queries)
     simulated = _common.simulating(queries)
     cuda = _ext.sim if simulated else _ext.cuda
@@ -303,6 +306,10 @@ def _topk_ip_cuda(queries, docs, k, doc_scale, *_sketch):  # the sketch serves t
             return scores, ids
         q = queries.to(torch.float32).contiguous()
         code = _common.DTYPE_CODES[docs.dtype]
+        sketch = (sketch_codes, sketch_scale, sketch_norm, sketch_res)
+        if sketch_codes is not None and nq <= cuda.topk_ip_sketch_max_q and _sketch_cuda(cuda, q, docs, k, sketch,
+                                                                                          scores, ids):
+            return scores, ids
         # fp16/bf16 queries against docs of the same dtype go to the tensor cores as they are (exact); fp32 queries
         # are split into 2-3 parts of the docs' dtype to keep fp32 precision, which costs 2-3x the tensor-core work.
         exact = queries.dtype == docs.dtype and docs.dtype in (torch.float16, torch.bfloat16)
@@ -326,6 +333,26 @@ def _topk_ip_cuda(queries, docs, k, doc_scale, *_sketch):  # the sketch serves t
             _common.stream(q),
         )
     return scores, ids
+
+
+def _sketch_cuda(cuda, q, docs, k, sketch, scores, ids) -> bool:
+    """Few queries over float docs with an int8 sketch on CUDA: the codes are read first, a doc's row only where the
+    bound cannot rule it out (the same results as without the sketch, bit for bit). The bound's per-query constants
+    come from the CPU code that the CPU sketch path uses (one error analysis for both devices), which needs the
+    queries on the host: a [Q, D] copy, Q <= 8. False (search without the sketch) when a query is too large for it."""
+    nq, dim = q.shape
+    coef = torch.empty(4, nq, dtype=torch.float32)
+    if not _ext.cpu.topk_ip_sketch_bounds(_common.ptr(q.cpu()), nq, dim, _common.ptr(coef)):
+        return False
+    coef = coef.to(q.device)
+    nbytes = cuda.topk_ip_workspace_bytes(nq, docs.shape[0], dim, k, _common.DTYPE_CODES[docs.dtype], False)
+    workspace = torch.empty(max(nbytes, 1), dtype=torch.uint8, device=q.device)
+    cuda.topk_ip_sketch(
+        _common.DTYPE_CODES[docs.dtype], _common.ptr(q), _common.ptr(docs), *(_common.ptr(t) for t in sketch),
+        _common.ptr(coef), nq, docs.shape[0], dim, k, _common.ptr(scores), _common.ptr(ids), _common.ptr(workspace),
+        nbytes, _common.stream(q),
+    )
+    return True
 
 
 # ---- CUDA, many queries on fp16/bf16 docs: tensor-core GEMM (cuBLAS) per doc chunk + pyrag's fused selection ----
