@@ -40,7 +40,9 @@ PYBIND11_MODULE(PYRAG_CUDA_MODULE, m) {
         "Simulator settings: thread/block order (0 forward, 1 reverse, 2 shuffled by seed) and the SM count.");
   m.def("sim_stats", [] {
     const pyrag_sim::Stats s = pyrag_sim::stats();
-    return py::dict(py::arg("launches") = s.launches, py::arg("blocks") = s.blocks);
+    py::dict kernels;
+    for (const auto& [name, count] : s.kernels) kernels[py::str(name)] = count;
+    return py::dict(py::arg("launches") = s.launches, py::arg("blocks") = s.blocks, py::arg("kernels") = kernels);
   });
   pyrag_sim::bind_selftests(&m);
 #endif

@@ -74,12 +74,17 @@ __device__ __forceinline__ void load16(const __nv_bfloat16* p, float* out) {
     out[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
   }
 }
+// int8 -> float without I2F (a slow conversion unit on sm_90, which the sketch's code pass would saturate): byte b
+// of w, biased to b + 128 by the xor, becomes the low mantissa byte of 2^23 (0x4b000000); subtracting 2^23 + 128
+// leaves exactly the signed value.
+__device__ __forceinline__ float int8_byte_to_float(uint32_t w, int i) {
+  return __uint_as_float(__byte_perm(w ^ 0x80808080u, 0x4b000000u, 0x7640u + static_cast<unsigned>(i))) - 8388736.0f;
+}
 __device__ __forceinline__ void load16(const int8_t* p, float* out) {
   const uint4 u = __ldcs(reinterpret_cast<const uint4*>(p));
   const uint32_t w[4] = {u.x, u.y, u.z, u.w};
 #pragma unroll
-  for (int i = 0; i < 16; ++i)
-    out[i] = static_cast<float>(static_cast<int8_t>(static_cast<uint8_t>((w[i / 4] >> (8 * (i % 4))) & 0xffu)));
+  for (int i = 0; i < 16; ++i) out[i] = int8_byte_to_float(w[i / 4], i % 4);
 }
 
 __device__ __forceinline__ float warp_sum(float v) {
@@ -202,7 +207,37 @@ __device__ __forceinline__ void lane_dots(const float* qs, int D, const T* const
   for (int qi = 0; qi < BQ; ++qi)
 #pragma unroll
     for (int r = 0; r < R; ++r) acc[qi][r] = 0.0f;
-  if constexpr (VEC) {
+  if constexpr (VEC && R <= 2) {
+    // One or two rows (the sketch path's rescoring): issue up to U 16-byte loads of each row before the first fmaf
+    // (a loop the compiler leaves serial at such short trip counts), then the same fmaf chain as below, in the same
+    // order, so the scores keep their bits.
+    constexpr int V = 16 / static_cast<int>(sizeof(T)), U = 4;
+    for (int p0 = lane * V; p0 < D; p0 += U * 32 * V) {
+      float dv[U][R][V];
+#pragma unroll
+      for (int u = 0; u < U; ++u)
+#pragma unroll
+        for (int r = 0; r < R; ++r)
+          if (p0 + u * 32 * V < D) load16(rows[r] + p0 + u * 32 * V, dv[u][r]);
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int p = p0 + u * 32 * V;
+        if (p >= D) break;
+#pragma unroll
+        for (int qi = 0; qi < BQ; ++qi) {
+#pragma unroll
+          for (int v4 = 0; v4 < V; v4 += 4) {
+            const float4 x = *reinterpret_cast<const float4*>(qs + qi * D + p + v4);
+            const float xv[4] = {x.x, x.y, x.z, x.w};
+#pragma unroll
+            for (int v = 0; v < 4; ++v)
+#pragma unroll
+              for (int r = 0; r < R; ++r) acc[qi][r] = fmaf(xv[v], dv[u][r][v4 + v], acc[qi][r]);
+          }
+        }
+      }
+    }
+  } else if constexpr (VEC) {
     constexpr int V = 16 / static_cast<int>(sizeof(T));
 #pragma unroll 4  // several 16-byte loads of each row in flight: the Q=1 path is bandwidth bound
     for (int p = lane * V; p < D; p += 32 * V) {
@@ -325,32 +360,56 @@ struct SketchGemv {
       float acc[BQ][R];
       if (cvec) lane_dots<int8_t, BQ, R, true>(qs, D, crows, lane, acc);
       else lane_dots<int8_t, BQ, R, false>(qs, D, crows, lane, acc);
+      // Which of the R docs need their exact score (bit r of cand; the same on every lane: the butterfly sums and
+      // the per-doc loads are identical across the warp). The rest get -inf.
+      unsigned cand = 0;
 #pragma unroll
       for (int r = 0; r < R; ++r) {
         const int64_t doc = t0 + j0 + r;
-        float approx[BQ];
-#pragma unroll
-        for (int qi = 0; qi < BQ; ++qi) approx[qi] = warp_sum(acc[qi][r]);  // every lane, before any branch
-        if (doc >= hi) continue;  // warp-uniform
-        const float sc = a.sk_scale[doc], dn = a.sk_norm[doc], dr = a.sk_res[doc];
-        bool cand = false;
+        const int64_t d = doc < hi ? doc : t0;
+        const float sc = a.sk_scale[d], dn = a.sk_norm[d], dr = a.sk_res[d];  // in flight during the shuffles
+        bool c = false;
 #pragma unroll
         for (int qi = 0; qi < BQ; ++qi) {
-          const float ub = approx[qi] * sc + (ca[qi] * dn + (cb[qi] * dr + e0[qi]));
-          cand |= !(ub < tq[qi]) || dn > lim[qi];  // a NaN (overflowed) bound is a candidate too
+          const float approx = warp_sum(acc[qi][r]);  // every lane, before any branch
+          const float ub = approx * sc + (ca[qi] * dn + (cb[qi] * dr + e0[qi]));
+          c |= !(ub < tq[qi]) || dn > lim[qi];  // a NaN (overflowed) bound is a candidate too
         }
-        if (cand) {  // warp-uniform: every lane computed the same bounds
-          const T* row[1] = {docs + doc * a.dim};
-          float ex[BQ][1];
-          lane_dots<T, BQ, 1, VEC>(qs, D, row, lane, ex);
-#pragma unroll
-          for (int qi = 0; qi < BQ; ++qi) {
-            const float v = warp_sum(ex[qi][0]);
-            if (lane == 0) S[qi * BN + j0 + r] = v;
-          }
+        if (doc < hi && c) {
+          cand |= 1u << r;
         } else if (lane == 0) {
 #pragma unroll
           for (int qi = 0; qi < BQ; ++qi) S[qi * BN + j0 + r] = -INFINITY;
+        }
+      }
+      // Exact scores of the candidates, two rows at a time (lane_dots' per-row arithmetic does not depend on how
+      // many rows it takes), so one copy of the rescoring code serves every r.
+      while (cand != 0) {
+        const int r0 = __ffs(cand) - 1;
+        cand &= cand - 1;
+        if (cand != 0) {
+          const int r1 = __ffs(cand) - 1;
+          cand &= cand - 1;
+          const T* rows[2] = {docs + (t0 + j0 + r0) * a.dim, docs + (t0 + j0 + r1) * a.dim};
+          float ex[BQ][2];
+          lane_dots<T, BQ, 2, VEC>(qs, D, rows, lane, ex);
+#pragma unroll
+          for (int qi = 0; qi < BQ; ++qi) {
+            const float v0 = warp_sum(ex[qi][0]), v1 = warp_sum(ex[qi][1]);
+            if (lane == 0) {
+              S[qi * BN + j0 + r0] = v0;
+              S[qi * BN + j0 + r1] = v1;
+            }
+          }
+        } else {
+          const T* rows[1] = {docs + (t0 + j0 + r0) * a.dim};
+          float ex[BQ][1];
+          lane_dots<T, BQ, 1, VEC>(qs, D, rows, lane, ex);
+#pragma unroll
+          for (int qi = 0; qi < BQ; ++qi) {
+            const float v = warp_sum(ex[qi][0]);
+            if (lane == 0) S[qi * BN + j0 + r0] = v;
+          }
         }
       }
     }

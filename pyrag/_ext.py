@@ -34,26 +34,34 @@ def has_cuda_kernels() -> bool:
     return torch.cuda.is_available() and cuda.device_count() > 0
 
 
-# The CUDA simulator module while simulate_cuda() is active, else None (see pyrag.ops._common.kernels_for).
-sim = None
+# The CUDA simulator module while simulate_cuda() is active in this thread (see pyrag.ops._common.kernels_for);
+# other threads' CPU ops keep the CPU kernels. Its settings are process-wide, so one simulate_cuda() at a time.
+_tls = threading.local()
 _sim_lock = threading.Lock()
+_sim_active = False
 _SIM_ORDERS = {"forward": 0, "reverse": 1, "shuffle": 2}
+
+
+def current_sim():
+    """The CUDA simulator module if this thread is inside simulate_cuda(), else None."""
+    return getattr(_tls, "mod", None)
 
 
 @contextlib.contextmanager
 def simulate_cuda(order: str = "forward", seed: int = 0, sms: int = 4):
-    """Inside the block, pyrag's ops on CPU tensors run the CUDA kernels' code through the CUDA simulator
-    (csrc/sim/: every thread a fiber, blocks one after another) instead of the CPU kernels: the same host code,
-    launches, shared memory and warp protocols as on a GPU, checked for deadlocks and shared-memory overruns.
+    """Inside the block, pyrag's ops on CPU tensors in this thread run the CUDA kernels' code through the CUDA
+    simulator (csrc/sim/: every thread a fiber, blocks one after another) instead of the CPU kernels: the same host
+    code, launches, shared memory and warp protocols as on a GPU, checked for deadlocks and shared-memory misuse.
     For testing CUDA code on machines without a GPU; slow (one core), so keep shapes small.
 
     order: how threads (and blocks) take turns between synchronisation points -- "forward", "reverse" or
     "shuffle" (seeded); a result that changes with it reveals a race. sms: the multiprocessor count the kernels
-    plan their grids for (small values give few, long-running blocks; large ones many short blocks)."""
-    global sim
+    plan their grids for (small values give few, long-running blocks; large ones many short blocks). Yields the
+    simulator module (its sim_stats() counts launches per kernel)."""
+    global _sim_active
     if order not in _SIM_ORDERS:
         raise ValueError(f"order must be one of {sorted(_SIM_ORDERS)}, got {order!r}")
-    if not isinstance(sms, int) or sms < 1:
+    if not isinstance(sms, int) or isinstance(sms, bool) or sms < 1:
         raise ValueError(f"sms must be an int >= 1, got {sms!r}")
     try:
         mod = importlib.import_module("pyrag._C_cudasim")
@@ -63,11 +71,14 @@ def simulate_cuda(order: str = "forward", seed: int = 0, sms: int = 4):
             "the CUDA toolkit)"
         ) from e
     with _sim_lock:
-        if sim is not None:
-            raise RuntimeError("simulate_cuda() is already active")
+        if _sim_active:
+            raise RuntimeError("simulate_cuda() is already active (its settings are process-wide)")
         mod.sim_configure(_SIM_ORDERS[order], seed, sms)
-        sim = mod
+        _sim_active = True
+    _tls.mod = mod
     try:
         yield mod
     finally:
-        sim = None
+        _tls.mod = None
+        with _sim_lock:
+            _sim_active = False

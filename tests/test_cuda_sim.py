@@ -12,11 +12,11 @@ import importlib.util
 
 import pytest
 import torch
-from test_rag_loss import LOSSES, assert_three_way, make_inputs, max_err, run
-from test_topk_ip import _make, assert_topk_exact
+from test_rag_loss import LOSSES, assert_three_way, check_token_marginal, make_inputs, max_err, run
+from test_rag_loss_edge import check_nan_propagation
+from test_topk_ip import _make, assert_topk_exact, tie_heavy_case
 
-from pyrag import _ext, rag_token_marginal_logprobs
-from pyrag import reference as ref
+from pyrag import _ext
 from pyrag.ops.topk_ip import topk_ip, topk_ip_options
 
 # The simulator is built with pyrag._C_cuda (wherever CMake finds the CUDA toolkit, as on CI): without the CUDA
@@ -29,12 +29,17 @@ pytestmark = pytest.mark.skipif(
 ORDERS = ["forward", "reverse", "shuffle"]
 
 
-def sim_run(fn, order="forward", sms=4):
-    """fn() inside the simulator; asserts kernels really ran there (not the CPU kernels or a torch fallback)."""
+def sim_run(fn, order="forward", sms=4, expect=None):
+    """fn() inside the simulator; asserts kernels really ran there (not the CPU kernels or a torch fallback) and,
+    with expect, that a kernel launch whose "kernel in host function" name contains that text was among them."""
     with _ext.simulate_cuda(order=order, seed=5, sms=sms) as mod:
-        before = mod.sim_stats()["launches"]
+        before = mod.sim_stats()["kernels"]
         out = fn()
-        assert mod.sim_stats()["launches"] > before, "no kernel went through the simulator"
+        after = mod.sim_stats()["kernels"]
+    ran = [name for name, n in after.items() if n > before.get(name, 0)]
+    assert ran, "no kernel went through the simulator"
+    if expect is not None:
+        assert any(expect in name for name in ran), f"no {expect} launch among {ran}"
     return out
 
 
@@ -49,7 +54,7 @@ def same(a, b):
 
 
 def _selftest(name, threads=64, smem=0, order="forward"):
-    out = torch.full((threads * 6,), -1, dtype=torch.int64)
+    out = torch.full((max(threads * 6, 256),), -1, dtype=torch.int64)  # the WMMA self-test writes 256
     with _ext.simulate_cuda(order=order, seed=1) as mod:
         mod.selftest(name, out.data_ptr(), threads, smem)
     return out
@@ -67,8 +72,41 @@ def test_simulated_collectives_follow_cuda():
 
 
 def test_simulator_reports_a_deadlock_instead_of_hanging():
-    with pytest.raises(RuntimeError, match="deadlock, 31 of 64 threads wait forever"):
+    # lane 3 waits at a barrier, its warp-mates in a shuffle that names it; warp 2 exits, warp 1 is stuck
+    with pytest.raises(RuntimeError, match="deadlock, 32 of 64 threads wait forever"):
         _selftest("deadlock")
+
+
+def test_exited_lanes_do_not_hold_back_a_collective():
+    # sm_70+: a full-mask shuffle completes without the lanes that have exited; reading one gives an undefined value
+    got = _selftest("exited_lane")[:64].tolist()
+    for t in range(64):
+        if t == 3:
+            continue
+        assert got[t] == (-1 if t == 2 else t ^ 1), t
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_disjoint_collectives_and_active_masks(order):
+    got = _selftest("disjoint", order=order)[:64].tolist()
+    assert got == [(t % 32) ^ 1 if t % 32 < 16 else (t % 32) ^ 2 for t in range(64)]
+    # converged lanes aggregate: __match_any_sync(__activemask(), lane / 8) sees 8 lanes per value
+    assert _selftest("activemask", order=order)[:64].tolist() == [8] * 64
+
+
+def test_static_shared_memory_starts_as_garbage():
+    assert _selftest("static_garbage")[:64].tolist() == [1] * 64
+
+
+def test_wmma_product_and_its_alignment_rule():
+    import numpy as np
+
+    i, k = np.meshgrid(np.arange(16), np.arange(16), indexing="ij")
+    a = (i + 2 * k) % 5 - 2
+    b = (3 * i + k) % 7 - 3  # b[k][j] with the row index first
+    assert _selftest("wmma", threads=32)[:256].tolist() == (a @ b).reshape(-1).tolist()
+    with pytest.raises(RuntimeError, match="256-bit aligned"):
+        _selftest("wmma_misaligned", threads=32)
 
 
 def test_simulator_reports_shared_memory_overruns_and_bad_launches():
@@ -93,7 +131,7 @@ def test_simulate_cuda_checks_its_arguments():
         pass
     with _ext.simulate_cuda(), pytest.raises(RuntimeError, match="already active"), _ext.simulate_cuda():
         pass
-    assert _ext.sim is None
+    assert _ext.current_sim() is None
 
 
 # ---- fused losses (csrc/rag_loss_cuda.cu) ----
@@ -145,49 +183,17 @@ def test_losses_inplace_backward(mode):
         assert max_err(a, b) <= 1e-5 * max(1.0, b.abs().max().item())
 
 
+@pytest.mark.parametrize("epsilon", [0.0, 0.1])
 @pytest.mark.parametrize("mode", ["sequence", "token"])
-def test_nan_logits_give_nan_where_the_reference_does(mode):
-    # The CUDA kernels' NaN propagation (lse_push / lse_merge): a NaN logit makes its question's loss and gradients
-    # NaN, as in the reference; the other questions are untouched.
-    fn, ref_fn = LOSSES[mode]
-    B, K, T, V = 3, 4, 5, 37
-    g = torch.Generator().manual_seed(7)
-    s = torch.randn(B, K, generator=g)
-    y = torch.randint(0, V, (B, T), generator=g)
-    for where in ("one", "all"):
-        z = torch.randn(B * K, T, V, generator=g)
-        if where == "one":
-            z[K + 2, 1, 5] = float("nan")
-        else:
-            z[K:2 * K] = float("nan")
-        gout = torch.ones(B)
-        want = run(ref_fn, z.double(), s.double(), y, gout.double(), epsilon=0.1, reduction="none")
-        got = sim_run(lambda z=z, g=gout: run(fn, z, s, y, g, epsilon=0.1, reduction="none"))
-        for name, a, b in zip(("loss", "grad logits", "grad doc_scores"), got, want):
-            assert torch.equal(a.isnan(), b.isnan()), f"{where}: {name} NaN pattern differs"
-        assert torch.isnan(got[0][1]) and torch.isfinite(got[0][[0, 2]]).all()
+def test_nan_logits_give_nan_where_the_reference_does(mode, epsilon):
+    # The CUDA kernels' NaN propagation (lse_push / lse_merge), through the CPU test's own checks.
+    sim_run(lambda: check_nan_propagation(mode, epsilon, "cpu"))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("steps", [None, 4])
 def test_token_marginal(steps, dtype):
-    B, K, V = 3, 4, 1001
-    z, s, _ = make_inputs(B, K, steps or 1, V, dtype=dtype, pad=False)
-    step = z[:, 0] if steps is None else z
-    gout = torch.randn((B, V) if steps is None else (B, steps, V), dtype=torch.float64)
-
-    def grads(fn, zz, ss, g):
-        zz = zz.detach().requires_grad_()
-        ss = ss.detach().requires_grad_()
-        out = fn(zz, ss)
-        return (out.detach(), *torch.autograd.grad(out, (zz, ss), g))
-
-    truth = grads(ref.rag_token_marginal_logprobs_reference, step.double(), s.double(), gout)
-    refd = grads(ref.rag_token_marginal_logprobs_reference, step, s, gout.float())
-    kern = sim_run(lambda: grads(rag_token_marginal_logprobs, step, s, gout.float()))
-    tol = {torch.float32: 2e-6, torch.bfloat16: 1e-2}[dtype]
-    for name, t, r, k in zip(("out", "grad logits", "grad doc_scores"), truth, refd, kern):
-        assert max_err(k, t) <= max_err(r, t) + tol * max(1.0, t.abs().max().item()), name
+    sim_run(lambda: check_token_marginal(steps, dtype))
 
 
 # ---- top-k search (csrc/topk_ip_cuda.cu) ----
@@ -195,9 +201,9 @@ def test_token_marginal(steps, dtype):
 STORAGE = [torch.float32, torch.float16, torch.bfloat16, torch.int8]
 
 
-def _search(q, d, k, scale=None, order="forward", sms=4, sketch=None, **options):
+def _search(q, d, k, scale=None, order="forward", sms=4, sketch=None, expect=None, **options):
     with topk_ip_options(**options):
-        return sim_run(lambda: topk_ip(q, d, k, doc_scale=scale, sketch=sketch), order=order, sms=sms)
+        return sim_run(lambda: topk_ip(q, d, k, doc_scale=scale, sketch=sketch), order=order, sms=sms, expect=expect)
 
 
 @pytest.mark.parametrize("dtype", STORAGE, ids=str)
@@ -208,7 +214,8 @@ def _search(q, d, k, scale=None, order="forward", sms=4, sketch=None, **options)
 )
 def test_fused_search_exact(Q, N, D, k, dtype):
     q, d, scale = _make(Q, N, D, dtype, seed=13)
-    s, i = _search(q, d, k, scale, cuda_path="fused")
+    producer = "Gemv" if Q <= 8 else "Wmma" if dtype in (torch.float16, torch.bfloat16) else "Simt"
+    s, i = _search(q, d, k, scale, cuda_path="fused", expect=f"P = {producer}<")
     assert_topk_exact(q, d, k, s, i, scale)
 
 
@@ -260,7 +267,8 @@ def test_gemm_path_over_chunks(dtype, qdtype, chunk, select):
     q, d, _ = _make(40, 3000, 96, dtype, seed=17)
     q = q * 3e3 if dtype == torch.float16 else q  # fp16 query parts need the power-of-two rescale to stay finite
     qq = q if qdtype is not None else q.to(dtype)
-    s, i = _search(qq, d, 64, cuda_path="gemm", cuda_chunk=chunk, cuda_select=select)
+    kernel = "select_warp_kernel" if select == "warp" else "search_kernel<Scores>"
+    s, i = _search(qq, d, 64, cuda_path="gemm", cuda_chunk=chunk, cuda_select=select, expect=kernel)
     assert_topk_exact(qq.float(), d, 64, s, i)
 
 
@@ -268,11 +276,7 @@ def test_gemm_path_over_chunks(dtype, qdtype, chunk, select):
 def test_select_kernels_agree_bit_for_bit(k):
     # Ties everywhere (integer-valued scores, duplicated docs), NaN docs, many chunks: both selection kernels must
     # return exactly the fused kernel's scores and ids, in every thread order.
-    g = torch.Generator().manual_seed(23)
-    base = torch.randint(-3, 4, (700, 32), generator=g).to(torch.float16)
-    d = base[torch.randint(0, 700, (5000,), generator=g)]
-    d[::97] = float("nan")
-    q = torch.randint(-2, 3, (20, 32), generator=g).to(torch.float16)
+    q, d = tie_heavy_case(20, 5000)
     want = _search(q, d, k, cuda_path="fused")
     for select in SELECTS:
         for order in ORDERS:
@@ -318,7 +322,7 @@ def _sketch_case(Q, N, D, dtype, seed):
 def test_sketch_path_is_bit_identical_to_the_plain_kernel(Q, N, D, k, dtype):
     q, d, sk = _sketch_case(Q, N, D, dtype, seed=31)
     want = _search(q, d, k, cuda_path="fused")
-    got = _search(q, d, k, cuda_path="fused", sketch=sk)
+    got = _search(q, d, k, cuda_path="fused", sketch=sk, expect="SketchGemv<")
     assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
     assert_topk_exact(q, d, k, *got)
 
@@ -345,14 +349,14 @@ def test_sketch_path_with_ties_and_huge_rows():
     sk = make_sketch(d)
     q = torch.randn(4, 40, generator=g)
     want = _search(q, d, 150, cuda_path="fused")
-    assert same(_search(q, d, 150, sketch=sk), want)
+    assert same(_search(q, d, 150, sketch=sk, expect="SketchGemv<"), want)
 
 
 def test_sketch_path_is_skipped_for_queries_too_large_for_it():
     # A query whose int8-code sums could overflow fp32 gets no bound: the plain kernel runs, results stay exact.
     q, d, sk = _sketch_case(1, 500, 16, torch.float32, seed=34)
     q = q * 1e36
-    s, i = _search(q, d, 10, sketch=sk)
+    s, i = _search(q, d, 10, sketch=sk, expect="Gemv<")
     assert_topk_exact(q, d, 10, s, i)
 
 
@@ -366,5 +370,5 @@ def test_flat_index_sketch_in_the_simulator():
     sk.add(x)
     q = torch.randn(3, 48, generator=g)
     want = sim_run(lambda: plain.search(q, 25))
-    got = sim_run(lambda: sk.search(q, 25))
+    got = sim_run(lambda: sk.search(q, 25), expect="SketchGemv<")
     assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])

@@ -144,9 +144,9 @@ def test_results_do_not_depend_on_thread_count():
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("steps", [None, 4])
-def test_token_marginal_logprobs_three_way(steps, dtype):
+def check_token_marginal(steps, dtype):
+    """The token marginal (one step [B*K, V] or steps [B*K, T, V]) and its gradients against the fp64 reference,
+    within the reference's own error in dtype + TOL (also run on the CUDA code in tests/test_cuda_sim.py)."""
     B, K, V = 3, 4, 1001
     z, s, _ = make_inputs(B, K, steps or 1, V, dtype=dtype, pad=False)
     step = z[:, 0] if steps is None else z  # [B*K, V] or [B*K, T, V]
@@ -165,6 +165,12 @@ def test_token_marginal_logprobs_three_way(steps, dtype):
     for name, t, r, k in zip(("out", "grad logits", "grad doc_scores"), truth, refd, kern):
         tol = TOL[dtype] * max(1.0, t.abs().max().item())
         assert max_err(k, t) <= max_err(r, t) + tol, name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("steps", [None, 4])
+def test_token_marginal_logprobs_three_way(steps, dtype):
+    check_token_marginal(steps, dtype)
 
 
 # ---- DESIGN.md worked examples ----

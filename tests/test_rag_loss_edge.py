@@ -208,6 +208,36 @@ def test_op_level_errors_name_the_argument():
         rag_marginal_nll(z, lp, y, m, m, mode="token", epsilon=0.0)
 
 
+def check_nan_propagation(mode, epsilon, device):
+    """A NaN logit makes its question's loss and gradients NaN (and its token marginal row), the other questions
+    untouched (also run on the CUDA code in tests/test_cuda_sim.py)."""
+    fn, ref_fn = LOSSES[mode]
+    B, K, T, V = 3, 4, 5, 37
+    g = torch.Generator().manual_seed(7)
+    s = torch.randn(B, K, generator=g)
+    y = torch.randint(0, V, (B, T), generator=g)
+    for where in ("one", "all"):
+        z = torch.randn(B * K, T, V, generator=g)
+        if where == "one":
+            z[K + 2, 1, 5] = float("nan")  # question 1
+        else:
+            z[K:2 * K] = float("nan")
+        zz = z.to(device).requires_grad_()
+        loss = fn(zz, s.to(device), y.to(device), epsilon=epsilon, reduction="none")
+        loss.sum().backward()
+        want = ref_fn(z, s, y, epsilon=epsilon, reduction="none")
+        assert torch.isnan(want[1]) and torch.isnan(loss[1].cpu()), (where, loss)
+        keep = torch.tensor([0, 2])
+        torch.testing.assert_close(loss.detach().cpu()[keep], want[keep], rtol=1e-5, atol=1e-5)
+        grad = zz.grad.cpu().view(B, K, T, V)
+        assert torch.isnan(grad[1]).any() and torch.isfinite(grad[keep]).all(), where
+    # the token marginal used in decoding
+    z = torch.randn(B * K, V, generator=g)
+    z[K + 1, 3] = float("nan")
+    out = rag_token_marginal_logprobs(z.to(device), s.to(device)).cpu()
+    assert torch.isnan(out[1]).all() and torch.isfinite(out[keep]).all()
+
+
 # every CPU SIMD level, and the CUDA kernels where there are some (SIMD levels mean nothing there)
 NAN_TARGETS = [("cpu", 0), ("cpu", 1), ("cpu", 2)] + [(d, None) for d in DEVICES if d != "cpu"]
 
@@ -227,31 +257,7 @@ def test_nan_logits_give_nan_where_the_reference_does(mode, epsilon, isa, device
             _ext.cpu.rag_loss_set_isa(-1)
             pytest.skip("this CPU lacks that SIMD level")
     try:
-        fn, ref_fn = LOSSES[mode]
-        B, K, T, V = 3, 4, 5, 37
-        g = torch.Generator().manual_seed(7)
-        s = torch.randn(B, K, generator=g)
-        y = torch.randint(0, V, (B, T), generator=g)
-        for where in ("one", "all"):
-            z = torch.randn(B * K, T, V, generator=g)
-            if where == "one":
-                z[K + 2, 1, 5] = float("nan")  # question 1
-            else:
-                z[K:2 * K] = float("nan")
-            zz = z.to(device).requires_grad_()
-            loss = fn(zz, s.to(device), y.to(device), epsilon=epsilon, reduction="none")
-            loss.sum().backward()
-            want = ref_fn(z, s, y, epsilon=epsilon, reduction="none")
-            assert torch.isnan(want[1]) and torch.isnan(loss[1].cpu()), (where, loss)
-            keep = torch.tensor([0, 2])
-            torch.testing.assert_close(loss.detach().cpu()[keep], want[keep], rtol=1e-5, atol=1e-5)
-            grad = zz.grad.cpu().view(B, K, T, V)
-            assert torch.isnan(grad[1]).any() and torch.isfinite(grad[keep]).all(), where
-        # the token marginal used in decoding
-        z = torch.randn(B * K, V, generator=g)
-        z[K + 1, 3] = float("nan")
-        out = rag_token_marginal_logprobs(z.to(device), s.to(device)).cpu()
-        assert torch.isnan(out[1]).all() and torch.isfinite(out[keep]).all()
+        check_nan_propagation(mode, epsilon, device)
     finally:
         if device == "cpu":
             _ext.cpu.rag_loss_set_isa(-1)

@@ -795,6 +795,17 @@ def test_cuda_many_chunks_merge_in_several_levels(Q, N, D, k):
 SELECTS = ["block", "warp"]  # the two kernels that fold GEMM score chunks into the candidate lists
 
 
+def tie_heavy_case(nq, nd):
+    """fp16 queries [nq, 32] and docs [nd, 32] of small integers (exact scores, ties everywhere: 700 distinct docs
+    duplicated), every 97th doc NaN."""
+    g = torch.Generator().manual_seed(23)
+    base = torch.randint(-3, 4, (700, 32), generator=g).to(torch.float16)
+    d = base[torch.randint(0, 700, (nd,), generator=g)]
+    d[::97] = float("nan")
+    q = torch.randint(-2, 3, (nq, 32), generator=g).to(torch.float16)
+    return q, d
+
+
 @cuda
 @pytest.mark.parametrize("select", SELECTS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -814,11 +825,7 @@ def test_cuda_gemm_path_over_chunks(dtype, qdtype, chunk, select):
 def test_cuda_select_kernels_agree_bit_for_bit(k):
     # Ties everywhere (integer-valued scores, duplicated docs), NaN docs, many chunks: both selection kernels must
     # return exactly the same scores and ids as each other and as the fused kernel's exact order.
-    g = torch.Generator().manual_seed(23)
-    base = torch.randint(-3, 4, (700, 32), generator=g).to(torch.float16)
-    d = base[torch.randint(0, 700, (9000,), generator=g)]
-    d[::97] = float("nan")
-    q = torch.randint(-2, 3, (70, 32), generator=g).to(torch.float16)
+    q, d = tie_heavy_case(70, 9000)
     out = {}
     for select in SELECTS:
         with topk_ip_options(cuda_path="gemm", cuda_chunk=1024, cuda_select=select):
@@ -875,6 +882,12 @@ def test_cuda_sketch_path_is_bit_identical_on_a_side_stream(Q, N, D, k, dtype):
     s, i = run_with_default_stream_blocked(lambda: topk_ip(qc, dc, k, sketch=sk))
     assert torch.equal(i, want[1]) and torch.equal(s, want[0])
     assert_topk_exact(q, d.to(dtype), k, s.cpu(), i.cpu())
+    if k <= 100:  # blocks' lists get cut (a threshold exists) after 2k docs; the k=1000 case's chunks are shorter
+        # the sketch decides which rows are read: bounds that rule every doc out once a threshold exists change the
+        # result (so the sketch path really ran)
+        lying = sk._replace(scale=torch.zeros_like(sk.scale), norm=torch.zeros_like(sk.norm),
+                            res=torch.zeros_like(sk.res))
+        assert not torch.equal(topk_ip(qc, dc, k, sketch=lying)[1], want[1])
 
 
 def test_cuda_chunk_option_is_checked():

@@ -26,12 +26,14 @@ thread_local const Coords* current = nullptr;
 namespace {
 
 constexpr size_t kStackBytes = 256 << 10;  // per fiber, lazily committed; kernels' frames are small
-constexpr size_t kGuardBytes = 4096;
+// Inaccessible pages below each stack: larger than any kernel frame (the WMMA tile function's is ~8 KiB), so an
+// overflow faults instead of writing into the neighbouring fiber's stack (GCC here has no stack-clash probing).
+constexpr size_t kGuardBytes = 64 << 10;
 constexpr size_t kSmemGuard = 256;   // canary bytes after dynamic shared memory
 constexpr int kSmemDefault = 48 << 10;  // dynamic shared memory allowed without cudaFuncSetAttribute
 constexpr int kSmemOptin = 227 << 10;   // the device's opt-in limit (H100)
 
-enum class State { kRun, kBarrier, kWarp, kDone };
+enum class State { kRun, kBarrier, kWarp, kActive, kDone };
 
 struct Fiber {
   ucontext_t uc;
@@ -42,9 +44,16 @@ struct Fiber {
   Coords coords;
 };
 
+// Lanes of one warp waiting in one collective: those named by mask that have arrived.
+struct Group {
+  unsigned mask, arrived;
+  Op op;
+};
+
 struct Warp {
-  unsigned arrived = 0, mask = 0;
-  Op op = kSyncWarp;
+  std::vector<Group> groups;  // pending collectives, pairwise disjoint masks
+  unsigned exited = 0;        // lanes whose thread has returned (sm_70+: no longer required by collectives)
+  unsigned parked = 0;        // lanes waiting in __activemask
   uint64_t in[32], out[32];
   int arg[32];
 };
@@ -54,7 +63,10 @@ struct Run {
   const std::function<void()>* body;
   std::vector<Fiber> fibers;
   std::vector<Warp> warps;
-  std::vector<unsigned char> smem;
+  std::vector<unsigned char> smem_store;
+  unsigned char* smem = nullptr;  // 256-byte aligned inside smem_store
+  size_t static_smem = 0;         // bytes of the block's static __shared__ variables met so far
+  uint64_t epoch = 0;             // the running block's number (static __shared__ are garbage-filled once per block)
   Fiber* cur = nullptr;
   int n = 0, at_barrier = 0, done = 0;
   jmp_buf sched;
@@ -64,6 +76,9 @@ struct Run {
 thread_local Run* g_run = nullptr;
 std::mutex g_launch_mutex;  // static __shared__ variables are shared by all launches: one at a time
 std::map<const void*, int> g_max_dyn_smem;
+std::map<std::string, uint64_t> g_kernel_launches;  // "kernel in host function" -> launches
+std::map<const void*, uint64_t> g_filled;           // static __shared__ variable -> block epoch it was filled in
+uint64_t g_epoch = 0;
 thread_local cudaError_t g_last_error = cudaSuccess;
 int g_order = 0;          // 0 forward, 1 reverse, 2 shuffled (threads and blocks)
 uint64_t g_seed = 0;
@@ -90,17 +105,85 @@ void yield_to_scheduler() {
   _longjmp(r->sched, 2);
 }
 
-void fiber_entry() {
-  Run* r = g_run;
-  (*r->body)();
-  r = g_run;
-  r->cur->state = State::kDone;
-  ++r->done;
-  if (r->at_barrier > 0 && r->at_barrier + r->done == r->n) {  // the last thread a barrier waited for has exited
+unsigned linear_id(const Coords& c) {
+  return c.thread.x + c.block_dim.x * (c.thread.y + c.block_dim.y * c.thread.z);
+}
+
+void release_barrier_if_complete(Run* r) {
+  if (r->at_barrier > 0 && r->at_barrier + r->done == r->n) {
     for (Fiber& f : r->fibers)
       if (f.state == State::kBarrier) f.state = State::kRun;
     r->at_barrier = 0;
   }
+}
+
+// Completes group g of warp w (index wi) if every lane it names has arrived or exited: computes each arrived lane's
+// result, makes the waiting ones runnable and drops the group. Reading an exited lane's or an unnamed lane's value
+// gives all-one bits (CUDA leaves it undefined), never an error: kernels may shuffle from such lanes and not use it.
+bool complete_if_ready(Run* r, int wi, size_t gi) {
+  Warp& w = r->warps[wi];
+  const Group g = w.groups[gi];
+  if ((g.arrived | (w.exited & g.mask)) != g.mask) return false;
+  const unsigned live = g.arrived;
+  uint64_t ballot = 0;
+  for (int l = 0; l < 32; ++l)
+    if ((live >> l & 1u) && w.in[l]) ballot |= 1ull << l;
+  for (int l = 0; l < 32; ++l) {
+    if (!(live >> l & 1u)) continue;
+    int src = l;
+    switch (g.op) {
+      case kShflIdx: src = w.arg[l] & 31; break;
+      case kShflXor: src = (l ^ w.arg[l]) & 31; break;
+      case kShflUp: src = l - w.arg[l] >= 0 ? l - w.arg[l] : l; break;
+      case kShflDown: src = l + w.arg[l] < 32 ? l + w.arg[l] : l; break;
+      default: break;
+    }
+    switch (g.op) {
+      case kShflIdx:
+      case kShflXor:
+      case kShflUp:
+      case kShflDown:
+        w.out[l] = (live >> src & 1u) ? w.in[src] : ~uint64_t(0);
+        break;
+      case kBallot: w.out[l] = ballot; break;
+      case kAny: w.out[l] = ballot != 0; break;
+      case kAll: w.out[l] = ballot == live; break;
+      case kMatchAny: {
+        uint64_t m = 0;
+        for (int j = 0; j < 32; ++j)
+          if ((live >> j & 1u) && w.in[j] == w.in[l]) m |= 1ull << j;
+        w.out[l] = m;
+        break;
+      }
+      case kSyncWarp: w.out[l] = 0; break;
+    }
+  }
+  w.groups.erase(w.groups.begin() + static_cast<std::ptrdiff_t>(gi));
+  for (int l = 0; l < 32; ++l)
+    if ((live >> l & 1u) && r->fibers[wi * 32 + l].state == State::kWarp) r->fibers[wi * 32 + l].state = State::kRun;
+  return true;
+}
+
+void fiber_entry() {
+  Run* r = g_run;
+  std::string thrown;
+  try {
+    (*r->body)();
+  } catch (const std::exception& e) {  // kernels do not throw; the simulator's own checks might
+    thrown = e.what();
+  } catch (...) {
+    thrown = "an unknown exception";
+  }
+  if (!thrown.empty()) fail("CUDA simulator: exception in a kernel thread: " + thrown);
+  r = g_run;
+  Fiber& f = *r->cur;
+  f.state = State::kDone;
+  ++r->done;
+  release_barrier_if_complete(r);  // exited threads no longer hold back a barrier (Volta and later)
+  const unsigned lid = linear_id(f.coords);
+  Warp& w = r->warps[lid / 32];
+  w.exited |= 1u << (lid % 32);
+  for (size_t gi = w.groups.size(); gi-- > 0;) complete_if_ready(r, static_cast<int>(lid / 32), gi);
   _longjmp(r->sched, 1);
 }
 
@@ -117,6 +200,24 @@ bool resume(Run* r, Fiber& f) {
     _longjmp(f.jb, 1);
   }
   return rc == 1;
+}
+
+// Lanes parked in __activemask are released together once nothing else can run: each gets the set of lanes parked
+// with it (the lanes that reached that point "converged"). True if any were released.
+bool release_parked(Run* r) {
+  bool any = false;
+  for (size_t wi = 0; wi < r->warps.size(); ++wi) {
+    Warp& w = r->warps[wi];
+    if (w.parked == 0) continue;
+    for (int l = 0; l < 32; ++l)
+      if (w.parked >> l & 1u) {
+        w.out[l] = w.parked;
+        r->fibers[wi * 32 + l].state = State::kRun;
+      }
+    w.parked = 0;
+    any = true;
+  }
+  return any;
 }
 
 std::vector<int> order_of(int n, std::mt19937_64& rng) {
@@ -156,6 +257,12 @@ bool set_launch_error(cudaError_t e) {
   return false;
 }
 
+int max_dynamic_smem(const void* fn) {
+  auto it = g_max_dyn_smem.find(fn);
+  return it == g_max_dyn_smem.end() ? kSmemDefault : it->second;
+}
+
+// Under g_launch_mutex.
 bool config_ok(const LaunchConfig& c) {
   const dim3 g = c.grid, b = c.block;
   const uint64_t threads = uint64_t(b.x) * b.y * b.z;
@@ -163,25 +270,35 @@ bool config_ok(const LaunchConfig& c) {
     return set_launch_error(cudaErrorInvalidConfiguration);
   if (g.x == 0 || g.y == 0 || g.z == 0 || g.y > 65535 || g.z > 65535 || g.x > 2147483647u)
     return set_launch_error(cudaErrorInvalidConfiguration);
-  auto it = g_max_dyn_smem.find(c.fn);
-  const int allowed = it == g_max_dyn_smem.end() ? kSmemDefault : it->second;
-  if (c.smem > size_t(allowed)) return set_launch_error(cudaErrorInvalidValue);
+  if (c.smem > size_t(max_dynamic_smem(c.fn))) return set_launch_error(cudaErrorInvalidValue);
   return true;
 }
 
 }  // namespace
 
-void* dynamic_smem() { return g_run->smem.data(); }
+void* dynamic_smem() { return g_run->smem; }
 
-unsigned lane_mask() {
-  const Coords& c = g_run->cur->coords;
-  const unsigned linear = c.thread.x + c.block_dim.x * (c.thread.y + c.block_dim.y * c.thread.z);
-  return 1u << (linear % 32);
+void shared_garbage(void* p, size_t bytes) {
+  Run* r = g_run;
+  auto& epoch = g_filled[p];
+  if (epoch == r->epoch) return;  // another thread of this block met the declaration first
+  epoch = r->epoch;
+  std::memset(p, 0xff, bytes);
+  r->static_smem += bytes;
+  const size_t dyn_limit = size_t(max_dynamic_smem(r->cfg->fn));
+  if (r->static_smem > size_t(kSmemDefault) ||
+      r->static_smem + r->cfg->smem > (dyn_limit > size_t(kSmemDefault) ? size_t(kSmemOptin) : size_t(kSmemDefault)))
+    fail("CUDA simulator: " + std::to_string(r->static_smem) + " bytes of static and " +
+         std::to_string(r->cfg->smem) + " of dynamic shared memory exceed what the device gives one block");
 }
+
+unsigned lane_id() { return linear_id(g_run->cur->coords) % 32; }
 
 void check_width(int width) {
   if (width != 32) fail("CUDA simulator: shuffles with width " + std::to_string(width) + " are not modelled");
 }
+
+void fail_in_kernel(const std::string& msg) { fail("CUDA simulator: " + msg); }
 
 void syncthreads() {
   Run* r = g_run;
@@ -195,101 +312,49 @@ void syncthreads() {
   yield_to_scheduler();
 }
 
+unsigned activemask() {
+  Run* r = g_run;
+  Fiber* me = r->cur;
+  const unsigned lid = linear_id(me->coords);
+  r->warps[lid / 32].parked |= 1u << (lid % 32);
+  me->state = State::kActive;
+  yield_to_scheduler();
+  return static_cast<unsigned>(r->warps[lid / 32].out[lid % 32]);
+}
+
 uint64_t warp_op(Op op, unsigned mask, uint64_t value, int arg) {
   Run* r = g_run;
   Fiber* me = r->cur;
-  const Coords& c = me->coords;
-  const unsigned linear = c.thread.x + c.block_dim.x * (c.thread.y + c.block_dim.y * c.thread.z);
-  const int lane = static_cast<int>(linear % 32);
-  Warp& w = r->warps[linear / 32];
+  const unsigned linear = linear_id(me->coords);
+  const int lane = static_cast<int>(linear % 32), wi = static_cast<int>(linear / 32);
+  Warp& w = r->warps[wi];
   if (!(mask >> lane & 1u)) fail("CUDA simulator: a warp collective's mask does not name the calling lane");
   const unsigned warp_lanes = std::min<unsigned>(32u, static_cast<unsigned>(r->n) - linear / 32 * 32);
   if (warp_lanes < 32 && (mask >> warp_lanes) != 0) fail("CUDA simulator: a warp collective names lanes that do not exist");
-  if (w.arrived == 0) {
-    w.mask = mask;
-    w.op = op;
-  } else if (w.mask != mask || w.op != op) {
-    fail("CUDA simulator: lanes of one warp are in different collectives at once (mask " + std::to_string(mask) +
-         " vs " + std::to_string(w.mask) + ")");
+  size_t gi = w.groups.size();
+  for (size_t i = 0; i < w.groups.size(); ++i) {
+    const Group& g = w.groups[i];
+    if (g.mask == mask) {
+      if (g.op != op) fail("CUDA simulator: lanes with the same mask are in different warp collectives");
+      gi = i;
+    } else if (g.mask & mask) {
+      fail("CUDA simulator: warp collectives with overlapping masks " + std::to_string(mask) + " and " +
+           std::to_string(g.mask) + " at once");
+    }
   }
+  if (gi == w.groups.size()) w.groups.push_back(Group{mask, 0u, op});
   w.in[lane] = value;
   w.arg[lane] = arg;
-  w.arrived |= 1u << lane;
-  if (w.arrived != mask) {
-    me->state = State::kWarp;
-    yield_to_scheduler();
-    return w.out[lane];
-  }
-  // Everyone is here: compute every participant's result, release them.
-  uint64_t all = 0, any = 0, every = 1;
-  for (int l = 0; l < 32; ++l)
-    if (mask >> l & 1u) {
-      if (w.in[l]) all |= 1ull << l;
-      any |= w.in[l] != 0;
-      every &= w.in[l] != 0;
-    }
-  for (int l = 0; l < 32; ++l) {
-    if (!(mask >> l & 1u)) continue;
-    int src = l;
-    switch (op) {
-      case kShflIdx:
-        src = w.arg[l] & 31;
-        break;
-      case kShflXor:
-        src = (l ^ w.arg[l]) & 31;
-        break;
-      case kShflUp:
-        src = l - w.arg[l] >= 0 ? l - w.arg[l] : l;
-        break;
-      case kShflDown:
-        src = l + w.arg[l] < 32 ? l + w.arg[l] : l;
-        break;
-      default:
-        break;
-    }
-    if (!(mask >> src & 1u)) {
-      w.arrived = 0;
-      fail("CUDA simulator: lane " + std::to_string(l) + " shuffles from lane " + std::to_string(src) +
-           ", which is outside the mask");
-    }
-    switch (op) {
-      case kShflIdx:
-      case kShflXor:
-      case kShflUp:
-      case kShflDown:
-        w.out[l] = w.in[src];
-        break;
-      case kBallot:
-        w.out[l] = all;
-        break;
-      case kAny:
-        w.out[l] = any;
-        break;
-      case kAll:
-        w.out[l] = every;
-        break;
-      case kMatchAny: {
-        uint64_t m = 0;
-        for (int j = 0; j < 32; ++j)
-          if ((mask >> j & 1u) && w.in[j] == w.in[l]) m |= 1ull << j;
-        w.out[l] = m;
-        break;
-      }
-      case kSyncWarp:
-        w.out[l] = 0;
-        break;
-    }
-  }
-  w.arrived = 0;
-  const unsigned base = linear / 32 * 32;
-  for (int l = 0; l < 32; ++l)
-    if ((mask >> l & 1u) && l != lane) r->fibers[base + l].state = State::kRun;
+  w.groups[gi].arrived |= 1u << lane;
+  me->state = State::kWarp;
+  if (!complete_if_ready(r, wi, gi)) yield_to_scheduler();
+  me->state = State::kRun;
   return w.out[lane];
 }
 
 void run_grid(const LaunchConfig& c, const std::function<void()>& body) {
-  if (!config_ok(c)) return;
   std::lock_guard<std::mutex> lock(g_launch_mutex);
+  if (!config_ok(c)) return;
   const int n = static_cast<int>(c.block.x * c.block.y * c.block.z);
   Run run;
   run.cfg = &c;
@@ -305,16 +370,25 @@ void run_grid(const LaunchConfig& c, const std::function<void()>& body) {
   if (g_order == 2) std::shuffle(blocks.begin(), blocks.end(), rng);
   ++g_launches;
   g_blocks += nblocks;
+  if (c.name != nullptr) ++g_kernel_launches[std::string(c.name) + " in " + (c.where != nullptr ? c.where : "?")];
   Run* const saved = g_run;
   const Coords* const saved_cur = current;
   g_run = &run;
   std::string error;
+  // Dynamic shared memory: 256-byte aligned (kernels declare up to __align__(128)), garbage in, a canary after it.
+  run.smem_store.resize(c.smem + kSmemGuard + 256);
+  run.smem = run.smem_store.data() + (256 - reinterpret_cast<uintptr_t>(run.smem_store.data()) % 256) % 256;
   for (const uint64_t b : blocks) {
     const uint3 bid{static_cast<unsigned>(b % c.grid.x), static_cast<unsigned>(b / c.grid.x % c.grid.y),
                     static_cast<unsigned>(b / (uint64_t(c.grid.x) * c.grid.y))};
-    run.smem.assign(c.smem + kSmemGuard, 0xff);  // garbage in, as on the device; the tail is the canary
+    std::memset(run.smem, 0xff, c.smem + kSmemGuard);
     run.at_barrier = run.done = 0;
-    for (Warp& w : run.warps) w.arrived = 0;
+    run.static_smem = 0;
+    run.epoch = ++g_epoch;
+    for (Warp& w : run.warps) {
+      w.groups.clear();
+      w.exited = w.parked = 0;
+    }
     for (int t = 0; t < n; ++t) {
       Fiber& f = run.fibers[t];
       f.state = State::kRun;
@@ -340,7 +414,7 @@ void run_grid(const LaunchConfig& c, const std::function<void()>& body) {
           break;
         }
       }
-      if (error.empty() && !progressed) {
+      if (error.empty() && !progressed && !release_parked(&run)) {
         std::string who;
         for (const Fiber& f : run.fibers)
           if (f.state != State::kDone) {
@@ -352,7 +426,7 @@ void run_grid(const LaunchConfig& c, const std::function<void()>& body) {
       }
     }
     if (error.empty())
-      for (size_t i = c.smem; i < run.smem.size(); ++i)
+      for (size_t i = c.smem; i < c.smem + kSmemGuard; ++i)
         if (run.smem[i] != 0xff) {
           error = "CUDA simulator: a thread wrote past the " + std::to_string(c.smem) +
                   " bytes of dynamic shared memory of block (" + std::to_string(bid.x) + "," +
@@ -367,6 +441,7 @@ void run_grid(const LaunchConfig& c, const std::function<void()>& body) {
 }
 
 void configure(int order, uint64_t seed, int sms) {
+  std::lock_guard<std::mutex> lock(g_launch_mutex);
   g_order = order;
   g_seed = seed;
   g_sms = sms;
@@ -374,7 +449,7 @@ void configure(int order, uint64_t seed, int sms) {
 
 Stats stats() {
   std::lock_guard<std::mutex> lock(g_launch_mutex);
-  return Stats{g_launches, g_blocks};
+  return Stats{g_launches, g_blocks, g_kernel_launches};
 }
 
 }  // namespace pyrag_sim
@@ -414,7 +489,7 @@ cudaError_t cudaGetDevice(int* device) {
 }
 
 cudaError_t cudaDeviceGetAttribute(int* value, enum cudaDeviceAttr attr, int device) {
-  if (device != 0) return cudaErrorInvalidDevice;
+  if (device != 0) return pyrag_sim::g_last_error = cudaErrorInvalidDevice;
   switch (attr) {
     case cudaDevAttrMultiProcessorCount:
       *value = pyrag_sim::g_sms;
@@ -432,13 +507,13 @@ cudaError_t cudaDeviceGetAttribute(int* value, enum cudaDeviceAttr attr, int dev
       *value = 1024;
       return cudaSuccess;
     default:
-      return cudaErrorInvalidValue;
+      return pyrag_sim::g_last_error = cudaErrorInvalidValue;
   }
 }
 
 cudaError_t cudaFuncSetAttribute(const void* func, enum cudaFuncAttribute attr, int value) {
   if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize) return cudaSuccess;
-  if (value < 0 || value > pyrag_sim::kSmemOptin) return cudaErrorInvalidValue;
+  if (value < 0 || value > pyrag_sim::kSmemOptin) return pyrag_sim::g_last_error = cudaErrorInvalidValue;
   std::lock_guard<std::mutex> lock(pyrag_sim::g_launch_mutex);
   pyrag_sim::g_max_dyn_smem[func] = value;
   return cudaSuccess;

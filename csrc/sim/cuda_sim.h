@@ -5,15 +5,23 @@
 //
 // Model: every CUDA thread of a block is a fiber on the calling OS thread; blocks run one after another. A fiber
 // runs until it reaches __syncthreads or a warp collective (__shfl_sync, __ballot_sync, __syncwarp, ...) and waits
-// there until every thread the operation names has arrived, as under Volta's independent thread scheduling. So:
-//   - a barrier or collective some thread never reaches (divergence, an early return) is reported as a deadlock,
-//     not hung on; so is a lane reading a shuffle from a lane outside the mask;
+// there until every thread the operation names has arrived or exited (sm_70+ rules: exited threads no longer hold
+// back a barrier or a collective; reading an exited or unnamed lane's shuffle value gives all-one bits), as under
+// Volta's independent thread scheduling. Lanes that meet at __activemask are the ones parked there when nothing
+// else can run. So:
+//   - a barrier or collective that a live thread never reaches is reported as a deadlock, not hung on;
 //   - the order fibers run between synchronisation points is a setting (forward, reverse, seeded shuffle; the
 //     same for blocks), so a kernel whose result depends on it has a race a test can see;
-//   - dynamic shared memory starts as garbage (0xff bytes: NaN floats) and is guarded: a write past the launch's
-//     size is an error, as is a launch above 48 KiB without cudaFuncSetAttribute, or beyond the device limit.
+//   - shared memory starts as garbage (0xff bytes: NaN floats), static __shared__ variables once per block too;
+//     dynamic shared memory is 256-byte aligned and guarded (a write past the launch's size is an error), and a
+//     block's static + dynamic bytes, launches above 48 KiB without cudaFuncSetAttribute, and grid/block sizes are
+//     checked against the device's limits;
+//   - WMMA: every lane must pass the same 256-bit aligned pointer and a 16-byte multiple ldm; a lane stores only
+//     its share of the tile (the rest is another lane's until a __syncwarp).
 // Static __shared__ variables become function-local statics (one block runs at a time; launches are serialised).
-// What it cannot check: global-memory bounds, memory-model subtleties beyond the fiber interleavings, timing.
+// What it cannot check: global-memory bounds, memory ordering beyond the fiber interleavings (a missing __syncwarp
+// between shuffles that already order the accesses here), __launch_bounds__, timing, and the last bits of
+// floating point: the host compiler does not contract a*b+c into an fma where nvcc does (explicit fmaf is exact).
 // WMMA fragments hold the whole 16x16 tile in every lane (the real layout is opaque to correct code anyway).
 #pragma once
 
@@ -28,6 +36,8 @@
 #include <cstdint>
 #include <cstring>
 #include <functional>
+#include <map>
+#include <string>
 #include <tuple>
 #include <type_traits>
 #include <utility>
@@ -50,18 +60,28 @@ struct LaunchConfig {
   const void* fn;
   dim3 grid, block;
   size_t smem;
+  const char* name;   // the kernel as the launch names it, and the host function launching it (for stats)
+  const char* where;
 };
 // Runs body once per thread of every block of the grid (throws std::runtime_error on a deadlock or a guard hit;
 // records a launch error for cudaGetLastError on a bad configuration, as CUDA does).
 void run_grid(const LaunchConfig& c, const std::function<void()>& body);
 void* dynamic_smem();
+// Called where a static __shared__ variable is declared (csrc/sim/sim_source.py adds the call): fills it with 0xff
+// bytes the first time a thread of each block gets there, as a GPU's shared memory starts as garbage, and checks the
+// block's static + dynamic shared memory against the device's limits.
+void shared_garbage(void* p, size_t bytes);
 void syncthreads();
+unsigned activemask();
+unsigned lane_id();
+[[noreturn]] void fail_in_kernel(const std::string& msg);
 // Scheduling order of threads and blocks between synchronisation points (0 forward, 1 reverse, 2 shuffled with
 // seed) and the multiprocessor count cudaDeviceGetAttribute reports (the kernels size their grids by it).
 void configure(int order, uint64_t seed, int sms);
 // Kernel launches and blocks run so far (tests check that an op really went through the simulator).
 struct Stats {
   uint64_t launches, blocks;
+  std::map<std::string, uint64_t> kernels;  // "kernel in host function" -> launches
 };
 Stats stats();
 // Registers the simulator's self-test kernels (csrc/sim/selftest_kernels.cu) on the module.
@@ -69,7 +89,6 @@ void bind_selftests(void* pybind11_module);
 
 enum Op : int { kShflIdx, kShflXor, kShflUp, kShflDown, kBallot, kAny, kAll, kMatchAny, kSyncWarp };
 uint64_t warp_op(Op op, unsigned mask, uint64_t value, int arg);
-unsigned lane_mask();
 
 template <class... P>
 struct Launcher {
@@ -84,9 +103,11 @@ struct Launcher {
   }
 };
 
+// `kernel<<<grid, block, smem, stream>>>(args)` becomes launch("kernel", __PRETTY_FUNCTION__, kernel, grid, ...)(args).
 template <class... P>
-Launcher<P...> launch(void (*fn)(P...), dim3 grid, dim3 block, size_t smem = 0, cudaStream_t = nullptr) {
-  return Launcher<P...>{fn, LaunchConfig{reinterpret_cast<const void*>(fn), grid, block, smem}};
+Launcher<P...> launch(const char* name, const char* where, void (*fn)(P...), dim3 grid, dim3 block, size_t smem = 0,
+                      cudaStream_t = nullptr) {
+  return Launcher<P...>{fn, LaunchConfig{reinterpret_cast<const void*>(fn), grid, block, smem, name, where}};
 }
 
 template <class T>
@@ -116,8 +137,9 @@ void check_width(int width);
 
 inline void __syncthreads() { ::pyrag_sim::syncthreads(); }
 inline void __syncwarp(unsigned mask = 0xffffffffu) { ::pyrag_sim::warp_op(::pyrag_sim::kSyncWarp, mask, 0, 0); }
-// A subset of the converged lanes is always a valid answer; this lane alone is the one the model can vouch for.
-inline unsigned __activemask() { return ::pyrag_sim::lane_mask(); }
+// The lanes that reach __activemask before anything else can run ("converged" here): in forward order usually the
+// whole warp, so code that aggregates over the active lanes (__match_any_sync(__activemask(), ...)) is exercised.
+inline unsigned __activemask() { return ::pyrag_sim::activemask(); }
 
 template <class T>
 T __shfl_sync(unsigned mask, T v, int src, int width = 32) {
@@ -212,6 +234,19 @@ inline unsigned __brev(unsigned x) {
   for (int i = 0; i < 32; ++i) r |= ((x >> i) & 1u) << (31 - i);
   return r;
 }
+// Byte n of the result is byte (s >> 4n) & 7 of the 8-byte pool y:x (x the low half); selector bit 3 replicates
+// that byte's sign bit instead.
+inline unsigned __byte_perm(unsigned x, unsigned y, unsigned s) {
+  const uint64_t pool = (uint64_t(y) << 32) | x;
+  unsigned r = 0;
+  for (int n = 0; n < 4; ++n) {
+    const unsigned sel = (s >> (4 * n)) & 15u;
+    unsigned b = static_cast<unsigned>(pool >> (8 * (sel & 7u))) & 0xffu;
+    if (sel & 8u) b = (b & 0x80u) ? 0xffu : 0u;
+    r |= b << (8 * n);
+  }
+  return r;
+}
 inline unsigned __float_as_uint(float x) { return ::pyrag_sim::from_bits<unsigned>(::pyrag_sim::to_bits(x)); }
 inline float __uint_as_float(unsigned x) { return ::pyrag_sim::from_bits<float>(::pyrag_sim::to_bits(x)); }
 inline int __float_as_int(float x) { return ::pyrag_sim::from_bits<int>(::pyrag_sim::to_bits(x)); }
@@ -282,28 +317,44 @@ inline float to_float(float v) { return v; }
 inline float to_float(__half v) { return __half2float(v); }
 inline float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
 
-// A/B tiles: the fragment's layout type says how memory is ordered.
+// WMMA's rules, checked: every lane passes the same pointer and ldm; the pointer is 256-bit aligned and ldm a
+// multiple of 16 bytes' worth of elements.
+template <class P>
+void check_wmma_args(const P* p, unsigned ldm) {
+  const auto addr = reinterpret_cast<uintptr_t>(p);
+  if (__shfl_sync(0xffffffffu, addr, 0) != addr || __shfl_sync(0xffffffffu, ldm, 0) != ldm)
+    ::pyrag_sim::fail_in_kernel("WMMA load/store with a pointer or ldm that differs across the warp");
+  if (addr % 32 != 0 || (ldm * sizeof(P)) % 16 != 0)
+    ::pyrag_sim::fail_in_kernel("WMMA load/store needs a 256-bit aligned pointer and ldm a multiple of 16 bytes "
+                                "(got address % 32 = " + std::to_string(addr % 32) + ", ldm = " +
+                                std::to_string(ldm) + ")");
+}
+
+// A/B tiles: the fragment's layout type says how memory is ordered. Every lane reads the whole tile.
 template <class Use, int M, int N, int K, class T, class L, class P>
 void load_matrix_sync(fragment<Use, M, N, K, T, L>& f, const P* p, unsigned ldm) {
   using F = fragment<Use, M, N, K, T, L>;
   static_assert(std::is_same<L, row_major>::value || std::is_same<L, col_major>::value, "A/B fragments need a layout");
+  check_wmma_args(p, ldm);
   for (int r = 0; r < F::rows; ++r)
     for (int c = 0; c < F::cols; ++c)
       f.x[r * F::cols + c] = to_float(std::is_same<L, row_major>::value ? p[r * ldm + c] : p[c * ldm + r]);
-  __syncwarp();
 }
 template <int M, int N, int K, class T>
 void load_matrix_sync(fragment<accumulator, M, N, K, T>& f, const T* p, unsigned ldm, layout_t l) {
+  check_wmma_args(p, ldm);
   for (int r = 0; r < M; ++r)
     for (int c = 0; c < N; ++c) f.x[r * N + c] = l == mem_row_major ? p[r * ldm + c] : p[c * ldm + r];
-  __syncwarp();
 }
+// Each lane writes its share of the tile (elements i with i % 32 == lane), as on a GPU: another lane's elements
+// are visible to a lane only after a __syncwarp (or a barrier).
 template <int M, int N, int K, class T>
 void store_matrix_sync(T* p, const fragment<accumulator, M, N, K, T>& f, unsigned ldm, layout_t l) {
-  __syncwarp();
-  for (int r = 0; r < M; ++r)
-    for (int c = 0; c < N; ++c) (l == mem_row_major ? p[r * ldm + c] : p[c * ldm + r]) = f.x[r * N + c];
-  __syncwarp();
+  check_wmma_args(p, ldm);
+  for (int i = static_cast<int>(::pyrag_sim::lane_id()); i < M * N; i += 32) {
+    const int r = i / N, c = i % N;
+    (l == mem_row_major ? p[r * ldm + c] : p[c * ldm + r]) = f.x[i];
+  }
 }
 // WMMA arguments are warp-uniform, so every lane holds the same tiles: lane 0 computes the product once and the
 // other lanes copy its result (a 16x16x16 product per lane would make the tensor-core kernels 32x slower here).

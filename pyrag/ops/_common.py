@@ -28,7 +28,7 @@ def stream(t: torch.Tensor) -> int:
 
 def simulating(t: torch.Tensor) -> bool:
     """Whether t's op runs the CUDA kernels' code in the CUDA simulator (pyrag._ext.simulate_cuda)."""
-    return t.device.type == "cpu" and _ext.sim is not None
+    return t.device.type == "cpu" and _ext.current_sim() is not None
 
 
 def device_guard(t: torch.Tensor):
@@ -40,7 +40,7 @@ def kernels_for(t: torch.Tensor):
     """The compiled module that serves t's device, or None when pyrag has no kernel there (use the reference).
     CPU tensors get the CUDA simulator instead of the CPU kernels inside pyrag._ext.simulate_cuda()."""
     if t.device.type == "cpu":
-        return _ext.sim or _ext.cpu
+        return _ext.current_sim() or _ext.cpu
     if t.device.type == "cuda" and _ext.has_cuda_kernels():
         return _ext.cuda
     return None

@@ -286,7 +286,7 @@ def _topk_ip_cuda(queries, docs, k, doc_scale, sketch_codes=None, sketch_scale=N
                   sketch_res=None):
     _check_finite(queries)
     simulated = _common.simulating(queries)
-    cuda = _ext.sim if simulated else _ext.cuda
+    cuda = _ext.current_sim() if simulated else _ext.cuda
     nq, dim = queries.shape
     nb = docs.shape[0]
     if (
@@ -342,7 +342,8 @@ def _sketch_cuda(cuda, q, docs, k, sketch, scores, ids) -> bool:
     queries on the host: a [Q, D] copy, Q <= 8. False (search without the sketch) when a query is too large for it."""
     nq, dim = q.shape
     coef = torch.empty(4, nq, dtype=torch.float32)
-    if not _ext.cpu.topk_ip_sketch_bounds(_common.ptr(q.cpu()), nq, dim, _common.ptr(coef)):
+    q_host = q.cpu()  # held: the C++ code reads it after ptr() returns
+    if not _ext.cpu.topk_ip_sketch_bounds(_common.ptr(q_host), nq, dim, _common.ptr(coef)):
         return False
     coef = coef.to(q.device)
     nbytes = cuda.topk_ip_workspace_bytes(nq, docs.shape[0], dim, k, _common.DTYPE_CODES[docs.dtype], False)
@@ -416,7 +417,7 @@ def _query_parts(queries: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tenso
 
 
 def _topk_ip_cuda_gemm(queries, docs, k, scores, ids) -> None:
-    cuda = _ext.sim if _common.simulating(queries) else _ext.cuda
+    cuda = _ext.current_sim() if _common.simulating(queries) else _ext.cuda
     nq, nb = queries.shape[0], docs.shape[0]
     qp, qmul = _query_parts(queries, docs.dtype)
     nparts = qp.shape[0] // nq
