@@ -21,6 +21,23 @@ namespace py = pybind11;
 
 namespace {
 cudaStream_t as_stream(std::uintptr_t s) { return reinterpret_cast<cudaStream_t>(s); }
+
+// Calls f with docs as a pointer of the element type the dtype code names (int8 only where the entry takes it).
+template <bool Int8, class F>
+void with_doc_type(int dtype, std::uintptr_t docs, const char* who, F&& f) {
+  switch (static_cast<pyrag::DType>(dtype)) {
+    case pyrag::DType::f32:
+      return f(reinterpret_cast<const float*>(docs));
+    case pyrag::DType::f16:
+      return f(reinterpret_cast<const pyrag::half_t*>(docs));
+    case pyrag::DType::bf16:
+      return f(reinterpret_cast<const pyrag::bf16_t*>(docs));
+    case pyrag::DType::i8:
+      if constexpr (Int8) return f(reinterpret_cast<const int8_t*>(docs));
+      break;
+  }
+  throw std::invalid_argument(std::string(who) + ": unsupported docs dtype code " + std::to_string(dtype));
+}
 }  // namespace
 
 PYBIND11_MODULE(PYRAG_CUDA_MODULE, m) {
@@ -117,27 +134,11 @@ PYBIND11_MODULE(PYRAG_CUDA_MODULE, m) {
         "topk_ip",
         [](int dtype, P queries, P docs, P scale, int64_t nq, int64_t nb, int64_t dim, int64_t k, bool exact_queries,
            P scores, P ids, P workspace, size_t workspace_bytes, P stream) {
-          const auto* q = reinterpret_cast<const float*>(queries);
-          const auto* s = reinterpret_cast<const float*>(scale);
-          auto* os = reinterpret_cast<float*>(scores);
-          auto* oi = reinterpret_cast<int64_t*>(ids);
-          void* ws = reinterpret_cast<void*>(workspace);
-          const cudaStream_t st = as_stream(stream);
-          switch (static_cast<pyrag::DType>(dtype)) {
-            case pyrag::DType::f32:
-              return tk::topk_ip_cuda(q, reinterpret_cast<const float*>(docs), s, nq, nb, dim, k, exact_queries, os, oi, ws,
-                                      workspace_bytes, st);
-            case pyrag::DType::f16:
-              return tk::topk_ip_cuda(q, reinterpret_cast<const pyrag::half_t*>(docs), s, nq, nb, dim, k, exact_queries, os, oi, ws,
-                                      workspace_bytes, st);
-            case pyrag::DType::bf16:
-              return tk::topk_ip_cuda(q, reinterpret_cast<const pyrag::bf16_t*>(docs), s, nq, nb, dim, k, exact_queries, os, oi,
-                                      ws, workspace_bytes, st);
-            case pyrag::DType::i8:
-              return tk::topk_ip_cuda(q, reinterpret_cast<const int8_t*>(docs), s, nq, nb, dim, k, exact_queries, os, oi, ws,
-                                      workspace_bytes, st);
-          }
-          throw std::invalid_argument("topk_ip: unknown dtype code " + std::to_string(dtype));
+          with_doc_type<true>(dtype, docs, "topk_ip", [&](const auto* d) {
+            tk::topk_ip_cuda(reinterpret_cast<const float*>(queries), d, reinterpret_cast<const float*>(scale), nq, nb,
+                             dim, k, exact_queries, reinterpret_cast<float*>(scores), reinterpret_cast<int64_t*>(ids),
+                             reinterpret_cast<void*>(workspace), workspace_bytes, as_stream(stream));
+          });
         },
         py::call_guard<py::gil_scoped_release>(), "Top-k inner products on the GPU (see csrc/topk_ip_cuda.h).");
     m.attr("topk_ip_sketch_max_q") = tk::kCudaSketchMaxQ;
@@ -145,30 +146,14 @@ PYBIND11_MODULE(PYRAG_CUDA_MODULE, m) {
         "topk_ip_sketch",
         [](int dtype, P queries, P docs, P codes, P sk_scale, P sk_norm, P sk_res, P coef, int64_t nq, int64_t nb,
            int64_t dim, int64_t k, P scores, P ids, P workspace, size_t workspace_bytes, P stream) {
-          const auto* q = reinterpret_cast<const float*>(queries);
-          const auto* c = reinterpret_cast<const int8_t*>(codes);
-          const auto* ss = reinterpret_cast<const float*>(sk_scale);
-          const auto* sn = reinterpret_cast<const float*>(sk_norm);
-          const auto* sr = reinterpret_cast<const float*>(sk_res);
-          const auto* cf = reinterpret_cast<const float*>(coef);
-          auto* os = reinterpret_cast<float*>(scores);
-          auto* oi = reinterpret_cast<int64_t*>(ids);
-          void* ws = reinterpret_cast<void*>(workspace);
-          const cudaStream_t st = as_stream(stream);
-          switch (static_cast<pyrag::DType>(dtype)) {
-            case pyrag::DType::f32:
-              return tk::topk_ip_sketch_cuda(q, reinterpret_cast<const float*>(docs), c, ss, sn, sr, cf, nq, nb, dim,
-                                             k, os, oi, ws, workspace_bytes, st);
-            case pyrag::DType::f16:
-              return tk::topk_ip_sketch_cuda(q, reinterpret_cast<const pyrag::half_t*>(docs), c, ss, sn, sr, cf, nq,
-                                             nb, dim, k, os, oi, ws, workspace_bytes, st);
-            case pyrag::DType::bf16:
-              return tk::topk_ip_sketch_cuda(q, reinterpret_cast<const pyrag::bf16_t*>(docs), c, ss, sn, sr, cf, nq,
-                                             nb, dim, k, os, oi, ws, workspace_bytes, st);
-            default:
-              break;
-          }
-          throw std::invalid_argument("topk_ip_sketch: float docs only, got dtype code " + std::to_string(dtype));
+          with_doc_type<false>(dtype, docs, "topk_ip_sketch", [&](const auto* d) {
+            tk::topk_ip_sketch_cuda(
+                reinterpret_cast<const float*>(queries), d, reinterpret_cast<const int8_t*>(codes),
+                reinterpret_cast<const float*>(sk_scale), reinterpret_cast<const float*>(sk_norm),
+                reinterpret_cast<const float*>(sk_res), reinterpret_cast<const float*>(coef), nq, nb, dim, k,
+                reinterpret_cast<float*>(scores), reinterpret_cast<int64_t*>(ids), reinterpret_cast<void*>(workspace),
+                workspace_bytes, as_stream(stream));
+          });
         },
         py::call_guard<py::gil_scoped_release>(),
         "Top-k inner products of few queries over float docs with an int8 sketch (see csrc/topk_ip_cuda.h).");

@@ -196,6 +196,23 @@ struct Scores {
   }
 };
 
+// acc[qi][r] += q[qi][p + v] * dv[r][v] for v = 0 .. V-1 in order (V of a 16-byte piece at element p of each row).
+template <int BQ, int R, int V>
+__device__ __forceinline__ void fma_piece(const float* qs, int D, int p, const float (&dv)[R][V], float (&acc)[BQ][R]) {
+#pragma unroll
+  for (int qi = 0; qi < BQ; ++qi) {
+#pragma unroll
+    for (int v4 = 0; v4 < V; v4 += 4) {
+      const float4 x = *reinterpret_cast<const float4*>(qs + qi * D + p + v4);
+      const float xv[4] = {x.x, x.y, x.z, x.w};
+#pragma unroll
+      for (int v = 0; v < 4; ++v)
+#pragma unroll
+        for (int r = 0; r < R; ++r) acc[qi][r] = fmaf(xv[v], dv[r][v4 + v], acc[qi][r]);
+    }
+  }
+}
+
 // Each lane's share of the dot products of BQ queries (fp32, in shared memory: qs[qi * D + p]) with R doc rows:
 // lane L takes elements L*V .. L*V+V-1, then 32 V further on, and so on (V elements per 16-byte load with VEC, else
 // V = 1), one fmaf per element in that order; warp_sum of acc[qi][r] is the score. The exact scores of Gemv and the
@@ -223,18 +240,7 @@ __device__ __forceinline__ void lane_dots(const float* qs, int D, const T* const
       for (int u = 0; u < U; ++u) {
         const int p = p0 + u * 32 * V;
         if (p >= D) break;
-#pragma unroll
-        for (int qi = 0; qi < BQ; ++qi) {
-#pragma unroll
-          for (int v4 = 0; v4 < V; v4 += 4) {
-            const float4 x = *reinterpret_cast<const float4*>(qs + qi * D + p + v4);
-            const float xv[4] = {x.x, x.y, x.z, x.w};
-#pragma unroll
-            for (int v = 0; v < 4; ++v)
-#pragma unroll
-              for (int r = 0; r < R; ++r) acc[qi][r] = fmaf(xv[v], dv[u][r][v4 + v], acc[qi][r]);
-          }
-        }
+        fma_piece<BQ, R, V>(qs, D, p, dv[u], acc);
       }
     }
   } else if constexpr (VEC) {
@@ -244,18 +250,7 @@ __device__ __forceinline__ void lane_dots(const float* qs, int D, const T* const
       float dv[R][V];
 #pragma unroll
       for (int r = 0; r < R; ++r) load16(rows[r] + p, dv[r]);
-#pragma unroll
-      for (int qi = 0; qi < BQ; ++qi) {
-#pragma unroll
-        for (int v4 = 0; v4 < V; v4 += 4) {
-          const float4 x = *reinterpret_cast<const float4*>(qs + qi * D + p + v4);
-          const float xv[4] = {x.x, x.y, x.z, x.w};
-#pragma unroll
-          for (int v = 0; v < 4; ++v)
-#pragma unroll
-            for (int r = 0; r < R; ++r) acc[qi][r] = fmaf(xv[v], dv[r][v4 + v], acc[qi][r]);
-        }
-      }
+      fma_piece<BQ, R, V>(qs, D, p, dv, acc);
     }
   } else {
     for (int p = lane; p < D; p += 32) {
@@ -1072,6 +1067,33 @@ SelectPlan make_select_plan(int64_t nq, int64_t k, int64_t chunk, int variant) {
   return p;
 }
 
+// The fused paths' common start: the sizes checked (nq up to max_nq), the plan, the workspace checked, and Args
+// with the lists, queries and docs filled in. False when there are no queries (nothing to do).
+template <class T>
+bool fused_setup(const char* who, const float* queries, const T* docs, int64_t nq, int64_t max_nq, int64_t nb,
+                 int64_t dim, int64_t k, bool exact_queries, void* workspace, size_t workspace_bytes, Plan& p,
+                 Args& a) {
+  if (nq < 0 || nq > max_nq || nb < 1 || nb > kCudaMaxN || dim < 1 || dim > kCudaMaxDim || k < 1 || k > nb ||
+      k > kCudaMaxK)
+    throw std::invalid_argument(std::string(who) + ": unsupported sizes nq=" + std::to_string(nq) + " nb=" +
+                                std::to_string(nb) + " dim=" + std::to_string(dim) + " k=" + std::to_string(k));
+  if (nq == 0) return false;
+  constexpr int dtype = std::is_same<T, float>::value    ? int(DType::f32)
+                        : std::is_same<T, half_t>::value ? int(DType::f16)
+                        : std::is_same<T, bf16_t>::value ? int(DType::bf16)
+                                                         : int(DType::i8);
+  p = make_plan(nq, nb, dim, k, dtype, exact_queries);
+  if (workspace_bytes < p.total)
+    throw std::invalid_argument(std::string(who) + ": workspace of " + std::to_string(workspace_bytes) +
+                                " bytes, need " + std::to_string(p.total));
+  auto* ws = static_cast<unsigned char*>(workspace);
+  a = list_args(nq, nb, k, p.cap, p.chunks, p.chunk_len, ws + p.keys_off, ws + p.counts_off);
+  a.q = queries;
+  a.docs = docs;
+  a.dim = dim;
+  return true;
+}
+
 }  // namespace
 
 size_t cuda_select_workspace_bytes(int64_t nq, int64_t k, int64_t chunk, int variant) {
@@ -1137,24 +1159,13 @@ void topk_ip_cuda(const float* queries, const T* docs, const float* scale, int64
                   int64_t k, bool exact_queries, float* scores, int64_t* ids, void* workspace,
                   size_t workspace_bytes, cudaStream_t stream) {
   using D = typename DevType<T>::type;
-  if (nq < 0 || nb < 1 || nb > kCudaMaxN || dim < 1 || dim > kCudaMaxDim || k < 1 || k > nb || k > kCudaMaxK)
-    throw std::invalid_argument("topk_ip CUDA: unsupported sizes nq=" + std::to_string(nq) + " nb=" +
-                                std::to_string(nb) + " dim=" + std::to_string(dim) + " k=" + std::to_string(k));
-  if (nq == 0) return;
-  constexpr int dtype = std::is_same<T, float>::value    ? int(DType::f32)
-                        : std::is_same<T, half_t>::value ? int(DType::f16)
-                        : std::is_same<T, bf16_t>::value ? int(DType::bf16)
-                                                         : int(DType::i8);
-  const Plan p = make_plan(nq, nb, dim, k, dtype, exact_queries);
-  if (workspace_bytes < p.total)
-    throw std::invalid_argument("topk_ip CUDA: workspace of " + std::to_string(workspace_bytes) + " bytes, need " +
-                                std::to_string(p.total));
-  auto* ws = static_cast<unsigned char*>(workspace);
-  Args a = list_args(nq, nb, k, p.cap, p.chunks, p.chunk_len, ws + p.keys_off, ws + p.counts_off);
-  a.q = queries;
-  a.docs = docs;
+  Plan p;
+  Args a;
+  if (!fused_setup("topk_ip CUDA", queries, docs, nq, INT64_MAX, nb, dim, k, exact_queries, workspace, workspace_bytes,
+                   p, a))
+    return;
   a.scale = scale;
-  a.dim = dim;
+  auto* ws = static_cast<unsigned char*>(workspace);
   // 16-byte loads need 16-byte aligned rows.
   const bool vec = reinterpret_cast<uintptr_t>(docs) % 16 == 0 && (dim * int64_t(sizeof(T))) % 16 == 0;
   if (p.mode == Mode::gemv) {
@@ -1196,23 +1207,11 @@ void topk_ip_sketch_cuda(const float* queries, const T* docs, const int8_t* code
                          int64_t dim, int64_t k, float* scores, int64_t* ids, void* workspace, size_t workspace_bytes,
                          cudaStream_t stream) {
   using D = typename DevType<T>::type;
-  if (nq < 0 || nq > kCudaSketchMaxQ || nb < 1 || nb > kCudaMaxN || dim < 1 || dim > kCudaMaxDim || k < 1 ||
-      k > nb || k > kCudaMaxK)
-    throw std::invalid_argument("topk_ip sketch CUDA: unsupported sizes nq=" + std::to_string(nq) + " nb=" +
-                                std::to_string(nb) + " dim=" + std::to_string(dim) + " k=" + std::to_string(k));
-  if (nq == 0) return;
-  constexpr int dtype = std::is_same<T, float>::value ? int(DType::f32)
-                        : std::is_same<T, half_t>::value ? int(DType::f16)
-                                                         : int(DType::bf16);
-  const Plan p = make_plan(nq, nb, dim, k, dtype, false);  // nq <= 8: the gemv plan, whose tiles SketchGemv shares
-  if (workspace_bytes < p.total)
-    throw std::invalid_argument("topk_ip sketch CUDA: workspace of " + std::to_string(workspace_bytes) +
-                                " bytes, need " + std::to_string(p.total));
-  auto* ws = static_cast<unsigned char*>(workspace);
-  Args a = list_args(nq, nb, k, p.cap, p.chunks, p.chunk_len, ws + p.keys_off, ws + p.counts_off);
-  a.q = queries;
-  a.docs = docs;
-  a.dim = dim;
+  Plan p;  // nq <= 8: the gemv plan, whose tiles SketchGemv shares
+  Args a;
+  if (!fused_setup("topk_ip sketch CUDA", queries, docs, nq, kCudaSketchMaxQ, nb, dim, k, false, workspace,
+                   workspace_bytes, p, a))
+    return;
   a.codes = codes;
   a.sk_scale = sk_scale;
   a.sk_norm = sk_norm;

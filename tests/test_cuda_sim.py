@@ -14,7 +14,15 @@ import pytest
 import torch
 from test_rag_loss import LOSSES, assert_three_way, check_token_marginal, make_inputs, max_err, run
 from test_rag_loss_edge import check_nan_propagation
-from test_topk_ip import _make, assert_topk_exact, tie_heavy_case
+from test_topk_ip import (
+    SELECTS,
+    _make,
+    assert_duplicates_in_id_order,
+    assert_topk_exact,
+    duplicated_docs_case,
+    gemm_case,
+    tie_heavy_case,
+)
 
 from pyrag import _ext
 from pyrag.ops.topk_ip import topk_ip, topk_ip_options
@@ -228,15 +236,10 @@ def test_fused_search_does_not_depend_on_thread_order(dtype, order):
 
 
 def test_large_k_and_duplicates():
-    g = torch.Generator().manual_seed(14)
-    base = torch.randn(600, 64, generator=g)
-    owner = torch.randperm(3000, generator=g) % 600
-    d = base[owner].half()
-    q = torch.randn(3, 64, generator=g)
+    q, d, owner = duplicated_docs_case(3)
     s, i = _search(q, d, 2048)
     assert_topk_exact(q, d, 2048, s, i)
-    same_doc = owner[i][:, 1:] == owner[i][:, :-1]
-    assert torch.equal(s[:, 1:][same_doc], s[:, :-1][same_doc]) and bool((i[:, 1:][same_doc] > i[:, :-1][same_doc]).all())
+    assert_duplicates_in_id_order(owner, s, i)
 
 
 @pytest.mark.parametrize("sms", [1, 64])
@@ -256,17 +259,13 @@ def test_half_queries_take_the_exact_single_part_path(dtype):
     assert_topk_exact(qh.float(), d, 10, s, i)
 
 
-SELECTS = ["block", "warp"]
-
 
 @pytest.mark.parametrize("select", SELECTS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("qdtype", [torch.float32, None])  # None: queries in the docs' dtype (one exact part)
 @pytest.mark.parametrize("chunk", [0, 1000, 333])  # 0: one chunk; else several, the last one short (333: unaligned)
 def test_gemm_path_over_chunks(dtype, qdtype, chunk, select):
-    q, d, _ = _make(40, 3000, 96, dtype, seed=17)
-    q = q * 3e3 if dtype == torch.float16 else q  # fp16 query parts need the power-of-two rescale to stay finite
-    qq = q if qdtype is not None else q.to(dtype)
+    qq, d = gemm_case(3000, dtype, qdtype)
     kernel = "select_warp_kernel" if select == "warp" else "search_kernel<Scores>"
     s, i = _search(qq, d, 64, cuda_path="gemm", cuda_chunk=chunk, cuda_select=select, expect=kernel)
     assert_topk_exact(qq.float(), d, 64, s, i)

@@ -757,18 +757,27 @@ def test_cuda_matches_brute_force_on_a_side_stream(Q, N, D, k, dtype):
     assert_topk_exact(q, d, k, s.cpu(), i.cpu(), scale)
 
 
-@cuda
-def test_cuda_large_k_and_duplicates():
+def duplicated_docs_case(nq):
+    """fp32 queries [nq, 64] and fp16 docs [3000, 64], each one of 600 distinct rows (owner: which)."""
     g = torch.Generator().manual_seed(14)
     base = torch.randn(600, 64, generator=g)
     owner = torch.randperm(3000, generator=g) % 600
-    d = base[owner].half()
-    q = torch.randn(5, 64, generator=g)
+    return torch.randn(nq, 64, generator=g), base[owner].half(), owner
+
+
+def assert_duplicates_in_id_order(owner, s, i):
+    """Neighbours in a result that are copies of one doc have equal scores and ascending ids."""
+    same = owner[i][:, 1:] == owner[i][:, :-1]
+    assert torch.equal(s[:, 1:][same], s[:, :-1][same]) and bool((i[:, 1:][same] > i[:, :-1][same]).all())
+
+
+@cuda
+def test_cuda_large_k_and_duplicates():
+    q, d, owner = duplicated_docs_case(5)
     s, i = topk_ip(q.cuda(), d.cuda(), 2048)
     s, i = s.cpu(), i.cpu()
     assert_topk_exact(q, d, 2048, s, i)
-    same = owner[i][:, 1:] == owner[i][:, :-1]  # neighbours that are copies of one doc
-    assert torch.equal(s[:, 1:][same], s[:, :-1][same]) and bool((i[:, 1:][same] > i[:, :-1][same]).all())
+    assert_duplicates_in_id_order(owner, s, i)
 
 
 @cuda
@@ -806,15 +815,20 @@ def tie_heavy_case(nq, nd):
     return q, d
 
 
+def gemm_case(n_docs, dtype, qdtype):
+    """40 queries (fp32, or the docs' dtype when qdtype is None) and n_docs fp16/bf16 docs of D=96."""
+    q, d, _ = _make(40, n_docs, 96, dtype, seed=17)
+    q = q * 3e3 if dtype == torch.float16 else q  # fp16 query parts need the power-of-two rescale to stay finite
+    return (q if qdtype is not None else q.to(dtype)), d
+
+
 @cuda
 @pytest.mark.parametrize("select", SELECTS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("qdtype", [torch.float32, None])  # None: queries in the docs' dtype (one exact part)
 @pytest.mark.parametrize("chunk", [0, 1000, 333])  # 0: one chunk; else several, the last one short (333: unaligned)
 def test_cuda_gemm_path_over_chunks(dtype, qdtype, chunk, select):
-    q, d, _ = _make(40, 5000, 96, dtype, seed=17)
-    q = q * 3e3 if dtype == torch.float16 else q  # fp16 query parts need the power-of-two rescale to stay finite
-    qq = q if qdtype is not None else q.to(dtype)
+    qq, d = gemm_case(5000, dtype, qdtype)
     with topk_ip_options(cuda_path="gemm", cuda_chunk=chunk, cuda_select=select):
         s, i = topk_ip(qq.cuda(), d.cuda(), 64)
     assert_topk_exact(qq.float(), d, 64, s.cpu(), i.cpu())
