@@ -21,7 +21,6 @@ from pyrag.ops.sketch import make_sketch
 from pyrag.ops.topk_ip import cpu_has_amx, topk_ip_options
 
 SKETCH_MAX_Q = 12  # topk_ip reads a given sketch up to this many queries (csrc/topk_ip_cpu.cpp, kSketchMaxQ)
-CUDA_SKETCH_MAX_Q = 8  # and on CUDA (csrc/topk_ip_cuda.h, kCudaSketchMaxQ)
 
 
 def _ints(s: str) -> list[int]:
@@ -141,8 +140,10 @@ def bench_cuda(args) -> list[dict]:
     for lo in range(0, args.cuda_n, 1 << 20):  # fill in pieces: no fp32 copy of the whole matrix
         hi = min(args.cuda_n, lo + (1 << 20))
         docs[lo:hi] = torch.randn(hi - lo, args.d, generator=g, device=dev).half()
-    # The int8 sketch (FlatIndex(sketch=True) on the GPU): up to 8 queries read its codes, half of fp16's bytes.
-    sketch = make_sketch(docs) if any(nq <= CUDA_SKETCH_MAX_Q for nq in args.cuda_q) else None
+    # The int8 sketch (FlatIndex(sketch=True) on the GPU): up to 8 queries read its codes, half of fp16's bytes. It
+    # is part of the index (N * (D + 12) bytes, like the docs), so peak_extra_mb, the search's own memory, leaves it out.
+    sketch_max_q = pyrag._ext.cuda.topk_ip_sketch_max_q
+    sketch = make_sketch(docs) if any(nq <= sketch_max_q for nq in args.cuda_q) else None
     rows = []
     for nq in args.cuda_q:
         q = torch.randn(nq, args.d, generator=g, device=dev)
@@ -153,7 +154,7 @@ def bench_cuda(args) -> list[dict]:
             "pyrag fp16": lambda qh=qh: pyrag.topk_ip(qh, docs, args.k),
             "pyrag fp16 docs, fp32 queries": lambda q=q: pyrag.topk_ip(q, docs, args.k),
         }
-        if sketch is not None and nq <= CUDA_SKETCH_MAX_Q:
+        if sketch is not None and nq <= sketch_max_q:
             fns["pyrag fp16+sketch"] = lambda qh=qh: pyrag.topk_ip(qh, docs, args.k, sketch=sketch)
         if nq >= 9:  # the chunked-GEMM path: also time the warp-per-list selection kernel
             fns["pyrag fp16, warp select"] = lambda qh=qh: _with_warp_select(lambda: pyrag.topk_ip(qh, docs, args.k))

@@ -25,7 +25,7 @@ stamp() { echo "[$(( $(date +%s) - T0 ))s] $*" | tee -a "$FINAL/steps.txt"; pack
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 stamp build
 # The machine has scikit-build-core and pybind11 preinstalled and no registry: build without isolation, for the
-# lent card's architecture only (halves the nvcc time).
+# lent card's architecture only (halves the nvcc time), and without the CUDA simulator (it serves GPU-less CI).
 ARCH=$(python -c "import torch; m, n = torch.cuda.get_device_capability(); print(f'{m}{n}')")
 PYPATH=
 if ! python -m pip install --no-build-isolation --no-deps \

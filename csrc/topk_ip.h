@@ -46,14 +46,6 @@ struct Sketch {
 // Whether the AMX prefilter can run here (AMX-TILE + AMX-BF16, AVX-512, Linux granted the tile state).
 bool amx_usable();
 
-// Fused search: tiled dot products + per-query threshold-filtered top-k buffers; never builds [nq, nb].
-// With many queries on an AMX CPU (path 0 from nq >= 48, or path 2) the dot products first run in bf16 on AMX
-// and only docs that a rigorous error bound cannot rule out get their exact fp32 score -- the same bits as the
-// fused path. scores [nq, k] fp32 and ids [nq, k] int64 are written in full. Throws std::invalid_argument on bad
-// options. Extra memory: O(threads * nq * k) candidates plus per-thread tiles.
-// With a sketch (float docs only), every doc is first scored against its int8 codes -- by the SIMD kernels up to 12
-// queries (path 0, or path 3), by the AMX prefilter beyond (path 0 where AMX exists, or path 2) -- and only docs a
-// rigorous bound cannot rule out get their exact score: again the same bits as the fused path.
 // Per-query constants of the sketch prefilter's error bound for fp32 queries scored against int8 codes in fp32
 // arithmetic (any summation order): writes ca, cb, e0, dlim ([4, nq], row-major) so that for every doc
 //   |q . d - fl(q . codes) scale| + the exact scorer's own error + the fp32 evaluation of the test
@@ -62,6 +54,14 @@ bool amx_usable();
 // sketch kernel takes these constants from here, so both devices share one error analysis.
 bool sketch_bound_constants(const float* queries, int64_t nq, int64_t dim, float* out);
 
+// Fused search: tiled dot products + per-query threshold-filtered top-k buffers; never builds [nq, nb].
+// With many queries on an AMX CPU (path 0 from nq >= 48, or path 2) the dot products first run in bf16 on AMX
+// and only docs that a rigorous error bound cannot rule out get their exact fp32 score -- the same bits as the
+// fused path. scores [nq, k] fp32 and ids [nq, k] int64 are written in full. Throws std::invalid_argument on bad
+// options. Extra memory: O(threads * nq * k) candidates plus per-thread tiles.
+// With a sketch (float docs only), every doc is first scored against its int8 codes -- by the SIMD kernels up to 12
+// queries (path 0, or path 3), by the AMX prefilter beyond (path 0 where AMX exists, or path 2) -- and only docs a
+// rigorous bound cannot rule out get their exact score: again the same bits as the fused path.
 template <class T>
 void topk_ip_cpu(const float* queries, const T* docs, const float* scale, int64_t nq, int64_t nb, int64_t dim,
                  int64_t k, float* scores, int64_t* ids, const CpuOptions& opt, const Sketch* sketch = nullptr);

@@ -805,7 +805,9 @@ bool amx_usable() {
 }
 
 bool sketch_bound_constants(const float* queries, int64_t nq, int64_t dim, float* out) {
-  if (nq < 0 || dim < 1) throw std::invalid_argument("sketch_bound_constants: bad sizes");
+  if (nq < 0 || dim < 1)
+    throw std::invalid_argument("sketch_bound_constants: bad sizes nq=" + std::to_string(nq) + " dim=" +
+                                std::to_string(dim));
   std::vector<float> ca, cb, e0, dlim;
   if (!sketch_bounds(query_norms(queries, nq, dim), dim, nullptr, ca, cb, e0, dlim)) return false;
   for (int64_t i = 0; i < nq; ++i) {

@@ -1,5 +1,5 @@
-// CUDA kernels of pyrag.topk_ip: one pass scores doc tiles (warp-per-doc dot products for few queries, WMMA tensor
-// cores for fp16/bf16 docs, SIMT register tiles otherwise) and keeps a candidate list per (query, doc chunk); a
+// CUDA kernels of pyrag.topk_ip: one pass scores doc tiles (warp-per-doc dot products for few queries -- over an int8
+// sketch first where the caller gives one --, WMMA tensor cores for fp16/bf16 docs, SIMT register tiles otherwise) and keeps a candidate list per (query, doc chunk); a
 // second kernel merges the chunks' lists per query. Extra memory O(nq * k * chunks), never the [nq, nb] matrix.
 #include "topk_ip_cuda.h"
 
@@ -543,6 +543,7 @@ struct Wmma {
 // above each query's threshold to its list in global memory, and cut a list back to its best k whenever the next
 // tile could overflow it (cap = 2k + BN). With a.last it ends with at most k keys per list and their count in
 // counts; otherwise (a chunk of the chunked-GEMM path) it saves counts and thresholds for the next launch.
+// P::tile receives the block's current thresholds, so a producer may skip docs that cannot pass them (SketchGemv).
 template <class P>
 __global__ void __launch_bounds__(NT) search_kernel(Args a) {
   constexpr int BQ = P::BQ, BN = P::BN;

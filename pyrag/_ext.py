@@ -56,13 +56,15 @@ def simulate_cuda(order: str = "forward", seed: int = 0, sms: int = 4):
 
     order: how threads (and blocks) take turns between synchronisation points -- "forward", "reverse" or
     "shuffle" (seeded); a result that changes with it reveals a race. sms: the multiprocessor count the kernels
-    plan their grids for (small values give few, long-running blocks; large ones many short blocks). Yields the
-    simulator module (its sim_stats() counts launches per kernel)."""
+    plan their grids for (small values give few, long-running blocks; large ones many short blocks). seed: the
+    shuffle's seed (order="shuffle"). Yields the simulator module (its sim_stats() counts launches per kernel)."""
     global _sim_active
     if order not in _SIM_ORDERS:
         raise ValueError(f"order must be one of {sorted(_SIM_ORDERS)}, got {order!r}")
-    if not isinstance(sms, int) or isinstance(sms, bool) or sms < 1:
-        raise ValueError(f"sms must be an int >= 1, got {sms!r}")
+    if not isinstance(sms, int) or isinstance(sms, bool) or not 1 <= sms <= 1 << 20:
+        raise ValueError(f"sms must be an int in [1, 2**20], got {sms!r}")
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 1 << 64:
+        raise ValueError(f"seed must be an int in [0, 2**64), got {seed!r}")
     try:
         mod = importlib.import_module("pyrag._C_cudasim")
     except ImportError as e:

@@ -1,7 +1,7 @@
 """The CUDA kernels' code, run on the CPU by the CUDA simulator (pyrag._ext.simulate_cuda, csrc/sim/): the same
 host code, launches, shared memory and warp protocols as on a GPU, checked against the references that the GPU
-tests use (tests/test_rag_loss.py, tests/test_topk_ip.py), on shapes small enough for one core. Each kernel also
-runs with threads and blocks taking turns in reverse and shuffled order: a result that changed would be a race.
+tests use (tests/test_rag_loss.py, tests/test_topk_ip.py), on shapes small enough for one core. Each kind of kernel
+also runs with threads and blocks taking turns in reverse and shuffled order: a result that changed would be a race.
 
 This does not replace the GPU run (timing, the memory model, real tensor cores and cuBLAS are not simulated); it
 makes every CI run execute the CUDA code paths a GPU machine is needed to time."""
@@ -24,7 +24,7 @@ from test_topk_ip import (
     tie_heavy_case,
 )
 
-from pyrag import _ext
+from pyrag import _ext, rag_token_marginal_logprobs
 from pyrag.ops.topk_ip import topk_ip, topk_ip_options
 
 # The simulator is built with pyrag._C_cuda (wherever CMake finds the CUDA toolkit, as on CI): without the CUDA
@@ -137,6 +137,8 @@ def test_simulate_cuda_checks_its_arguments():
         pass
     with pytest.raises(ValueError, match="sms"), _ext.simulate_cuda(sms=0):
         pass
+    with pytest.raises(ValueError, match="seed"), _ext.simulate_cuda(seed=-1):
+        pass
     with _ext.simulate_cuda(), pytest.raises(RuntimeError, match="already active"), _ext.simulate_cuda():
         pass
     assert _ext.current_sim() is None
@@ -201,7 +203,21 @@ def test_nan_logits_give_nan_where_the_reference_does(mode, epsilon):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("steps", [None, 4])
 def test_token_marginal(steps, dtype):
-    sim_run(lambda: check_token_marginal(steps, dtype))
+    sim_run(lambda: check_token_marginal(steps, dtype), expect="marginal_fwd_kernel")
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_token_marginal_does_not_depend_on_thread_order(order):
+    z, s, _ = make_inputs(3, 4, 1, 1001, pad=False)
+    step, g = z[:, 0], torch.randn(3, 1001)
+
+    def grads():
+        zz, ss = step.clone().requires_grad_(), s.clone().requires_grad_()
+        out = rag_token_marginal_logprobs(zz, ss)
+        return (out.detach(), *torch.autograd.grad(out, (zz, ss), g))
+
+    want = sim_run(grads)
+    assert same(sim_run(grads, order=order, expect="marginal_bwd_kernel"), want)
 
 
 # ---- top-k search (csrc/topk_ip_cuda.cu) ----
@@ -217,7 +233,7 @@ def _search(q, d, k, scale=None, order="forward", sms=4, sketch=None, expect=Non
 @pytest.mark.parametrize("dtype", STORAGE, ids=str)
 @pytest.mark.parametrize(
     "Q,N,D,k",
-    # 1-2 queries: the warp-per-doc streaming kernel; more: register tiles (fp32/int8) or tensor cores (fp16/bf16)
+    # 1-8 queries: Gemv (warp-per-doc streaming); 9+: register tiles (fp32/int8) or tensor cores (fp16/bf16)
     [(1, 1, 7, 1), (2, 1001, 769, 10), (3, 1001, 129, 100), (17, 3000, 128, 100), (65, 700, 7, 700)],
 )
 def test_fused_search_exact(Q, N, D, k, dtype):
@@ -229,8 +245,9 @@ def test_fused_search_exact(Q, N, D, k, dtype):
 
 @pytest.mark.parametrize("order", ["reverse", "shuffle"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-def test_fused_search_does_not_depend_on_thread_order(dtype, order):
-    q, d, scale = _make(17, 2000, 40, dtype, seed=3)
+@pytest.mark.parametrize("Q", [2, 17])  # Gemv; Simt (fp32) or Wmma (fp16)
+def test_fused_search_does_not_depend_on_thread_order(Q, dtype, order):
+    q, d, scale = _make(Q, 2000, 40, dtype, seed=3)
     want = _search(q, d, 50, scale, cuda_path="fused")
     assert same(_search(q, d, 50, scale, order=order, cuda_path="fused"), want)
 
@@ -333,7 +350,8 @@ def test_sketch_path_reads_the_sketch():
     want = _search(q, d, 20, cuda_path="fused")
     lying = sk._replace(scale=torch.zeros_like(sk.scale), norm=torch.zeros_like(sk.norm), res=torch.zeros_like(sk.res))
     assert not torch.equal(_search(q, d, 20, sketch=lying)[1], want[1])
-    assert same(_search(q, d, 20, order="reverse", sketch=sk), want)
+    for order in ("reverse", "shuffle"):
+        assert same(_search(q, d, 20, order=order, sketch=sk, expect="SketchGemv<"), want)
 
 
 def test_sketch_path_with_ties_and_huge_rows():
@@ -355,7 +373,7 @@ def test_sketch_path_is_skipped_for_queries_too_large_for_it():
     # A query whose int8-code sums could overflow fp32 gets no bound: the plain kernel runs, results stay exact.
     q, d, sk = _sketch_case(1, 500, 16, torch.float32, seed=34)
     q = q * 1e36
-    s, i = _search(q, d, 10, sketch=sk, expect="Gemv<")
+    s, i = _search(q, d, 10, sketch=sk, expect="P = Gemv<")
     assert_topk_exact(q, d, 10, s, i)
 
 

@@ -7,11 +7,8 @@
 #include <setjmp.h>
 #include <sys/mman.h>
 #include <ucontext.h>
-#include <unistd.h>
 
 #include <algorithm>
-#include <cstdio>
-#include <cstdlib>
 #include <map>
 #include <mutex>
 #include <random>
@@ -303,13 +300,9 @@ void fail_in_kernel(const std::string& msg) { fail("CUDA simulator: " + msg); }
 void syncthreads() {
   Run* r = g_run;
   r->cur->state = State::kBarrier;
-  if (++r->at_barrier + r->done == r->n) {  // the last to arrive releases everyone and goes on
-    for (Fiber& f : r->fibers)
-      if (f.state == State::kBarrier) f.state = State::kRun;
-    r->at_barrier = 0;
-    return;
-  }
-  yield_to_scheduler();
+  ++r->at_barrier;
+  release_barrier_if_complete(r);  // the last to arrive releases everyone and goes on
+  if (r->cur->state == State::kBarrier) yield_to_scheduler();
 }
 
 unsigned activemask() {
@@ -462,8 +455,6 @@ cudaError_t cudaGetLastError(void) {
   pyrag_sim::g_last_error = cudaSuccess;
   return e;
 }
-
-cudaError_t cudaPeekAtLastError(void) { return pyrag_sim::g_last_error; }
 
 const char* cudaGetErrorString(cudaError_t e) {
   switch (e) {

@@ -24,8 +24,9 @@ class FlatIndex:
             for float16/bfloat16). CPU searches then read the sketch first (up to 12 queries; any number on CPUs
             with AMX), as do CUDA searches of up to 8 queries, and compute exact scores only where a rigorous error
             bound says a row could still make the top k: the same results bit for bit, a quarter (fp32) or half
-            (fp16/bf16) of the bytes read (about 2.5x faster at 1 query on a 2-core machine, where search is bound
-            by memory bandwidth). The sketch moves with to(). Not for dtype="int8" (already compact).
+            (fp16/bf16) of the bytes read (CPU: about 2.5x faster at 1 query on a 2-core machine, where search is
+            bound by memory bandwidth; CUDA: not yet timed). The sketch moves with to(). Not for dtype="int8"
+            (already compact).
 
     `add(embeddings [N, D], ids=None)` appends rows with int64 labels (default: continuing after the largest
     label so far, i.e. 0..N-1 for a fresh index); `search(queries [Q, D], k)` returns (scores [Q, k] fp32,
@@ -114,8 +115,9 @@ class FlatIndex:
         return self
 
     def to(self, device) -> FlatIndex:
-        """Move the stored vectors (and labels) to `device` in place and return self; searches then run there
-        (on CUDA with pyrag's CUDA kernel)."""
+        """Move the stored vectors, their scales, labels and sketch to `device` in place and return self; searches
+        then run there (on CUDA with pyrag's CUDA kernel, which reads the sketch for up to 8 queries). On a GPU the
+        sketch costs N * (D + 12) bytes of its memory (+50% for float16); build the index without one to save it."""
         device = torch.device(device)
         with self._lock.write():
             self._vectors.to(device)

@@ -28,7 +28,8 @@ def _aux_shape(mode: str, B: int, K: int, T: int) -> tuple[int, ...]:
 
 
 def _launch(t: Tensor, fn, *args):
-    """Calls a kernel entry point with the CPU thread count, or on t's device and current CUDA stream."""
+    """Calls a kernel entry point with the CPU thread count, or on t's device and current CUDA stream (in the CUDA
+    simulator, pyrag._ext.simulate_cuda, its only stream, 0)."""
     if t.device.type == "cpu" and not simulating(t):
         return fn(*args, num_threads())
     with device_guard(t):  # the stream belongs to t's device, which must be current at launch

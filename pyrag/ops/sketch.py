@@ -1,7 +1,8 @@
 """Int8 sketches of float doc matrices for pyrag.topk_ip: symmetric per-row int8 codes plus, per row, rigorous
-upper bounds on the row's norm and on its quantisation residual. The CPU kernel scans the codes first (a quarter of
-the fp32 bytes) and computes exact scores only where the bound says a doc could still make the top k, so results are
-bit-identical to a search without the sketch (csrc/topk_ip_cpu.cpp, SketchPass, has the error analysis)."""
+upper bounds on the row's norm and on its quantisation residual. The CPU kernel, and on CUDA the fused kernel for up
+to 8 queries, scan the codes first (a quarter of fp32's bytes, half of fp16's) and compute exact scores only where
+the bound says a doc could still make the top k, so results are bit-identical to a search without the sketch
+(csrc/topk_ip_cpu.cpp, SketchPass, has the error analysis; csrc/topk_ip_cuda.cu, SketchGemv, is the GPU twin)."""
 
 from __future__ import annotations
 

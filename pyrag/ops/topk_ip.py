@@ -98,7 +98,8 @@ def topk_ip(
             int8 codes first (SIMD up to 12 queries; beyond, on AMX CPUs, the AMX prefilter; elsewhere the sketch is
             not used past 12 queries) and compute exact scores only for docs a rigorous error bound cannot rule
             out: the same results bit for bit, about a quarter of the bytes read per search. On CUDA, up to 8
-            queries read it the same way (half of fp16's bytes), with the same guarantee; more queries do not use
+            queries read it the same way (half of fp16's bytes, a quarter of fp32's), with the same guarantee
+            and bits; more queries do not use
             it. Costs N * (D + 12) bytes on the docs' device; build it once per doc matrix. The sketch
             describes the docs it was made from: after editing docs in place, make a new one (a stale sketch is
             not detected and gives wrong results).
