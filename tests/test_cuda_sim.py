@@ -434,3 +434,28 @@ def test_rag_model_forward_backward_and_decoding_match_the_cpu_kernels(tiny_rag,
     got_gen = sim_run(lambda: model.generate(qs, **kw),
                       expect="marginal_fwd_kernel" if mode == "token" else "row_stats_kernel")
     assert got_gen.answers == want_gen.answers
+
+
+@pytest.mark.parametrize("case", ["negative", "clustered"])
+def test_sketch_path_where_the_bound_decides(case, monkeypatch):
+    # Random data rarely puts a top-k doc near a block's threshold, so two properties need data of their own:
+    # negative: every score < 0, so a block must rescore every doc until its list has a threshold (before that the
+    #   threshold is not 0); clustered: scores closer together than the int8 codes can tell apart, in ascending
+    #   order in one block (so the threshold is near the final k-th score when the best docs come): only the
+    #   bound's error terms keep the true top k.
+    from pyrag.ops.sketch import make_sketch
+
+    g = torch.Generator().manual_seed(38)
+    if case == "negative":
+        q, d = torch.rand(2, 32, generator=g) + 0.1, -torch.rand(3000, 32, generator=g).half()
+    else:
+        monkeypatch.setenv("PYRAG_TOPK_CUDA_BLOCKS_PER_SM", "1")
+        base = torch.randn(32, generator=g)
+        q, d = torch.randn(1, 32, generator=g), base + 1e-3 * torch.randn(3000, 32, generator=g)
+        d = d[torch.argsort(q[0] @ d.T)]
+    sk = make_sketch(d)
+    if case == "clustered":  # some true top-10 doc's int8 score is below the 10th exact score: the slack matters
+        exact, approx = q[0] @ d.T, (q[0] @ sk.codes.float().T) * sk.scale
+        assert bool((approx[-10:] < exact[-10]).any())
+    want = _search(q, d, 10, sms=1, cuda_path="fused")
+    assert same(_search(q, d, 10, sms=1, sketch=sk, expect="SketchGemv<"), want)
