@@ -130,6 +130,19 @@ def test_hybrid_is_dense_plus_weighted_bm25_over_the_union(built):
     assert [float(bm[i][r]) for i, r in enumerate(top)] == [float(b.max()) for b in bm]  # dense only breaks ties
 
 
+def _count_encoded(monkeypatch) -> list[int]:
+    """Patches Encoder.encode_passages to record how many passages each call encodes; returns that record."""
+    encoded = []
+    real_encode = Encoder.encode_passages
+
+    def counting(self, titles, texts, *a, **k):
+        encoded.append(len(texts))
+        return real_encode(self, titles, texts, *a, **k)
+
+    monkeypatch.setattr(Encoder, "encode_passages", counting)
+    return encoded
+
+
 def _interrupted_build(monkeypatch, *args, **kw) -> None:
     """build_kb(*args, **kw) interrupted (KeyboardInterrupt) after its second encoded shard is saved."""
     real_save, saved = kbmod._save_shard, []
@@ -157,14 +170,7 @@ def test_interrupted_build_resumes_to_the_same_kb(tmp_path, enc, monkeypatch):
     with pytest.raises(FileNotFoundError, match="unfinished build"):
         KnowledgeBase.open(tmp_path / "resumed")
 
-    encoded = []
-    real_encode = Encoder.encode_passages
-
-    def counting(self, titles, texts, *a, **k):
-        encoded.append(len(texts))
-        return real_encode(self, titles, texts, *a, **k)
-
-    monkeypatch.setattr(Encoder, "encode_passages", counting)
+    encoded = _count_encoded(monkeypatch)
     kb = build_kb(ps, tmp_path / "resumed", encoder=enc, shard_size=8, show_progress=False)
     assert sum(encoded) == len(ps) - 16  # the two finished shards were not encoded again
     whole = KnowledgeBase.open(tmp_path / "whole")
@@ -483,14 +489,7 @@ def test_resume_with_other_index_options_rebuilds_only_the_index(tmp_path, enc, 
     # A build state written by an older pyrag that took a bad option (M=1) still resumes with a good one.
     state = json.loads((out / "build" / "state.json").read_text())
     (out / "build" / "state.json").write_text(json.dumps({**state, "hnsw_options": {"M": 1, "space": "ip"}}))
-    encoded = []
-    real_encode = Encoder.encode_passages
-
-    def counting(self, titles, texts, *a, **k):
-        encoded.append(len(texts))
-        return real_encode(self, titles, texts, *a, **k)
-
-    monkeypatch.setattr(Encoder, "encode_passages", counting)
+    encoded = _count_encoded(monkeypatch)
     kb = build_kb(ps, out, encoder=enc, index="hnsw", hnsw_options={"M": 16, "ef_search": 50}, shard_size=8,
                   show_progress=False)
     assert sum(encoded) == len(ps) - 16  # the two finished shards were reused

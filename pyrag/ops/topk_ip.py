@@ -99,8 +99,8 @@ def topk_ip(
             not used past 12 queries) and compute exact scores only for docs a rigorous error bound cannot rule
             out: the same results bit for bit, about a quarter of the bytes read per search. On CUDA, up to 8
             queries read it the same way (half of fp16's bytes, a quarter of fp32's), with the same guarantee
-            and bits; more queries do not use
-            it. Costs N * (D + 12) bytes on the docs' device; build it once per doc matrix. The sketch
+            and bits; more queries do not use it. Costs N * (D + 12) bytes on the docs' device; build it once per
+            doc matrix. The sketch
             describes the docs it was made from: after editing docs in place, make a new one (a stale sketch is
             not detected and gives wrong results).
 
@@ -286,12 +286,11 @@ def _topk_ip_cpu(queries, docs, k, doc_scale, sketch_codes=None, sketch_scale=No
 def _topk_ip_cuda(queries, docs, k, doc_scale, sketch_codes=None, sketch_scale=None, sketch_norm=None,
                   sketch_res=None):
     _check_finite(queries)
-    simulated = _common.simulating(queries)
-    cuda = _ext.current_sim() if simulated else _ext.cuda
+    cuda = _common.kernels_for(queries)  # _C_cuda, or the CUDA simulator's module; None: no pyrag kernels here
     nq, dim = queries.shape
     nb = docs.shape[0]
     if (
-        not (simulated or _ext.has_cuda_kernels())
+        cuda is None
         or k > cuda.topk_ip_max_k
         or dim > cuda.topk_ip_max_dim
         or nb > cuda.topk_ip_max_n
@@ -308,8 +307,8 @@ def _topk_ip_cuda(queries, docs, k, doc_scale, sketch_codes=None, sketch_scale=N
         q = queries.to(torch.float32).contiguous()
         code = _common.DTYPE_CODES[docs.dtype]
         sketch = (sketch_codes, sketch_scale, sketch_norm, sketch_res)
-        if sketch_codes is not None and nq <= cuda.topk_ip_sketch_max_q and _sketch_cuda(cuda, q, docs, k, sketch,
-                                                                                          scores, ids):
+        if sketch_codes is not None and nq <= cuda.topk_ip_sketch_max_q and _sketch_cuda(cuda, code, q, docs, k,
+                                                                                          sketch, scores, ids):
             return scores, ids
         # fp16/bf16 queries against docs of the same dtype go to the tensor cores as they are (exact); fp32 queries
         # are split into 2-3 parts of the docs' dtype to keep fp32 precision, which costs 2-3x the tensor-core work.
@@ -336,23 +335,23 @@ def _topk_ip_cuda(queries, docs, k, doc_scale, sketch_codes=None, sketch_scale=N
     return scores, ids
 
 
-def _sketch_cuda(cuda, q, docs, k, sketch, scores, ids) -> bool:
+def _sketch_cuda(cuda, code, q, docs, k, sketch, scores, ids) -> bool:
     """Few queries over float docs with an int8 sketch on CUDA: the codes are read first, a doc's row only where the
     bound cannot rule it out (the same results as without the sketch, bit for bit). The bound's per-query constants
     come from the CPU code that the CPU sketch path uses (one error analysis for both devices), which needs the
     queries on the host: a [Q, D] copy, Q <= 8. False (search without the sketch) when a query is too large for it."""
     nq, dim = q.shape
+    nb = docs.shape[0]
     coef = torch.empty(4, nq, dtype=torch.float32)
     q_host = q.cpu()  # held: the C++ code reads it after ptr() returns
     if not _ext.cpu.topk_ip_sketch_bounds(_common.ptr(q_host), nq, dim, _common.ptr(coef)):
         return False
     coef = coef.to(q.device)
-    nbytes = cuda.topk_ip_workspace_bytes(nq, docs.shape[0], dim, k, _common.DTYPE_CODES[docs.dtype], False)
+    nbytes = cuda.topk_ip_workspace_bytes(nq, nb, dim, k, code, False)
     workspace = torch.empty(max(nbytes, 1), dtype=torch.uint8, device=q.device)
     cuda.topk_ip_sketch(
-        _common.DTYPE_CODES[docs.dtype], _common.ptr(q), _common.ptr(docs), *(_common.ptr(t) for t in sketch),
-        _common.ptr(coef), nq, docs.shape[0], dim, k, _common.ptr(scores), _common.ptr(ids), _common.ptr(workspace),
-        nbytes, _common.stream(q),
+        code, _common.ptr(q), _common.ptr(docs), *(_common.ptr(t) for t in sketch), _common.ptr(coef), nq, nb, dim, k,
+        _common.ptr(scores), _common.ptr(ids), _common.ptr(workspace), nbytes, _common.stream(q),
     )
     return True
 
@@ -418,7 +417,7 @@ def _query_parts(queries: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tenso
 
 
 def _topk_ip_cuda_gemm(queries, docs, k, scores, ids) -> None:
-    cuda = _ext.current_sim() if _common.simulating(queries) else _ext.cuda
+    cuda = _common.kernels_for(queries)
     nq, nb = queries.shape[0], docs.shape[0]
     qp, qmul = _query_parts(queries, docs.dtype)
     nparts = qp.shape[0] // nq
