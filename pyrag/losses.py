@@ -3,6 +3,8 @@ RAG-Token marginal NLL and the RAG-Token next-token marginal, all on the fused o
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 from torch import Tensor, nn
 
@@ -25,6 +27,12 @@ def _check_float(name: str, x) -> None:
         )
 
 
+def _check_epsilon(epsilon) -> None:
+    """Label smoothing: a real number (Python or numpy scalar) in [0, 1)."""
+    if isinstance(epsilon, bool) or not isinstance(epsilon, numbers.Real) or not 0.0 <= float(epsilon) < 1.0:
+        raise ValueError(f"epsilon must be a float in [0, 1), got {epsilon=!r}")
+
+
 def _prepare(mode, logits, doc_scores, target, ignore_index, epsilon, reduction):
     """Validates the user arguments and returns (logits [B,K,T,V], log_prior fp32, target int64, mask [B,T])."""
     _check_float("logits", logits)
@@ -34,11 +42,12 @@ def _prepare(mode, logits, doc_scores, target, ignore_index, epsilon, reduction)
     if target.dtype.is_floating_point or target.dtype == torch.bool or target.is_complex():
         raise TypeError(f"target must be an integer tensor of class ids, got {target.dtype=}")
     if logits.dtype not in FLOAT_DTYPES + (torch.float64,):
-        raise TypeError(f"logits must be float32/bfloat16/float16, got {logits.dtype=}")
+        raise TypeError(f"logits must be float32/bfloat16/float16 (or float64), got {logits.dtype=}")
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction=!r}")
-    if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or not 0.0 <= float(epsilon) < 1.0:
-        raise ValueError(f"epsilon must be a float in [0, 1), got {epsilon=!r}")
+    _check_epsilon(epsilon)
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+        raise TypeError(f"ignore_index must be an int (the label value to skip), got {ignore_index=!r}")
     for name, x in (("doc_scores", doc_scores), ("target", target)):
         if x.device != logits.device:
             raise ValueError(
@@ -106,6 +115,15 @@ def _prepare(mode, logits, doc_scores, target, ignore_index, epsilon, reduction)
     return z, log_prior, target, mask
 
 
+def drop_empty_questions(loss: Tensor, mask: Tensor) -> Tensor:
+    """RAG-Sequence: a question with no counted target position (all ignore_index, e.g. batch padding) gets loss 0
+    and no gradient. The op's smoothing term S = logsumexp_k(V p + sum over no tokens) would otherwise keep the
+    prior and push the retriever towards confident passage scores for a question that has no answer; HF adds the
+    prior at an answer position and masks it with that position. (Its LL is 0 anyway; RAG-Token's S and LL are
+    sums over the counted positions, so 0 already.)"""
+    return torch.where(mask.any(dim=1), loss, torch.zeros((), dtype=loss.dtype, device=loss.device))
+
+
 def _reduce(loss: Tensor, reduction: str) -> Tensor:
     if reduction == "none":
         return loss
@@ -126,7 +144,8 @@ def rag_sequence_loss(
 
     logits [B*K, T, V] (HF's layout, passages of a question adjacent) or [B, K, T, V], fp32/bf16/fp16;
     doc_scores [B, K] unnormalised passage scores (log_softmax over k inside, as HF does); target [B, T]
-    labels aligned with the logits, ignore_index positions contribute nothing. epsilon: label smoothing as
+    labels aligned with the logits, ignore_index positions contribute nothing (a question with every position
+    ignored: loss 0 and no gradient, with smoothing too). epsilon: label smoothing as
     HF transformers defines it (the exact formula: pyrag/reference.py). reduction "none" -> [B], "sum", "mean" (over questions).
     Gradients reach logits and doc_scores. inplace_backward=True writes dL/dlogits into the logits buffer
     in backward (eager mode; the logits' values are destroyed) to save a logits-sized allocation.
@@ -148,7 +167,7 @@ def rag_sequence_loss(
         epsilon=float(epsilon),
         inplace_backward=inplace_backward,
     )
-    return _reduce(loss, reduction)
+    return _reduce(drop_empty_questions(loss, mask), reduction)
 
 
 def rag_token_loss(
@@ -192,13 +211,14 @@ def rag_token_marginal_logprobs(step_logits: Tensor, doc_scores: Tensor) -> Tens
     RagTokenForGeneration.marginalize).
 
     step_logits [B*K, V] (one decoding step) or [B*K, T, V]; doc_scores [B, K] unnormalised.
-    Returns fp32 [B, V] or [B, T, V]. Differentiable w.r.t. both inputs.
+    Returns fp32 [B, V] or [B, T, V] (fp64 for fp64 inputs, computed by the plain-torch reference).
+    Differentiable w.r.t. both inputs.
     Plain torch: logsumexp(log_softmax(doc_scores, 1)[:, :, None, None] + log_softmax(logits, -1), 1).
     """
     _check_float("step_logits", step_logits)
     _check_float("doc_scores", doc_scores)
     if step_logits.dtype not in FLOAT_DTYPES + (torch.float64,):
-        raise TypeError(f"step_logits must be float32/bfloat16/float16, got {step_logits.dtype=}")
+        raise TypeError(f"step_logits must be float32/bfloat16/float16 (or float64), got {step_logits.dtype=}")
     if doc_scores.dim() != 2:
         raise ValueError(f"doc_scores must be [B, K], got doc_scores.shape={_shape(doc_scores)}")
     if doc_scores.device != step_logits.device:
@@ -209,6 +229,12 @@ def rag_token_marginal_logprobs(step_logits: Tensor, doc_scores: Tensor) -> Tens
             f"step_logits must be [B*K, V] or [B*K, T, V] with B*K = {B * K} rows for "
             f"doc_scores.shape={_shape(doc_scores)}, got step_logits.shape={_shape(step_logits)}"
         )
+    if step_logits.shape[-1] < 1:
+        raise ValueError(f"step_logits needs at least one class, got step_logits.shape={_shape(step_logits)}")
+    if B == 0:  # nothing to marginalise (the kernels' [B, K, T, V] view of zero rows has no T)
+        acc = torch.float64 if step_logits.dtype == torch.float64 else torch.float32
+        shape = (0, step_logits.shape[-1]) if step_logits.dim() == 2 else (0, *step_logits.shape[1:])
+        return step_logits.new_zeros(shape, dtype=acc) + doc_scores.sum() * 0 + step_logits.sum() * 0
     check_some_finite_score(doc_scores)
     acc = torch.float64 if doc_scores.dtype == torch.float64 else torch.float32
     return marginal_with_log_prior(step_logits, torch.log_softmax(doc_scores.to(acc), dim=1))
@@ -245,8 +271,7 @@ class _RagLoss(nn.Module):
         super().__init__()
         if reduction not in _REDUCTIONS:
             raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction=!r}")
-        if not 0.0 <= float(epsilon) < 1.0:
-            raise ValueError(f"epsilon must be a float in [0, 1), got {epsilon=!r}")
+        _check_epsilon(epsilon)
         self.ignore_index, self.epsilon, self.reduction = ignore_index, float(epsilon), reduction
         self.inplace_backward = inplace_backward
 

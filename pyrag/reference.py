@@ -77,6 +77,8 @@ def _rag_user_loss_reference(mode, logits, doc_scores, target, ignore_index, eps
     log_prior = torch.log_softmax(doc_scores.to(_rag_acc_dtype(doc_scores)), dim=1)  # over k (per t if 3-D)
     mask = target != ignore_index
     loss = rag_marginal_nll_reference(z, log_prior, target, mask, mask, mode=mode, epsilon=epsilon)
+    if mode == "sequence":  # a question with no counted target contributes nothing (see losses.drop_empty_questions)
+        loss = torch.where(mask.any(dim=1), loss, torch.zeros((), dtype=loss.dtype, device=loss.device))
     if reduction == "none":
         return loss
     return loss.sum() if reduction == "sum" else loss.mean()

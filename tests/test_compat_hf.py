@@ -193,6 +193,25 @@ def test_token_marginalize_matches_transformers_on_cuda():
                   HF_TOK_MARGINALIZE(_stub(5), seq_logits, doc_scores))
 
 
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if pyrag.has_cuda_kernels() else []))
+def test_result_dtype_follows_hf_under_autocast(device):
+    # HF's loss has its log_softmax outputs' dtype: under CUDA autocast that is fp32 even for bf16 logits (CPU
+    # autocast leaves log_softmax alone); pyrag's results must have the same dtype and values.
+    seq_logits, doc_scores, target = _inputs(2, 3, 5, 101, lengths=[5, 3], device=device)
+    z, s = seq_logits.detach().bfloat16(), doc_scores.detach().bfloat16()
+    kw = dict(n_docs=3, reduce_loss=False, epsilon=0.1, exclude_bos_score=False)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        for mode in ("sequence", "token"):
+            want = _hf_nll(mode, z, s, target, **kw)
+            got = PYRAG_NLL[mode](z, s, target, pad_token_id=PAD, bos_token_id=BOS, **kw)
+            assert got.dtype == want.dtype, mode
+            torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+        want = HF_TOK_MARGINALIZE(_stub(3), z, s)
+        got = hf_rag_token_marginalize(z, s, n_docs=3)
+        assert got.dtype == want.dtype
+        torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=5e-2)
+
+
 # ---- patch_transformers() on real tiny RAG models (DPR question encoder + BART generator, random weights) ----
 
 def _tiny_rag(cls, *, exclude_bos_score, label_smoothing):
@@ -259,6 +278,41 @@ def test_patch_transformers_gives_same_loss_and_parameter_gradients(cls, exclude
         _assert_close(f"grad {name}", grads1[name], grads0[name])
 
 
+@pytest.mark.parametrize("cls", [RagSequenceForGeneration, RagTokenForGeneration])
+def test_patch_transformers_keeps_float64_models_working(cls):
+    # fp64 RAG models (gradient checks, ground-truth runs) take the plain-torch reference through the patch.
+    model = _tiny_rag(cls, exclude_bos_score=True, label_smoothing=0.1).double()
+    batch = {k: v.double() if v.is_floating_point() else v for k, v in _rag_batch().items()}
+    loss0, _, grads0 = _rag_loss_and_grads(model, batch)
+    compat.patch_transformers()
+    try:
+        loss1, _, grads1 = _rag_loss_and_grads(model, batch)
+    finally:
+        compat.unpatch_transformers()
+    assert loss1.dtype == torch.float64
+    torch.testing.assert_close(loss1, loss0, rtol=1e-12, atol=1e-12)
+    for name in grads0:
+        torch.testing.assert_close(grads1[name], grads0[name], rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("mode", ["sequence", "token"])
+def test_hf_nll_second_derivatives_match_transformers(mode):
+    # A gradient penalty through the loss (create_graph=True) equals HF's: the fused ops recompute their backward
+    # differentiably in that mode instead of treating the saved passage posteriors as constants.
+    seq_logits, doc_scores, target = _inputs(3, 4, 6, 29, lengths=[6, 4, 2])
+    kw = dict(n_docs=4, reduce_loss=False, epsilon=0.1, exclude_bos_score=False)
+    fns = {"pyrag": lambda z, s: PYRAG_NLL[mode](z, s, target, pad_token_id=PAD, bos_token_id=BOS, **kw),
+           "hf": lambda z, s: _hf_nll(mode, z, s, target, **kw)}
+    out = {}
+    for name, fn in fns.items():
+        z, s = seq_logits.detach().clone().requires_grad_(), doc_scores.detach().clone().requires_grad_()
+        gz, gs = torch.autograd.grad(fn(z, s).sum(), (z, s), create_graph=True)
+        out[name] = torch.autograd.grad((gz ** 2).sum() + (gs ** 2).sum(), (z, s))
+    for got, want in zip(out["pyrag"], out["hf"]):
+        assert want.abs().max() > 1e-3
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
 def test_patched_rag_token_generate_gives_the_same_tokens():
     model = _tiny_rag(RagTokenForGeneration, exclude_bos_score=False, label_smoothing=0.0)
     batch = _rag_batch(seed=3)
@@ -314,7 +368,8 @@ def _bad_cases():
         "negative target": ((x, s, _with(y, (0, 3), -100)), kw, ValueError, "target[0, 3] = -100"),
         "doc_scores shape": ((x, torch.randn(2, 4), y), kw, ValueError, "doc_scores.shape"),
         "integer logits": ((x.long(), s, y), kw, TypeError, "seq_logits.dtype"),
-        "float64 logits": ((x.double(), s, y), kw, TypeError, "seq_logits.dtype"),
+        "complex logits": ((x.to(torch.complex64), s, y), kw, TypeError, "seq_logits.dtype"),
+        "epsilon 1": ((x, s, y), {**kw, "epsilon": 1.0}, ValueError, "epsilon=1.0"),
         "4-D logits": ((x.view(2, 3, 4, 11), s, y), kw, ValueError, "seq_logits.shape"),
         "n_docs 0": ((x, s, y), {**kw, "n_docs": 0}, ValueError, "n_docs=0"),
         "pad None": ((x, s, y), {**kw, "pad_token_id": None}, TypeError, "pad_token_id=None"),

@@ -12,7 +12,28 @@ from ..ops.rag_loss import rag_marginal_nll, rag_token_marginal
 
 __all__ = ["hf_rag_sequence_nll", "hf_rag_token_marginalize", "hf_rag_token_nll"]
 
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# float64 runs the plain-torch reference (pyrag.reference), as in the user API: HF models in .double() keep working.
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _log_prior(doc_scores: torch.Tensor, seq_logits: torch.Tensor) -> torch.Tensor:
+    """log_softmax over the passages in fp32 (the kernels' precision), fp64 where either input is fp64."""
+    wide = torch.float64 in (doc_scores.dtype, seq_logits.dtype)
+    return torch.log_softmax(doc_scores.to(torch.float64 if wide else torch.float32), dim=1)
+
+
+def _hf_dtype(seq_logits: torch.Tensor, doc_scores: torch.Tensor) -> torch.dtype:
+    """The dtype HF's result has: that of log_softmax(seq_logits) combined with log_softmax(doc_scores), asked of
+    torch on empty tensors so autocast's rule for the device applies (CUDA autocast runs log_softmax in fp32, so HF
+    returns an fp32 loss from bf16 logits there)."""
+    def lsm(x):
+        return torch.log_softmax(x.new_empty((0,)), dim=-1).dtype
+    return torch.promote_types(lsm(seq_logits), lsm(doc_scores))
+
+
+def _scalar(x):
+    """HF also takes 0-d tensors for n_docs and epsilon (e.g. read from a config tensor): their Python value."""
+    return x.item() if isinstance(x, torch.Tensor) and x.dim() == 0 else x
 
 
 def hf_rag_sequence_nll(seq_logits: torch.Tensor, doc_scores: torch.Tensor, target: torch.Tensor, *,
@@ -23,7 +44,8 @@ def hf_rag_sequence_nll(seq_logits: torch.Tensor, doc_scores: torch.Tensor, targ
 
     seq_logits [B*K, T, V] (fp32/bf16/fp16; K = n_docs), doc_scores [B, K] unnormalised, target [B, T] the
     *decoder inputs* (HF shifts them left and appends pad_token_id). Returns loss [B] (or a scalar when
-    reduce_loss), in the dtype HF would return (``torch.promote_types(seq_logits.dtype, doc_scores.dtype)``).
+    reduce_loss), in the dtype HF would return (that of its log_softmax outputs: the inputs' promoted dtype, or
+    fp32 under CUDA autocast).
 
     HF's quirks, reproduced:
       - y = cat(target[:, 1:], pad); positions where y == pad_token_id contribute nothing (nll and smoothing).
@@ -41,7 +63,9 @@ def hf_rag_sequence_nll(seq_logits: torch.Tensor, doc_scores: torch.Tensor, targ
         ll = lp.gather(-1, y)  masked, summed over t, logsumexp over k; smooth likewise over lp.sum(-1)
 
     Differences from HF: with epsilon == 0 a non-finite smoothing sum (logits with -inf) gives HF NaN
-    (0 * inf); pyrag skips the unused term and returns the finite loss.
+    (0 * inf); pyrag skips the unused term and returns the finite loss. epsilon must lie in [0, 1) (HF computes
+    any value, which outside that range is no longer label smoothing). Higher-order gradients (create_graph)
+    are computed by the plain-torch reference.
     """
     B, K, T, V, y, out_dtype = _prepare(seq_logits, doc_scores, target, pad_token_id, bos_token_id, n_docs,
                                         epsilon)
@@ -53,7 +77,7 @@ def hf_rag_sequence_nll(seq_logits: torch.Tensor, doc_scores: torch.Tensor, targ
         first = torch.zeros_like(not_pad)
         first[:, 0] = use_bos
         nll_mask = not_pad & ~first
-    log_prior = torch.log_softmax(doc_scores.float(), dim=1)
+    log_prior = _log_prior(doc_scores, seq_logits)
     # The prior rides on position 1: absent when T == 1 or when that position is padding. Gated with where
     # (not a multiply) so a -inf prior of a gated-off row never turns into NaN.
     gate = not_pad[:, 1:2] if T >= 2 else torch.zeros(B, 1, dtype=torch.bool, device=y.device)
@@ -73,7 +97,7 @@ def hf_rag_token_nll(seq_logits: torch.Tensor, doc_scores: torch.Tensor, target:
 
     seq_logits [B*K, T, V] (fp32/bf16/fp16; K = n_docs), doc_scores [B, K] unnormalised, target [B, T]
     (HF's RagTokenForGeneration.forward passes the labels; get_nll shifts them left and appends pad).
-    Returns loss [B] (or a scalar when reduce_loss) in ``torch.promote_types(seq_logits.dtype, doc_scores.dtype)``.
+    Returns loss [B] (or a scalar when reduce_loss) in the dtype HF would return (see hf_rag_sequence_nll).
 
     Computes, with y = cat(target[:, 1:], pad) and m = (y != pad_token_id)::
 
@@ -88,7 +112,7 @@ def hf_rag_token_nll(seq_logits: torch.Tensor, doc_scores: torch.Tensor, target:
     del bos_token_id, exclude_bos_score  # HF's RAG-Token loss ignores BOS (see docstring)
     B, K, T, V, y, out_dtype = _prepare(seq_logits, doc_scores, target, pad_token_id, None, n_docs, epsilon)
     not_pad = y.ne(pad_token_id)
-    log_prior = torch.log_softmax(doc_scores.float(), dim=1)
+    log_prior = _log_prior(doc_scores, seq_logits)
     loss = rag_marginal_nll(_as_bktv(seq_logits, B, K, T, V), log_prior, y, not_pad, not_pad,
                             mode="token", epsilon=float(epsilon))
     if reduce_loss:
@@ -100,15 +124,15 @@ def hf_rag_token_marginalize(seq_logits: torch.Tensor, doc_scores: torch.Tensor,
     """``RagTokenForGeneration.marginalize``, fused: seq_logits [B*K, T, V] (or [B*K, V], one step) and
     doc_scores [B, K] -> [B, T, V] (T = 1 for 2-D input, as HF's view gives) =
     logsumexp_k(log_softmax(doc_scores, 1)[b,k] + log_softmax(seq_logits, -1)[b,k,t,v]),
-    in ``torch.promote_types(seq_logits.dtype, doc_scores.dtype)`` like HF."""
+    in the dtype HF's would have (see hf_rag_sequence_nll)."""
     _check_logits(seq_logits, allowed_dims=(2, 3))
-    K = _check_n_docs(n_docs, seq_logits)
+    K = _check_n_docs(_scalar(n_docs), seq_logits)
     B, V = seq_logits.shape[0] // K, seq_logits.shape[-1]
     T = seq_logits.shape[1] if seq_logits.dim() == 3 else 1
     _check_doc_scores(doc_scores, seq_logits, B, K)
-    log_prior = torch.log_softmax(doc_scores.float(), dim=1)
+    log_prior = _log_prior(doc_scores, seq_logits)
     out = rag_token_marginal(_as_bktv(seq_logits, B, K, T, V), log_prior)
-    return out.to(torch.promote_types(seq_logits.dtype, doc_scores.dtype))
+    return out.to(_hf_dtype(seq_logits, doc_scores))
 
 
 # ---- input hygiene (HF would fail deep inside a view/gather, or silently mis-shape; we name the argument) ----
@@ -116,7 +140,8 @@ def hf_rag_token_marginalize(seq_logits: torch.Tensor, doc_scores: torch.Tensor,
 def _prepare(seq_logits, doc_scores, target, pad_token_id, bos_token_id, n_docs, epsilon):
     """Checks every argument and returns (B, K, T, V, y, out_dtype) with y [B, T] int64 the left-shifted target."""
     _check_logits(seq_logits, allowed_dims=(3,))
-    K = _check_n_docs(n_docs, seq_logits)
+    K = _check_n_docs(_scalar(n_docs), seq_logits)
+    epsilon = _scalar(epsilon)
     N, T, V = seq_logits.shape
     B = N // K
     _check_doc_scores(doc_scores, seq_logits, B, K)
@@ -138,6 +163,8 @@ def _prepare(seq_logits, doc_scores, target, pad_token_id, bos_token_id, n_docs,
         raise TypeError(f"bos_token_id must be an int or None, got {bos_token_id=}")
     if isinstance(epsilon, bool) or not isinstance(epsilon, numbers.Real) or math.isnan(epsilon):
         raise TypeError(f"epsilon must be a real number (label smoothing), got {epsilon=}")
+    if not 0.0 <= epsilon < 1.0:  # HF computes any value; outside [0, 1) it is no longer label smoothing
+        raise ValueError(f"epsilon must be in [0, 1) (label smoothing), got {epsilon=}")
     # HF gathers at every shifted position (padding included), so any id outside [0, V) is an error there too;
     # target[:, 0] is dropped by the shift and may hold anything.
     shifted = target[:, 1:]
@@ -146,14 +173,14 @@ def _prepare(seq_logits, doc_scores, target, pad_token_id, bos_token_id, n_docs,
         b, t = int(bad[0]), int(bad[1]) + 1
         raise ValueError(f"target ids must lie in [0, V={V}); target[{b}, {t}] = {int(target[b, t])}")
     y = torch.cat([shifted, target.new_full((B, 1), pad_token_id)], dim=1).long()
-    return B, K, T, V, y, torch.promote_types(seq_logits.dtype, doc_scores.dtype)
+    return B, K, T, V, y, _hf_dtype(seq_logits, doc_scores)
 
 
 def _check_logits(seq_logits, allowed_dims):
     if not isinstance(seq_logits, torch.Tensor):
         raise TypeError(f"seq_logits must be a torch.Tensor, got {type(seq_logits).__name__}")
     if seq_logits.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"seq_logits must be float32, float16 or bfloat16, got {seq_logits.dtype=}")
+        raise TypeError(f"seq_logits must be float32, float16, bfloat16 or float64, got {seq_logits.dtype=}")
     if seq_logits.dim() not in allowed_dims:
         want = " or ".join({2: "[B*K, V]", 3: "[B*K, T, V]"}[d] for d in allowed_dims)
         raise ValueError(f"seq_logits must be {want}, got {seq_logits.shape=}")

@@ -213,8 +213,34 @@ def _nll_setup_context(ctx, inputs, output):
     ctx.mode, ctx.epsilon, ctx.inplace = mode, epsilon, inplace_backward
 
 
+def _differentiable_vjp(ctx, ref_fn, grad_out, *inputs):
+    """Backward under create_graph=True (double backward, gradient penalties): the fused backward's outputs are
+    built from saved posteriors that autograd treats as constants, so their own derivatives would be silently
+    wrong. Instead recompute the plain-torch reference from the saved inputs and differentiate it with
+    create_graph, at the reference's memory cost, only in this mode. inputs[:2] are (logits, log_prior)."""
+    want = [i for i in range(2) if ctx.needs_input_grad[i]]
+    with torch.enable_grad():
+        out = ref_fn(*inputs)
+        got = torch.autograd.grad(out, [inputs[i] for i in want], grad_out, create_graph=True)
+    grads = [None, None]
+    for i, g in zip(want, got):
+        grads[i] = g
+    return grads
+
+
 def _nll_autograd_backward(ctx, grad_loss, _glse, _gw, _gu):
     logits, log_prior, target, nll_mask, smooth_mask, lse, w, u = ctx.saved_tensors
+    if torch.is_grad_enabled():  # create_graph=True: grad mode is off in a plain backward
+        grads = _differentiable_vjp(
+            ctx,
+            lambda z, p: reference.rag_marginal_nll_reference(
+                z, p, target, nll_mask, smooth_mask, mode=ctx.mode, epsilon=ctx.epsilon
+            ),
+            grad_loss,
+            logits,
+            log_prior,
+        )
+        return (*grads, None, None, None, None, None, None)
     g = grad_loss.float().contiguous()  # the grad of a sum arrives as an expanded, stride-0 tensor
     grad_logits = grad_prior = None
     if ctx.needs_input_grad[0]:
@@ -304,6 +330,10 @@ def _marginal_setup_context(ctx, inputs, output):
 
 def _marginal_autograd_backward(ctx, grad_out, _glse):
     logits, log_prior, out, lse = ctx.saved_tensors
+    if torch.is_grad_enabled():  # create_graph=True (see _differentiable_vjp)
+        return tuple(
+            _differentiable_vjp(ctx, reference.rag_token_marginal_reference, grad_out, logits, log_prior)
+        )
     grad_logits, grad_prior = torch.ops.pyrag.rag_token_marginal_backward(
         grad_out.float().contiguous(), logits, log_prior, out, lse
     )
