@@ -199,7 +199,7 @@ def test_result_dtype_follows_hf_under_autocast(device):
     # autocast leaves log_softmax alone); pyrag's results must have the same dtype and values.
     seq_logits, doc_scores, target = _inputs(2, 3, 5, 101, lengths=[5, 3], device=device)
     z, s = seq_logits.detach().bfloat16(), doc_scores.detach().bfloat16()
-    kw = dict(n_docs=3, reduce_loss=False, epsilon=0.1, exclude_bos_score=False)
+    kw = {"n_docs": 3, "reduce_loss": False, "epsilon": 0.1, "exclude_bos_score": False}
     with torch.autocast(device, dtype=torch.bfloat16):
         for mode in ("sequence", "token"):
             want = _hf_nll(mode, z, s, target, **kw)
@@ -300,7 +300,7 @@ def test_hf_nll_second_derivatives_match_transformers(mode):
     # A gradient penalty through the loss (create_graph=True) equals HF's: the fused ops recompute their backward
     # differentiably in that mode instead of treating the saved passage posteriors as constants.
     seq_logits, doc_scores, target = _inputs(3, 4, 6, 29, lengths=[6, 4, 2])
-    kw = dict(n_docs=4, reduce_loss=False, epsilon=0.1, exclude_bos_score=False)
+    kw = {"n_docs": 4, "reduce_loss": False, "epsilon": 0.1, "exclude_bos_score": False}
     fns = {"pyrag": lambda z, s: PYRAG_NLL[mode](z, s, target, pad_token_id=PAD, bos_token_id=BOS, **kw),
            "hf": lambda z, s: _hf_nll(mode, z, s, target, **kw)}
     out = {}
