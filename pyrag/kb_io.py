@@ -98,13 +98,26 @@ def replace_dir(tmp, path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_dir(path):
-    """Write a directory atomically: `with atomic_dir(path) as tmp:` fill tmp (created beside path); on success it
-    replaces path (replace_dir), on an exception it is removed and path is left as it was. The directory gets
-    the usual 0777-less-umask mode (mkdtemp alone would leave it 0700)."""
+def atomic_dir(path, *, marker: str | None = None):
+    """Write a directory atomically: `with atomic_dir(path, marker=NAME) as tmp:` fill tmp (created beside path,
+    NAME among what it writes); on success it replaces path (replace_dir), on an exception it is removed and path is
+    left as it was. The directory gets the usual 0777-less-umask mode (mkdtemp alone would leave it 0700).
+
+    Replacing deletes what path held, so an existing path must be an empty directory or one this kind of writer
+    made (it holds the file `marker`): saving a model into a project directory, or over a knowledge base, raises
+    FileExistsError instead of wiping it (HF's save_pretrained writes into a directory and keeps other files).
+    marker=None skips that check, for directories only pyrag itself names (a run's checkpoint/)."""
     import shutil
 
     path = Path(path)
+    if path.exists() or path.is_symlink():
+        if not path.is_dir():
+            raise FileExistsError(f"{str(path)!r} exists and is not a directory")
+        if marker is not None and not (path / marker).is_file() and any(path.iterdir()):
+            raise FileExistsError(
+                f"refusing to replace {str(path)!r}: it holds other files and no {marker}, so it is not a directory "
+                f"this writes (saving replaces the whole directory); choose a new or empty directory"
+            )
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
@@ -292,11 +305,17 @@ def read_qa(path) -> list[dict]:
 
     Each record becomes {"question": str, "answers": [str], "gold_ids": [str] (possibly empty)}.
     SQuAD JSON: see read_squad (gold = the question's paragraph "title#j"; unanswerable questions skipped).
-    JSON(L) records need "question" (str) and "answers" (a non-empty list of str, or one str); the gold passage
-    id(s), optional, come from the first of these keys present and not null: "gold_ids" (list or one id),
-    "gold_id", "passage_id" (one id, as pyrag's demo corpus writes); else DPR's "positive_ctxs" (their
-    "passage_id"s).
+    JSON(L) records need "question" (a non-empty str) and "answers" (a non-empty list of non-empty str, or one
+    str; "answer" is taken when "answers" is absent); the gold passage id(s), optional, come from the first of
+    these keys present and not null: "gold_ids" (list or one id), "gold_id", "passage_id" (one id, as pyrag's
+    demo corpus writes); else DPR's "positive_ctxs" (their "passage_id"s).
     A malformed record is a ValueError naming the file and line (JSONL) or item (JSON list)."""
+    return [rec for _, rec in read_qa_located(path)]
+
+
+def read_qa_located(path) -> list[tuple[str, dict]]:
+    """read_qa's records as (where, record) pairs: `where` locates each one for later error messages ("file:line"
+    for JSONL, "file: item i" for a JSON list, "file: question id X" for SQuAD)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"QA file not found: {str(path)!r}")
@@ -310,29 +329,47 @@ def read_qa(path) -> list[dict]:
                     except json.JSONDecodeError as e:
                         raise ValueError(f"{path}:{lineno}: malformed JSON on line {lineno} ({e.msg})") from None
     else:
-        doc = _load_json(path)
+        try:
+            doc = _load_json(path)
+        except ValueError as e:
+            if _first_line_is_object(path):  # one JSON object per line: JSONL under another name
+                raise ValueError(f"{e}; it looks like JSONL (one JSON object per line): name it .jsonl") from None
+            raise
         if isinstance(doc, dict) and "data" in doc:
-            return read_squad(path)[1]
+            return [(f"{path}: question id {q['id']!r}" if q.get("id") else f"{path}: article {q['article']}", q)
+                    for q in read_squad(path)[1]]
         if not isinstance(doc, list):
             raise ValueError(f"{path}: expected SQuAD JSON, a JSON list of questions, or JSONL")
         recs = [(f"{path}: item {i}", r) for i, r in enumerate(doc)]
     out = []
     for where, r in recs:
-        if not isinstance(r, dict) or not isinstance(r.get("question"), str):
-            raise ValueError(f"{where}: expected an object with a 'question' string")
-        answers = r.get("answers", [])
+        if not isinstance(r, dict) or not isinstance(r.get("question"), str) or not r["question"].strip():
+            raise ValueError(f"{where}: expected an object with a non-empty 'question' string, got {r!r}"[:300])
+        key = "answers" if "answers" in r or "answer" not in r else "answer"
+        answers = r.get(key)
         answers = [answers] if isinstance(answers, str) else answers
-        if not isinstance(answers, (list, tuple)) or not answers or not all(isinstance(a, str) for a in answers):
-            raise ValueError(f"{where}: 'answers' must be a non-empty list of strings, got {r.get('answers')!r}")
+        if (not isinstance(answers, (list, tuple)) or not answers
+                or not all(isinstance(a, str) and a.strip() for a in answers)):
+            raise ValueError(f"{where}: {key!r} must be a non-empty list of non-empty strings (or one string), got "
+                             f"{r.get(key)!r}"[:300])
         gold: list[str] = []
-        for key in ("gold_ids", "gold_id", "passage_id"):
-            if r.get(key) is not None:
-                gold = _gold_list(r[key], key, where)
+        for k in ("gold_ids", "gold_id", "passage_id"):
+            if r.get(k) is not None:
+                gold = _gold_list(r[k], k, where)
                 break
         if not gold and "positive_ctxs" in r:
             ctxs = r["positive_ctxs"]
             if not isinstance(ctxs, list) or not all(isinstance(c, dict) for c in ctxs):
                 raise ValueError(f"{where}: 'positive_ctxs' must be a list of objects, got {ctxs!r}")
             gold = [str(c["passage_id"]) for c in ctxs if "passage_id" in c]
-        out.append({"question": r["question"], "answers": list(answers), "gold_ids": gold})
+        out.append((where, {"question": r["question"], "answers": list(answers), "gold_ids": gold}))
     return out
+
+
+def _first_line_is_object(path: Path) -> bool:
+    try:
+        with open(path, encoding="utf-8") as f:
+            line = next((ln for ln in f if ln.strip()), "")
+        return isinstance(json.loads(line), dict)
+    except (ValueError, OSError):
+        return False

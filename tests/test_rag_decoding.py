@@ -245,7 +245,7 @@ def test_generate_length_limits_and_settings(gen):
         tok_model.generate(**kw, max_new_tokens=0)
     with pytest.raises(ValueError, match="num_beams must be a positive int"):
         tok_model.generate(**kw, num_beams=0)
-    with pytest.raises(ValueError, match="B\\*K rows"):
+    with pytest.raises(ValueError, match=r"must be \[B\*K, L\] = \[15, L\]"):
         tok_model.generate(context_input_ids=ids[:-1], context_attention_mask=mask[:-1], doc_scores=scores)
 
 

@@ -180,12 +180,16 @@ def test_generator_inputs_match_hf_postprocess_docs_and_keep_the_question():
     # padded to the batch's longest row, not to max_combined_length
     from test_rag_model import tiny_bart
 
+    # (and cut to the model's 128 positions, which max_combined_length=300 exceeds)
     gen = Seq2SeqGenerator(tiny_bart(tok), tok, InputFormat(max_combined_length=300))
+    assert gen.input_limit == 128 and max(len(r) for r in full) > 128
+    rows = tokenize_contexts(tok, questions, titles, texts, gen.fmt, max_length=128)
     ids, mask = gen.build_inputs(questions, titles, texts)
-    assert ids.shape[1] == max(len(r) for r in tokenize_contexts(tok, questions, titles, texts, gen.fmt))
-    assert mask.sum(1).tolist() == [len(r) for r in tokenize_contexts(tok, questions, titles, texts, gen.fmt)]
-    with pytest.raises(ValueError, match="question of input row 0 alone needs"):
-        tokenize_contexts(tok, ["why " * 40], [["t"]], [["x"]], InputFormat(max_combined_length=L))
+    assert ids.shape[1] == max(len(r) for r in rows) <= 128
+    assert mask.sum(1).tolist() == [len(r) for r in rows]
+    with pytest.raises(ValueError, match=r"questions\[1\] alone needs \d+ tokens, more than the generator input's "
+                                         r"limit of 28 \(max_combined_length=28"):
+        tokenize_contexts(tok, ["why", "why " * 40], [["t"], ["t"]], [["x"], ["x"]], InputFormat(max_combined_length=L))
 
 
 # ---- forward ----
@@ -275,6 +279,22 @@ def test_save_and_load_roundtrip_references_the_kb(small, tmp_path):
     torch.testing.assert_close(loaded(qs, ans).loss, model(qs, ans).loss)
     assert torch.equal(loaded.generate(qs, max_new_tokens=5).sequences, model.generate(qs, max_new_tokens=5).sequences)
     model.save_pretrained(tmp_path / "m")  # overwriting an existing save works (atomic replace)
+    # ... but never a directory holding other things: a project folder, a knowledge base (saving replaces the
+    # whole directory, so it would be deleted)
+    proj = tmp_path / "project"
+    (proj / "data").mkdir(parents=True)
+    (proj / "notes.txt").write_text("important")
+    for target in (proj, kb.path):
+        with pytest.raises(FileExistsError, match="refusing to replace.*no pyrag_rag.json"):
+            model.save_pretrained(target)
+    assert (proj / "notes.txt").read_text() == "important" and (proj / "data").is_dir()
+    assert RagModel.from_pretrained(tmp_path / "m").n_docs == 3  # (kb untouched: still opens)
+    with pytest.raises(FileExistsError, match="not a directory"):
+        model.save_pretrained(proj / "notes.txt")
+    model.save_pretrained(tmp_path / "empty_dir_is_fine")
+    (tmp_path / "empty").mkdir()
+    model.save_pretrained(tmp_path / "empty")
+    assert (tmp_path / "empty" / "pyrag_rag.json").is_file()
     cfg = json.loads((tmp_path / "m" / "pyrag_rag.json").read_text())
     cfg["kb_path"] = str(tmp_path / "gone")
     cfg["kb_path_relative"] = "../gone"
@@ -352,6 +372,36 @@ def test_decoder_only_generator_marginalises_answer_tokens_only(small):
         assert max(lengths) >= 3, lengths  # real answers were compared, not an immediate end of text
 
 
+def test_inputs_and_decoding_fit_the_generators_positions(small):
+    """Generators with few learned positions (BART 18, GPT-2 36): inputs are cut to fit them, keeping the question,
+    instead of an index error inside the model; a max_new_tokens they cannot hold is a clear error."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from pyrag.models.rag import RagToken
+
+    base, _, qa, kb = small
+    tok = base.generator.tokenizer
+    qs, ans = [r["question"] for r in qa[:3]], [r["answers"][0] for r in qa[:3]]
+    r = base.retrieve(qs)
+    assert base.generator.build_inputs(qs, r.titles, r.texts)[0].shape[1] > 18  # these inputs need cutting
+    torch.manual_seed(0)
+    gpt = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=36, n_embd=32, n_layer=1, n_head=2,
+                                     bos_token_id=0, eos_token_id=2, pad_token_id=1))
+    for gen, limit, decode_limit in ((tiny_bart(tok, max_position_embeddings=18), 18, 17), (gpt, 18, None)):
+        model = RagToken.from_parts(base.question_encoder, gen, kb, n_docs=3, tokenizer=tok).eval()
+        assert model.generator.input_limit == limit
+        ids, mask = model.generator.build_inputs(qs, r.titles, r.texts)
+        assert ids.shape[1] <= limit
+        q_ids = tok(" // " + qs[0], add_special_tokens=False)["input_ids"]
+        row = ids[0][mask[0]].tolist()
+        assert any(row[i:i + len(q_ids)] == q_ids for i in range(len(row))), "the question was cut"
+        assert torch.isfinite(model(qs, ans).loss)
+        longest = decode_limit if decode_limit is not None else 36 - ids.shape[1]
+        assert len(model.generate(qs, num_beams=2, max_new_tokens=longest).answers) == 3
+        with pytest.raises(ValueError, match=f"max_new_tokens={longest + 1}.* does not fit the generator's"):
+            model.generate(qs, max_new_tokens=longest + 1)
+
+
 def _until_eos(ids: list[int], eos: int = 0) -> list[int]:
     return ids[: ids.index(eos) + 1] if eos in ids else ids
 
@@ -359,7 +409,7 @@ def _until_eos(ids: list[int], eos: int = 0) -> list[int]:
 # ---- bad input ----
 
 def test_bad_input_gives_clear_errors(small, tmp_path):
-    from pyrag.models.rag import RagToken
+    from pyrag.models.rag import RagSequence, RagToken
 
     model, _, _qa, kb = small
     with pytest.raises(ValueError, match=r"questions\[1\] is empty"):
@@ -402,6 +452,24 @@ def test_bad_input_gives_clear_errors(small, tmp_path):
     with pytest.raises(ValueError, match=r"must be \[B\*K, L\]"):
         model(context_input_ids=torch.ones(5, 4, dtype=torch.long), context_attention_mask=torch.ones(5, 4),
               doc_scores=torch.zeros(2, 3), labels=torch.ones(2, 3, dtype=torch.long))
+    ids, mask = torch.ones(6, 4, dtype=torch.long), torch.ones(6, 4)
+    nan, inf = float("nan"), float("inf")
+    for seq_model in (model, RagSequence(model.question_encoder, model.generator, kb, n_docs=3)):
+        for scores, err, match in (
+            (torch.tensor([[0.0, nan, 1.0], [0.0, 0.0, 0.0]]), ValueError, r"doc_scores\[0, 1\] = nan"),
+            (torch.tensor([[0.0, 1.0, 1.0], [inf, 0.0, 0.0]]), ValueError, r"doc_scores\[1, 0\] = inf"),
+            (torch.full((2, 3), -inf), ValueError, "no finite passage score for question 0"),
+            (torch.zeros(6), ValueError, r"doc_scores must be a float tensor \[B, K\]"),
+        ):
+            with pytest.raises(err, match=match):
+                seq_model.generate(context_input_ids=ids, context_attention_mask=mask, doc_scores=scores)
+        with pytest.raises(ValueError, match=r"context_attention_mask must be \[B\*K, L\]"):
+            seq_model.generate(context_input_ids=ids, context_attention_mask=mask[:, :3], doc_scores=torch.zeros(2, 3))
+        with pytest.raises(ValueError, match=r"doc_scores\[0, 1\] = nan"):
+            seq_model(context_input_ids=ids, context_attention_mask=mask, labels=torch.ones(2, 3, dtype=torch.long),
+                      doc_scores=torch.tensor([[0.0, nan, 1.0], [0.0, 0.0, 0.0]]))
+    with pytest.raises(ValueError, match="num_beams must be a positive int"):
+        model.generate(["where ?"], num_beams=True)
     with pytest.raises(TypeError, match="unknown settings"):
         model.generate(["where ?"], temperature=0.5)
     with pytest.raises(ValueError, match="RagToken decodes with greedy / beam search only"):
@@ -421,10 +489,14 @@ def test_chunked_vocabulary_projection_equals_full_logits(small, mode):
     model.eval()
     qs, ans = [r["question"] for r in qa[:5]], [r["answers"][0] for r in qa[:5]]
     results = []
+    model.generator._split = None  # the split's one-time self-check runs again below
     for chunk_bytes in (1 << 40, 1):  # whole logits; one question per chunk
         model.head_chunk_bytes = chunk_bytes
         model.zero_grad(set_to_none=True)
+        rng = torch.get_rng_state()
         out = model(qs, ans, epsilon=0.1, reduction="sum")
+        # in eval mode nothing draws from the global RNG, the self-check included (training state: exact resume)
+        assert torch.equal(torch.get_rng_state(), rng)
         out.loss.backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         results.append((out, grads))

@@ -263,7 +263,8 @@ def rag_sequence_decode(gen, input_ids: torch.Tensor, attention_mask: torch.Tens
     3. "thorough": every hypothesis is scored under all K passages by teacher forcing — one batched pass over all
        questions (split only to bound the logits' memory; the encoder output is reused, not recomputed) — and
        p(y|x) = sum_k p(z_k|x) p(y|x,z_k) (the first, forced BOS token excluded, as HF's exclude_bos_score).
-       "fast": no extra pass; p(y|x,z_k) is taken from the beam search when y is in passage k's beam, else 0.
+       "fast": no extra pass; p(y|x,z_k) is taken from the beam search when y is in passage k's beam (its whole
+       log-likelihood, the forced BOS token included), else 0.
     4. The most probable hypothesis of each question; scores = its log p(y|x).
     Differences from HF's RagSequenceForGeneration.generate: it loops over questions and re-runs the encoder for
     every (candidate, passage) pair; it scores with the model's label smoothing if one is configured (pyrag scores

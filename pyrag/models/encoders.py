@@ -176,7 +176,7 @@ class Encoder(nn.Module):
     def save_pretrained(self, path) -> None:
         """Write model (its own HF layout), tokenizer and pyrag_encoder.json into directory `path`, replacing it
         atomically (written beside it under a temporary name, then renamed)."""
-        with atomic_dir(path) as tmp:
+        with atomic_dir(path, marker=CONFIG_NAME) as tmp:
             with _quiet_hf_progress():
                 self.model.save_pretrained(tmp)
                 self.tokenizer.save_pretrained(tmp)
@@ -340,7 +340,7 @@ class BiEncoder(nn.Module):
 
     def save_pretrained(self, path) -> None:
         """Directory with question_encoder/ (and passage_encoder/ unless shared) and pyrag_bi_encoder.json."""
-        with atomic_dir(path) as tmp:
+        with atomic_dir(path, marker=BI_CONFIG_NAME) as tmp:
             self.question_encoder.save_pretrained(tmp / "question_encoder")
             if not self.shared:
                 self.passage_encoder.save_pretrained(tmp / "passage_encoder")

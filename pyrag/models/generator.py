@@ -68,11 +68,12 @@ def tokenize_contexts(tokenizer, questions: list[str], titles: list[list[str]], 
     A longer row keeps its question: the passage text is cut (at a token boundary, found through the fast
     tokenizer's offsets) until the row fits; HF would instead cut the end of the row, i.e. the question."""
     max_length = fmt.max_combined_length if max_length is None else max_length
-    strings, tails = [], []
+    strings, tails, owner = [], [], []
     for b, q in enumerate(questions):
         for t, x in zip(titles[b], texts[b]):
             strings.append(format_context(t, x, q, fmt, suffix))
             tails.append(q)
+            owner.append(b)
     ids = tokenizer(strings, add_special_tokens=add_special_tokens)["input_ids"]
     long = [i for i, row in enumerate(ids) if len(row) > max_length]
     if long:
@@ -80,7 +81,8 @@ def tokenize_contexts(tokenizer, questions: list[str], titles: list[list[str]], 
         # on the critical path of every step); rows a cut does not settle go through the row-by-row loop.
         todo = _truncate_batch(tokenizer, strings, tails, ids, long, fmt, suffix, max_length, add_special_tokens)
         for i in sorted(todo):  # in row order, so an error names the first bad row as the row loop would
-            ids[i] = _truncate_passage(tokenizer, strings[i], tails[i], fmt, suffix, max_length, add_special_tokens, i)
+            ids[i] = _truncate_passage(tokenizer, strings[i], tails[i], fmt, suffix, max_length, add_special_tokens,
+                                       owner[i])
     return ids
 
 
@@ -118,7 +120,7 @@ def _truncate_batch(tokenizer, strings, tails, ids, long, fmt, suffix, max_lengt
     return todo
 
 
-def _truncate_passage(tokenizer, full, question, fmt, suffix, max_length, add_special_tokens, row) -> list[int]:
+def _truncate_passage(tokenizer, full, question, fmt, suffix, max_length, add_special_tokens, qi) -> list[int]:
     head, tail = _split_tail(full, question, fmt, suffix)
     enc = _with_offsets(tokenizer, head)
     if enc is not None:
@@ -134,8 +136,9 @@ def _truncate_passage(tokenizer, full, question, fmt, suffix, max_length, add_sp
         if keep <= 0:
             ids = tokenizer(tail.lstrip(), add_special_tokens=add_special_tokens)["input_ids"]
             if len(ids) > max_length:
-                raise ValueError(f"the question of input row {row} alone needs {len(ids)} tokens, more than "
-                                 f"max_combined_length={max_length}: {question[:80]!r}")
+                raise ValueError(f"questions[{qi}] alone needs {len(ids)} tokens, more than the generator input's "
+                                 f"limit of {max_length} (max_combined_length={fmt.max_combined_length}, capped by "
+                                 f"the model's positions): {question[:80]!r}")
             return ids
         cut = head[: ends[keep - 1]] if ends is not None else tokenizer.decode(head_ids[:keep])
         ids = tokenizer(cut + tail, add_special_tokens=add_special_tokens)["input_ids"]
@@ -248,7 +251,10 @@ class Seq2SeqGenerator(nn.Module):
         if self.pad_token_id is None or self.eos_token_id is None or self.decoder_start_token_id is None:
             raise ValueError(f"the generator needs pad, eos and decoder-start token ids: {self.pad_token_id=} "
                              f"{self.eos_token_id=} {self.decoder_start_token_id=}")
-        limit = getattr(cfg, "max_position_embeddings", None)
+        # learned absolute positions (BART, Pegasus) bound the encoder input and the decoded length; T5's relative
+        # positions bound neither (None)
+        self.position_limit = _first_int(getattr(cfg, "max_position_embeddings", None))
+        limit = self.position_limit
         if limit is None:
             tl = getattr(tokenizer, "model_max_length", None)
             limit = tl if isinstance(tl, int) and tl < 100_000 else 512
@@ -272,9 +278,28 @@ class Seq2SeqGenerator(nn.Module):
     def build_inputs(self, questions: list[str], titles: list[list[str]], texts: list[list[str]]):
         """(input_ids [B*K, L], attention_mask [B*K, L] bool) of "title / text // question", row b*K + k,
         padded to the longest row of this batch."""
-        rows = tokenize_contexts(self.tokenizer, questions, titles, texts, self.fmt)
+        rows = tokenize_contexts(self.tokenizer, questions, titles, texts, self.fmt, max_length=self.input_limit)
         ids, mask = _pad(rows, self.pad_token_id)
         return ids.to(self.device), mask.to(self.device)
+
+    @property
+    def input_limit(self) -> int:
+        """Most tokens of one generator input: max_combined_length, capped by the encoder's positions."""
+        return min(self.fmt.max_combined_length, self.position_limit or self.fmt.max_combined_length)
+
+    def check_lengths(self, input_ids: torch.Tensor, max_new_tokens: int | None = None) -> None:
+        """Inputs given from outside (HF's precomputed contexts) must fit the encoder's positions, and the decoder's
+        must hold the start token + max_new_tokens: clear errors instead of an index error inside the model."""
+        lim = self.position_limit
+        if lim is None:
+            return
+        if input_ids.shape[1] > lim:
+            raise ValueError(f"context_input_ids has {input_ids.shape[1]} tokens per row, more than the generator's "
+                             f"{lim} positions")
+        p0 = self.decoder_prompt(1).shape[1]
+        if max_new_tokens is not None and p0 + max_new_tokens > lim:
+            raise ValueError(f"max_new_tokens={max_new_tokens} does not fit the generator's {lim} decoder positions "
+                             f"(at most {lim - p0})")
 
     def encode_answers(self, answers: list[str]):
         """(decoder_input_ids [B, T], target [B, T]) with target = the tokenised answer (BART: <s> a </s>,
@@ -379,7 +404,8 @@ class Seq2SeqGenerator(nn.Module):
         try:
             with self._probe() as (m, dev, d):
                 ids = torch.tensor([[self.decoder_start_token_id, self.eos_token_id]], device=dev)
-                enc = torch.randn(1, 3, d, device=dev)
+                # a private generator: the global RNG state is training state (dropout; exact resume)
+                enc = torch.randn(1, 3, d, generator=torch.Generator().manual_seed(0)).to(dev)
                 mask = torch.ones(1, 3, dtype=torch.bool, device=dev)
                 full = m(encoder_outputs=BaseModelOutput(last_hidden_state=enc), attention_mask=mask,
                          decoder_input_ids=ids, use_cache=False).logits
@@ -653,8 +679,13 @@ class CausalGenerator(nn.Module):
         self.pad_token_id = _first_int(tokenizer.pad_token_id, getattr(cfg, "pad_token_id", None), self.eos_token_id)
         self.bos_token_id = None  # nothing to force: the answer starts right after the prompt
         self.decoder_start_token_id = None
-        limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or 1024
+        self.position_limit = _first_int(getattr(cfg, "max_position_embeddings", None),
+                                         getattr(cfg, "n_positions", None))
+        limit = self.position_limit or 1024
         self.max_answer_length = int(max_answer_length or limit // 2)
+        if self.max_answer_length >= limit:
+            raise ValueError(f"max_answer_length={self.max_answer_length} leaves no room for a prompt in the "
+                             f"generator's {limit} positions")
         self._cache_kw = _cache_kwarg(model)
         self._logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
 
@@ -668,9 +699,26 @@ class CausalGenerator(nn.Module):
 
     def build_inputs(self, questions, titles, texts):
         """Left-padded prompts (input_ids [B*K, P], attention_mask [B*K, P] bool), row b*K + k."""
-        rows = tokenize_contexts(self.tokenizer, questions, titles, texts, self.fmt, suffix=self.fmt.answer_prompt)
+        rows = tokenize_contexts(self.tokenizer, questions, titles, texts, self.fmt, suffix=self.fmt.answer_prompt,
+                                 max_length=self.input_limit)
         ids, mask = _pad(rows, self.pad_token_id, left=True)
         return ids.to(self.device), mask.to(self.device)
+
+    @property
+    def input_limit(self) -> int:
+        """Most prompt tokens: max_combined_length, capped so a prompt and an answer of max_answer_length fit the
+        model's positions."""
+        cap = (self.position_limit - self.max_answer_length) if self.position_limit else self.fmt.max_combined_length
+        return min(self.fmt.max_combined_length, cap)
+
+    def check_lengths(self, input_ids: torch.Tensor, max_new_tokens: int | None = None) -> None:
+        """The positions must hold the longest prompt of the batch (+ max_new_tokens when decoding)."""
+        lim, n = self.position_limit, input_ids.shape[1]
+        if lim is None:
+            return
+        if n + (max_new_tokens or 0) > lim:
+            what = f"max_new_tokens={max_new_tokens} after a {n}-token prompt" if max_new_tokens else f"a {n}-token prompt"
+            raise ValueError(f"{what} does not fit the generator's {lim} positions")
 
     def encode_answers(self, answers: list[str]):
         """(answer_ids [B, T] padded with pad, target [B, T] = answer tokens + eos, padded with -100)."""

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..kb_io import atomic_dir
+from ..losses import check_some_finite_score
 from .decoding import DecodeSettings, rag_sequence_decode, rag_token_decode
 from .generator import CausalGenerator, InputFormat, Seq2SeqGenerator, _check_texts, load_generator
 from .lean_activations import lean_activations
@@ -54,8 +55,9 @@ class RagGeneration:
     sum_t log sum_k p(z_k|x) p(y_t|x,z_k,y_<t) -- greedy sums the model's log-probs; beam search, like HF's, sums
     them after the logits processors, so a forced BOS/EOS counts 0 -- and beam search also reports HF's
     length-normalised beam score (sequences_scores) in extra["beam_scores"]. RagSequence: log sum_k
-    p(z_k|x) p(y|x,z_k), the first forced BOS excluded as HF's exclude_bos_score; "fast" decoding counts only the
-    passages whose beam held y), doc_scores / doc_prior [B, K] (p(z|x)), and the passages used: rows [B, K], ids,
+    p(z_k|x) p(y|x,z_k), "thorough" with the first forced BOS excluded as HF's exclude_bos_score; "fast" decoding
+    counts only the passages whose beam held y, with p(y|x,z_k) that beam's own log-likelihood, BOS included, so
+    its scores are not comparable with thorough's), doc_scores / doc_prior [B, K] (p(z|x)), and the passages used: rows [B, K], ids,
     titles, texts."""
 
     answers: list[str]
@@ -79,6 +81,30 @@ class _Retrieved:
     ids: list
     titles: list
     texts: list
+
+
+def _check_context(ctx_ids, ctx_mask, doc_scores) -> tuple[int, int]:
+    """HF's precomputed path: context_input_ids / context_attention_mask [B*K, L] token ids and mask, doc_scores
+    [B, K] with at least one finite score per question and no NaN / +inf (-inf marks a passage to ignore).
+    Returns (B, K)."""
+    for name, t in (("context_input_ids", ctx_ids), ("context_attention_mask", ctx_mask), ("doc_scores", doc_scores)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if doc_scores.dim() != 2 or not doc_scores.is_floating_point():
+        raise ValueError(f"doc_scores must be a float tensor [B, K], got {doc_scores.shape=} {doc_scores.dtype=}")
+    B, K = doc_scores.shape
+    if ctx_ids.dim() != 2 or ctx_ids.shape[0] != B * K or ctx_mask.shape != ctx_ids.shape:
+        raise ValueError(f"context_input_ids / context_attention_mask must be [B*K, L] = [{B * K}, L] for "
+                         f"{doc_scores.shape=}, got {ctx_ids.shape=} {ctx_mask.shape=}")
+    if ctx_ids.is_floating_point() or ctx_ids.dtype == torch.bool:
+        raise TypeError(f"context_input_ids must hold integer token ids, got {ctx_ids.dtype=}")
+    bad = torch.isnan(doc_scores) | torch.isposinf(doc_scores)
+    if bool(bad.any()):
+        b, k = (int(i) for i in bad.nonzero()[0])
+        raise ValueError(f"doc_scores[{b}, {k}] = {doc_scores[b, k].item()}: scores must be finite (or -inf to "
+                         f"leave a passage out)")
+    check_some_finite_score(doc_scores)
+    return B, K
 
 
 class RagModel(nn.Module):
@@ -257,12 +283,8 @@ class RagModel(nn.Module):
         gen = self.generator
         if not isinstance(gen, Seq2SeqGenerator):
             raise TypeError("the precomputed-context path (HF's) is for seq2seq generators")
-        if doc_scores.dim() != 2:
-            raise ValueError(f"doc_scores must be [B, K], got {doc_scores.shape=}")
-        B, K = doc_scores.shape
-        if ctx_ids.dim() != 2 or ctx_ids.shape[0] != B * K or ctx_mask.shape != ctx_ids.shape:
-            raise ValueError(f"context_input_ids / context_attention_mask must be [B*K, L] = [{B * K}, L], got "
-                             f"{ctx_ids.shape=} {ctx_mask.shape=}")
+        B, K = _check_context(ctx_ids, ctx_mask, doc_scores)
+        gen.check_lengths(ctx_ids)
         if labels.dim() != 2 or labels.shape[0] != B:
             raise ValueError(f"labels must be [B, T] with B={B}, got {labels.shape=}")
         if bool((labels < 0).any()):
@@ -375,8 +397,12 @@ class RagModel(nn.Module):
         if unknown:
             raise TypeError(f"generate got unknown settings {sorted(unknown)}; known: {sorted(base)}")
         base.update(overrides)
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+        if (isinstance(min_new_tokens, bool) or not isinstance(min_new_tokens, int)
+                or not 0 <= min_new_tokens <= max_new_tokens):
+            raise ValueError(f"min_new_tokens must be an int in [0, max_new_tokens={max_new_tokens}], got "
+                             f"{min_new_tokens!r}")
         return DecodeSettings(max_length=p0 + max_new_tokens, min_length=p0 + min_new_tokens if min_new_tokens else 0,
                               eos_token_id=gen.eos_token_id, pad_token_id=gen.pad_token_id,
                               no_repeat_ngram_size=int(base["no_repeat_ngram_size"] or 0), **{
@@ -396,7 +422,7 @@ class RagModel(nn.Module):
         instead of questions (HF's precomputed path). settings: forced_bos_token_id, forced_eos_token_id,
         length_penalty, early_stopping, no_repeat_ngram_size (default: the generator's generation_config).
         Runs in eval mode (dropout off) and restores the previous mode."""
-        if not isinstance(num_beams, int) or num_beams < 1:
+        if isinstance(num_beams, bool) or not isinstance(num_beams, int) or num_beams < 1:
             raise ValueError(f"num_beams must be a positive int, got {num_beams!r}")
         s = self._settings(max_new_tokens, min_new_tokens, settings)
         was = self.training
@@ -413,10 +439,9 @@ class RagModel(nn.Module):
                 if context_input_ids is None or context_attention_mask is None or doc_scores is None:
                     raise ValueError("generate needs questions, or context_input_ids, context_attention_mask and "
                                      "doc_scores")
+                _check_context(context_input_ids, context_attention_mask, doc_scores)
                 ids, mask, scores = context_input_ids, context_attention_mask.bool(), doc_scores.float()
-                if ids.shape[0] != scores.numel():
-                    raise ValueError(f"context_input_ids must have B*K rows for doc_scores [B, K]: "
-                                     f"{ids.shape=} {scores.shape=}")
+            self.generator.check_lengths(ids, max_new_tokens)
             res = self._decode(ids, mask, scores, s, num_beams, decoding)
         finally:
             self.train(was)
@@ -453,7 +478,7 @@ class RagModel(nn.Module):
         if not hasattr(self.question_encoder, "save_pretrained"):
             raise TypeError(f"the question encoder ({type(self.question_encoder).__name__}) cannot be saved; "
                             f"use a pyrag Encoder")
-        with atomic_dir(path) as tmp:
+        with atomic_dir(path, marker=CONFIG_NAME) as tmp:
             self.question_encoder.save_pretrained(tmp / "question_encoder")
             self.generator.save_pretrained(tmp / "generator")
             cfg = self.config_dict()
