@@ -194,6 +194,10 @@ ScoreFn<T> score_kernel(Isa isa) {
 // Measured crossover (fused ahead at 32 queries, AMX at 64): below it the fused kernel is memory bound and the
 // conversion to bf16 only adds work.
 constexpr int64_t kAmxMinQ = 48;
+// ... and from this many docs: on fewer, rescoring k + slack candidates of every query and the per-query bound cost
+// more than the bf16 scoring saves (measured, 2 threads: Q=1000, N=100, D=768 2.3x slower than fused; Q=20000,
+// N=2000, D=128 1.14x; N=2000, D=768 even; N=5000, D=384 1.12x faster; N=8000, D=768 1.6x faster).
+constexpr int64_t kAmxMinN = 4096;
 constexpr int64_t kAmxTile = 128;  // docs per tile: 192 KiB of bf16 rows at D = 768, L2-resident
 
 bool amx_usable_impl();
@@ -825,9 +829,14 @@ void topk_ip_cpu(const float* queries, const T* docs, const float* scale, int64_
   if (nq < 0 || nb < 1 || dim < 1 || k < 1 || k > nb)
     throw std::invalid_argument("topk_ip: bad sizes nq=" + std::to_string(nq) + " nb=" + std::to_string(nb) +
                                 " dim=" + std::to_string(dim) + " k=" + std::to_string(k));
-  if (opt.threads < 1 || opt.tile_n < 0 || opt.split < 0 || opt.split > 2 || opt.parts < 0 || opt.path < 0 ||
-      opt.path > 3)
-    throw std::invalid_argument("topk_ip: bad options");
+  // tile_n beyond 2^20 docs would only fail later as an allocation of tile_n scores per query
+  if (opt.threads < 1 || opt.tile_n < 0 || opt.tile_n > (int64_t{1} << 20) || opt.split < 0 || opt.split > 2 ||
+      opt.parts < 0 || opt.path < 0 || opt.path > 3)
+    throw std::invalid_argument(
+        "topk_ip: bad options threads=" + std::to_string(opt.threads) + " tile_n=" + std::to_string(opt.tile_n) +
+        " split=" + std::to_string(opt.split) + " parts=" + std::to_string(opt.parts) +
+        " path=" + std::to_string(opt.path) +
+        " (want threads >= 1, tile_n in [0, 2^20] (0 = auto), split 0-2, parts >= 0, path 0-3)");
   if (sketch != nullptr && (std::is_same<T, int8_t>::value || scale != nullptr))
     throw std::invalid_argument("topk_ip: a sketch is for float docs (int8 docs are already that compact)");
   if (opt.path == 3 && sketch == nullptr) throw std::invalid_argument("topk_ip: path=sketch needs a sketch");
@@ -862,7 +871,8 @@ void topk_ip_cpu(const float* queries, const T* docs, const float* scale, int64_
     throw std::invalid_argument("topk_ip: path=prefilter needs AMX (AMX-TILE, AMX-BF16, Linux), not available here");
   // With a sketch, AMX reads the codes (a quarter of fp32's bytes) and wins from the first query count the SIMD
   // sketch path leaves (measured, N = 200k, D = 768: 16 queries 43 ms vs 58 fused, 64: 75 vs 100 AMX on the docs).
-  if (opt.path == 0) use_amx = (nq >= kAmxMinQ || (sketch != nullptr && nq > kSketchMaxQ)) && amx_usable();
+  if (opt.path == 0)
+    use_amx = (nq >= kAmxMinQ || (sketch != nullptr && nq > kSketchMaxQ)) && nb >= kAmxMinN && amx_usable();
   if (dim >= kMaxPrefilterDim) use_amx = false;
   // Over a sketch, AMX sums bf16(q) . codes in fp32, and codes reach 127 whatever the row's size, so the doc-norm
   // overflow limit below does not cover these sums (|bf16(q)| <= |q| (1 + 2^-8)).

@@ -4,9 +4,6 @@ words, lower-cased word tokens) that returns top-k rows with deterministic ties 
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -44,6 +41,9 @@ class BM25:
             raise ValueError("BM25.build: texts is empty")
         bm25s = _bm25s()
         tokens = bm25s.tokenize(list(texts), stopwords=_STOPWORDS, show_progress=show_progress)
+        if not any(len(t) for t in tokens.ids):  # bm25s itself fails with "max() arg is an empty sequence"
+            raise ValueError(f"BM25.build: the {len(texts)} texts hold no indexable word (only English stop words, "
+                             f"punctuation or whitespace)")
         r = bm25s.BM25(k1=k1, b=b, method=method)
         r.index(tokens, show_progress=show_progress)
         return cls(r, len(texts))
@@ -67,6 +67,8 @@ class BM25:
 
     def search(self, queries: Sequence[str], k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k passages per query: (scores [Q, k] fp32, rows [Q, k] int64), best first, ties -> lower row."""
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
+            raise TypeError(f"k must be an int, got {type(k).__name__} {k!r}")
         k = int(k)
         if not 1 <= k <= self.n_docs:
             raise ValueError(f"k must be in [1, {self.n_docs}] (the number of passages), got {k=}")
@@ -78,19 +80,13 @@ class BM25:
         return torch.from_numpy(scores), torch.from_numpy(rows)
 
     def save(self, path) -> None:
-        """Write the index as a directory, atomically (temporary directory renamed into place)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-        try:
+        """Write the index as a directory, atomically (kb_io.atomic_dir: written beside it, swapped in by rename; a
+        reader never sees it half-deleted). Refuses to replace a directory that is not a BM25 index."""
+        from .kb_io import atomic_dir
+
+        with atomic_dir(path, marker="n_docs.txt") as tmp:
             self._r.save(str(tmp), show_progress=False)
             (tmp / "n_docs.txt").write_text(f"{self.n_docs}\n")
-            if path.exists():
-                shutil.rmtree(path)
-            os.replace(tmp, path)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
 
     @classmethod
     def load(cls, path, mmap: bool = False) -> BM25:

@@ -594,7 +594,10 @@ class KnowledgeBase:
 
     # -- passages ----------------------------------------------------------------------------------------------
     def _fetch(self, rows: torch.Tensor, cols: str) -> list:
-        flat = torch.as_tensor(rows).reshape(-1).tolist()
+        rows = torch.as_tensor(rows)
+        if rows.dtype.is_floating_point or rows.dtype == torch.bool or rows.dtype.is_complex:
+            raise TypeError(f"rows must be integer row numbers, got {rows.dtype=}")
+        flat = rows.reshape(-1).tolist()
         bad = [r for r in flat if not 0 <= r < len(self)]
         if bad:
             raise ValueError(f"row {bad[0]} is out of range for a KB of {len(self)} passages")
@@ -637,7 +640,7 @@ class KnowledgeBase:
 
     def vectors(self, rows) -> torch.Tensor:
         """Stored passage vectors (dequantised) fp32 [..., D] for int64 rows of any shape."""
-        return self.index.reconstruct(torch.as_tensor(rows, dtype=torch.int64))
+        return self.index.reconstruct(rows)  # it checks the rows are integers (1.7 is not row 1)
 
     def iter_passages(self, batch: int = 10000):
         """Yield (row, id, title, text) for every passage in row order."""

@@ -110,7 +110,8 @@ def rag_token_marginal_logprobs_reference(step_logits: torch.Tensor, doc_scores:
 def topk_ip_reference(
     queries: torch.Tensor, docs: torch.Tensor, k: int, *, doc_scale: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact top-k inner-product search, the twin of `pyrag.topk_ip` (same signature and semantics).
+    """Exact top-k inner-product search, the twin of `pyrag.topk_ip` (same semantics and arguments, less the
+    `sketch`, which never changes topk_ip's results).
 
     queries [Q, D] float, docs [N, D] float or int8 (then doc_scale [N]: score = (q . docs[i]) * doc_scale[i]),
     1 <= k <= N. Returns (scores [Q, k] fp32 sorted descending, ids [Q, k] int64), ties -> lower id; a NaN score

@@ -155,6 +155,66 @@ def test_flat_reconstruct_any_shape_and_unknown_id():
         index.reconstruct(-1)
     with pytest.raises(TypeError, match="integer labels"):
         index.reconstruct(torch.tensor([1.0]))
+    # Python lists of floats / bools are not truncated or read as 0/1 (they returned rows 1, and 1 and 0)
+    for bad in ([1.7], [True, False], np.array([True])):
+        with pytest.raises(TypeError, match="integer"):
+            index.reconstruct(bad)
+    with pytest.raises(ValueError, match="out of the int64 range"):
+        index.reconstruct(2 ** 70)
+    assert torch.equal(index.reconstruct(np.uint64(3)), deq[3])
+
+
+@pytest.mark.parametrize("dtype", ["int8", "float32"])
+def test_float64_beyond_the_float32_range_is_refused(dtype):
+    # finite in float64, inf in the float32 every index computes in (int8 stored NaN rows for it)
+    index = FlatIndex(4, dtype)
+    x = torch.tensor([[1.0, 2.0, 3.0, 4.0], [1e300, 0.0, 0.0, 1.0]], dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"embeddings exceed the float32 range every index computes in \(first embeddings\[1, 0\]"):
+        index.add(x)
+    assert len(index) == 0
+    index.add(x[:1])
+    with pytest.raises(ValueError, match="queries exceed the float32 range"):
+        index.search(torch.full((1, 4), 1e39, dtype=torch.float64), 1)
+
+
+@pytest.mark.parametrize("dtype,sketch,mmap", [("float32", False, False), ("float16", True, False),
+                                               ("int8", False, False), ("bfloat16", True, True)])
+def test_flat_index_pickles_and_deep_copies(tmp_path, dtype, sketch, mmap):
+    import copy
+    import pickle
+
+    g = torch.Generator().manual_seed(0)
+    index = FlatIndex(6, dtype, sketch=sketch)
+    index.add(torch.randn(50, 6, generator=g), ids=torch.arange(50) * 3 + 7)
+    if mmap:
+        index.save(tmp_path / "i.pyrag")
+        index = FlatIndex.load(tmp_path / "i.pyrag", mmap=True)
+    q = torch.randn(4, 6, generator=g)
+    want = index.search(q, 9)
+    blob = pickle.dumps(index)
+    assert len(blob) < 50 * (6 * 4 + 8) + 4096  # the filled rows only, not the buffers' spare capacity
+    for other in (pickle.loads(blob), copy.deepcopy(index)):
+        assert repr(other) == repr(index)
+        got = other.search(q, 9)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+        other.add(torch.randn(2, 6, generator=g))  # independent, with a working lock
+        assert len(other) == 52 and len(index) == 50
+
+
+def test_save_header_count_matches_its_sections_under_a_concurrent_add(tmp_path, monkeypatch):
+    # an add() between reading the arrays and writing the header made the file unloadable (count > rows)
+    index = FlatIndex(4)
+    index.add(torch.randn(10, 4))
+    orig = FlatIndex._sections
+
+    def sections_then_add(self):
+        out = orig(self)
+        self.add(torch.randn(5, 4))  # what another thread may do once the read lock is released
+        return out
+
+    monkeypatch.setattr(FlatIndex, "_sections", sections_then_add)
+    index.save(tmp_path / "i.pyrag")
+    assert len(FlatIndex.load(tmp_path / "i.pyrag")) == 10
 
 
 def test_int8_quantisation_handles_zero_rows():

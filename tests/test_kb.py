@@ -80,6 +80,10 @@ def test_build_open_search_matches_brute_force(built, enc):
     titles, texts = kb.passages(torch.tensor([[3, 4], [5, 6]]))
     assert texts == [[ps[3]["text"], ps[4]["text"]], [ps[5]["text"], ps[6]["text"]]] and titles[1][0] == ps[5]["title"]
     assert kb.row_of("p17") == 17
+    for bad in ([1.5], [True]):  # not truncated / read as 0-1
+        for fetch in (kb.passages, kb.ids, kb.vectors):
+            with pytest.raises(TypeError, match="integer"):
+                fetch(bad)
     with pytest.raises(KeyError, match="nope"):
         kb.row_of("nope")
     with pytest.raises(ValueError, match="k must be"):
@@ -107,6 +111,46 @@ def test_bm25_mode_ranks_by_bm25s_scores(built):
     assert torch.equal(KnowledgeBase.open(built).search(qs, 4, mode="bm25").rows, res.rows)
     with pytest.raises(ValueError, match="needs the question texts"):
         kb.search(torch.zeros(1, kb.dim), 3, mode="bm25")
+
+
+def test_bm25_save_replaces_atomically_and_checks_its_arguments(tmp_path):
+    import threading
+
+    from pyrag.bm25 import BM25
+
+    b = BM25.build(["paris is in france", "berlin is in germany", "rome is in italy"])
+    b.save(tmp_path / "bm25")
+    want = b.search(["paris"], 2)
+    # readers during repeated re-saves always find a whole index (the old code deleted, then renamed)
+    errors, stop = [], threading.Event()
+
+    def resave():
+        while not stop.is_set():
+            b.save(tmp_path / "bm25")
+
+    t = threading.Thread(target=resave)
+    t.start()
+    try:
+        for _ in range(40):
+            try:
+                got = BM25.load(tmp_path / "bm25").search(["paris"], 2)
+                assert torch.equal(got[1], want[1])
+            except FileNotFoundError as e:  # the instant between replace_dir's two renames
+                errors.append(e)
+    finally:
+        stop.set()
+        t.join()
+    assert len(errors) < 20, errors  # the old rmtree-then-rename lost about 97% of such loads
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "a.txt").write_text("keep")
+    with pytest.raises(FileExistsError, match="no n_docs.txt"):
+        b.save(tmp_path / "notes")
+    assert (tmp_path / "notes" / "a.txt").read_text() == "keep"
+    for k in (2.7, "2", True):
+        with pytest.raises(TypeError, match="k must be an int"):
+            b.search(["paris"], k)
+    with pytest.raises(ValueError, match="hold no indexable word"):
+        BM25.build(["the of and", "!?"])
 
 
 def test_hybrid_is_dense_plus_weighted_bm25_over_the_union(built):

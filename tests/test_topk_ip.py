@@ -11,6 +11,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -669,6 +670,12 @@ def test_bad_input_raises_clear_error(call, exc, match):
         call()
 
 
+def test_numpy_integer_k_is_an_int():
+    q, d, _ = _make(3, 50, 8, torch.float32)
+    s, i = topk_ip(q, d, np.int64(4))
+    assert_topk_exact(q, d, 4, s, i)
+
+
 def test_bad_options_are_refused():
     with pytest.raises(ValueError, match="unknown topk_ip option"), topk_ip_options(tiles=3):
         pass
@@ -683,13 +690,14 @@ def test_bad_options_are_refused():
 # The kernel reports nothing about the plan it ran (tile size, partitions, threads): the options are shown to
 # reach it by the values only it refuses (topk_ip_options passes them through unchecked) and, for threads, by the
 # OpenMP team it starts (test_forced_thread_count_reaches_openmp).
-@pytest.mark.parametrize("opt", [{"threads": -1}, {"tile_n": -1}, {"split": 3}, {"parts": -1}], ids=str)
+@pytest.mark.parametrize("opt", [{"threads": -1}, {"tile_n": -1}, {"tile_n": 10 ** 12}, {"split": 3}, {"parts": -1}],
+                         ids=str)
 def test_out_of_range_forced_options_are_refused_by_the_kernel(opt):
     q, d, _ = _make(3, 50, 8, torch.float32)
-    with topk_ip_options(path="fused", **opt), pytest.raises(ValueError, match="topk_ip: bad options"):
+    ((name, value),) = opt.items()
+    with topk_ip_options(path="fused", **opt), pytest.raises(ValueError, match=f"topk_ip: bad options.*{name}={value}"):
         topk_ip(q, d, 4)
     # The same option in range runs, so the refusal came from that one value.
-    (name,) = opt
     with topk_ip_options(path="fused", **{name: {"threads": 1, "tile_n": 1, "split": 2, "parts": 1}[name]}):
         s, i = topk_ip(q, d, 4)
     assert_topk_exact(q, d, 4, s, i)

@@ -11,15 +11,20 @@ import torch
 FLOAT_INPUT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
 
-def as_tensor(x, name: str) -> torch.Tensor:
-    """A torch view of a tensor or numpy array (no copy); anything else is a TypeError naming `name`."""
+def as_tensor(x, name: str, lists_ok: bool = False) -> torch.Tensor:
+    """A torch view of a tensor or numpy array (no copy); anything else is a TypeError naming `name` (lists_ok: the
+    caller takes lists itself, so the message offers them)."""
     if isinstance(x, torch.Tensor):
         return x.detach()
     if isinstance(x, np.ndarray):
+        if x.dtype.kind == "u" and x.size and x.dtype.itemsize == 8 and int(x.max()) >= 2 ** 63:
+            raise ValueError(f"{name} holds {int(x.max())}, beyond the int64 range pyrag stores labels in")
         if x.dtype == np.float64 or x.dtype == np.float32 or x.dtype == np.float16 or x.dtype.kind in "iu":
             return torch.from_numpy(np.ascontiguousarray(x))
-        raise TypeError(f"{name} must hold floating-point numbers, got a numpy array of dtype {x.dtype}")
-    raise TypeError(f"{name} must be a torch.Tensor or numpy.ndarray, got {type(x).__name__}")
+        raise TypeError(f"{name} must hold numbers (floats for vectors, integers for ids), got a numpy array of "
+                        f"dtype {x.dtype}")
+    kinds = "a torch.Tensor, numpy.ndarray or list" if lists_ok else "a torch.Tensor or numpy.ndarray"
+    raise TypeError(f"{name} must be {kinds}, got {type(x).__name__}")
 
 
 def check_matrix(x, name: str, dim: int) -> torch.Tensor:
@@ -32,6 +37,12 @@ def check_matrix(x, name: str, dim: int) -> torch.Tensor:
     if x.numel() and not _all_finite(x):
         bad = (~torch.isfinite(x)).any(dim=1).nonzero()[0, 0].item()
         raise ValueError(f"{name} contains NaN or infinite values (first in row {bad}); refusing to index/search them")
+    if x.dtype == torch.float64 and x.numel():  # every index computes in float32: these would become inf
+        big = x.abs() > torch.finfo(torch.float32).max
+        if bool(big.any()):
+            r, c = (int(i) for i in big.nonzero()[0])
+            raise ValueError(f"{name} exceed the float32 range every index computes in (first {name}[{r}, {c}] = "
+                             f"{x[r, c].item():g})")
     return x
 
 
@@ -55,7 +66,7 @@ def check_k(k, n: int) -> int:
 
 def check_labels(ids, n: int, name: str = "ids") -> torch.Tensor:
     """ids as a CPU int64 vector of length n, all distinct."""
-    ids = as_tensor(ids, name) if not isinstance(ids, (list, tuple)) else torch.as_tensor(ids)
+    ids = as_tensor(ids, name, lists_ok=True) if not isinstance(ids, (list, tuple)) else torch.as_tensor(ids)
     if ids.dtype.is_floating_point or ids.dtype == torch.bool or ids.dtype.is_complex:
         raise TypeError(f"{name} must be integer labels, got {ids.dtype=}")
     ids = ids.to("cpu", torch.int64)
@@ -207,14 +218,21 @@ class LabelMap:
         return rows if self._labels is None else self._labels.view()[rows]
 
 
+def _int64_scalar(i) -> torch.Tensor:
+    if not -(2 ** 63) <= int(i) < 2 ** 63:
+        raise ValueError(f"ids must be int64 labels, got {int(i)} (out of the int64 range)")
+    return torch.tensor(int(i))
+
+
 def check_ids_arg(ids, device) -> torch.Tensor:
     """reconstruct()'s ids: int / list / ndarray / tensor of integers, any shape -> int64 tensor on device."""
-    if isinstance(ids, (int, np.integer)) and not isinstance(ids, bool):
-        ids = torch.tensor(ids)
+    if isinstance(ids, (int, np.integer)) and not isinstance(ids, (bool, np.bool_)):
+        ids = _int64_scalar(ids)
     elif isinstance(ids, (list, tuple)):
-        ids = torch.as_tensor(ids, dtype=torch.int64) if len(ids) else torch.empty(0, dtype=torch.int64)
+        # torch.as_tensor(..., dtype=int64) would truncate 1.7 to 1 and read True as 1: infer, then check the kind
+        ids = torch.as_tensor(ids) if len(ids) else torch.empty(0, dtype=torch.int64)
     else:
-        ids = as_tensor(ids, "ids")
+        ids = as_tensor(ids, "ids", lists_ok=True)
     if ids.dtype.is_floating_point or ids.dtype == torch.bool or ids.dtype.is_complex:
         raise TypeError(f"ids must be integer labels, got {ids.dtype=}")
     return ids.to(device, torch.int64)

@@ -75,6 +75,25 @@ class FlatIndex:
     def __len__(self) -> int:
         return self._vectors.n
 
+    # pickle / copy.deepcopy (multiprocessing with spawn, joblib, Ray): the stored arrays, read under the lock (only
+    # rows [0, len) of each buffer's capacity), and a fresh lock on the other side. An mmap-loaded index pickles
+    # its data, not the file.
+    def __getstate__(self) -> dict:
+        with self._lock.read():
+            state = {k: v for k, v in self.__dict__.items() if k != "_lock"}
+            state["_vectors"] = RowBuffer(self._vectors.view().clone())
+            if self._scales is not None:
+                state["_scales"] = RowBuffer(self._scales.view().clone())
+            if self._sketch is not None:
+                state["_sketch"] = [RowBuffer(b.view().clone()) for b in self._sketch]
+            lab = self._labels
+            state["_labels"] = LabelMap(lab.device, None if lab.identity else lab.labels().clone(), len(self))
+            return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = RWLock()
+
     def __repr__(self) -> str:
         sk = ", sketch=True" if self.sketch else ""
         return f"FlatIndex(dim={self._dim}, dtype={self.dtype!r}{sk}, len={len(self)}, device={self.device})"
@@ -160,7 +179,9 @@ class FlatIndex:
             return v.reshape(*ids.shape, self._dim)
 
     # ---- persistence ----
-    def _sections(self) -> dict:
+    def _sections(self) -> tuple[dict, int]:
+        """The arrays to save and their row count, read together under the lock (a concurrent add() must not
+        make the header's count disagree with the sections)."""
         with self._lock.read():
             sections = {"vectors": self._vectors.view()}
             if self._scales is not None:
@@ -170,12 +191,12 @@ class FlatIndex:
                     sections["sketch_" + name] = buf.view()
             if not self._labels.identity:
                 sections["labels"] = self._labels.labels()
-            return sections
+            return sections, len(self)
 
     def save(self, path) -> None:
         """Write the index to `path` atomically (temporary file in the same directory, then os.replace)."""
-        sections = self._sections()
-        _format.save_container(path, kind=self.kind, dim=self._dim, dtype=self.dtype, count=len(self),
+        sections, count = self._sections()
+        _format.save_container(path, kind=self.kind, dim=self._dim, dtype=self.dtype, count=count,
                                meta={"extra": self.extra_meta, "sketch": self.sketch}, sections=sections)
 
     @classmethod

@@ -5,6 +5,7 @@ pyrag.reference.topk_ip_reference."""
 from __future__ import annotations
 
 import contextlib
+import numbers
 import threading
 
 import torch
@@ -23,7 +24,8 @@ DOC_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.int8)
 # exact fp32 rescoring of the docs its error bound cannot rule out; same results, needs AMX; with a sketch it reads
 # the sketch's int8 codes instead) or "sketch" (the same with SIMD int8 scores of a sketch; needs one). "auto" takes
 # the SIMD sketch path up to 12 queries when given a sketch, and the AMX prefilter from 48 queries on where AMX
-# exists (from 13 with a sketch): below that the fused kernel is memory bound and wins.
+# exists (from 13 with a sketch) over at least 4096 docs: below that the fused kernel is memory bound and wins, and
+# on fewer docs rescoring every query's candidates costs more than the bf16 scoring saves.
 # On CUDA: cuda_path "auto" (the chunked-GEMM path for 9+ queries on fp16/bf16 docs, the fused kernel otherwise),
 # "fused" or "gemm"; cuda_chunk: docs per GEMM chunk (0 = as many as fit in 64 MiB of fp32 scores); cuda_select: the
 # kernel that folds GEMM score chunks into the candidate lists, "block" (16 queries per block, measured) or "warp"
@@ -128,6 +130,7 @@ def topk_ip(
           into 2 (fp16) or 3 (bf16) parts of the docs' dtype so their precision is kept.
     """
     _check_inputs(queries, docs, k, doc_scale)
+    k = int(k)
     queries = queries.detach().contiguous()
     docs = docs.detach().contiguous()
     if doc_scale is not None:
@@ -157,7 +160,7 @@ def _check_inputs(queries, docs, k, doc_scale) -> None:
         raise ValueError(f"queries and docs must have the same D: {queries.shape=}, {docs.shape=}")
     if docs.shape[1] == 0:
         raise ValueError(f"D must be >= 1, got {docs.shape=}")
-    if isinstance(k, bool) or not isinstance(k, int):
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral):  # numpy integers too, as FlatIndex.search
         raise TypeError(f"k must be an int, got {k=!r} ({type(k).__name__})")
     n = docs.shape[0]
     if n == 0:
