@@ -450,9 +450,14 @@ def _read_meta(path: Path) -> dict:
         meta = json.loads(f.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{f}: corrupted ({e.msg} on line {e.lineno})") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{f}: corrupted (a JSON {type(meta).__name__}, not an object)")  # noqa: TRY004 - a corrupted file, as above
     if meta.get("format") != FORMAT or meta.get("version") != VERSION:
         raise ValueError(f"{f}: not a {FORMAT} version {VERSION} file "
                          f"(format={meta.get('format')!r}, version={meta.get('version')!r})")
+    for key, kind in (("files", dict), ("passage_encoder", dict)):
+        if not isinstance(meta.get(key), kind):
+            raise ValueError(f"{f}: corrupted ({key!r} is missing or not a JSON object)")  # noqa: TRY004
     return meta
 
 
@@ -726,6 +731,8 @@ class KnowledgeBase:
             if question_vectors.dim() != 2 or question_vectors.shape != (len(questions), self.dim):
                 raise ValueError(f"question_vectors must be [Q, D] = [{len(questions)}, {self.dim}] (one row per "
                                  f"question), got {tuple(question_vectors.shape)} for {len(questions)} questions")
+            if not bool(torch.isfinite(question_vectors).all()):
+                raise ValueError("question_vectors contains NaN or infinite values")
             question_vectors = question_vectors.detach()
         if mode == "hybrid":
             lam = self.hybrid_weight if hybrid_weight is None else hybrid_weight

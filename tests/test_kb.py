@@ -319,6 +319,13 @@ def test_corrupted_files_are_refused(tmp_path, enc):
     (tmp_path / "kb" / "index.pyragidx").write_bytes(b"short")
     with pytest.raises(ValueError, match="size 5 differs"):
         KnowledgeBase.open(tmp_path / "kb", verify=False)
+    # a meta.json that parses but is not the object it should be: named, not an AttributeError / KeyError
+    meta_file = tmp_path / "kb" / "meta.json"
+    meta = json.loads(meta_file.read_text())
+    for bad, match in (([meta], "a JSON list, not an object"), ({**meta, "files": None}, "'files' is missing")):
+        meta_file.write_text(json.dumps(bad))
+        with pytest.raises(ValueError, match=match):
+            KnowledgeBase.open(tmp_path / "kb", verify=False)
 
 
 @pytest.mark.parametrize("index,dtype,tol", [("flat", "float16", 2e-3), ("flat", "int8", 3e-2),
