@@ -1,6 +1,7 @@
 """HNSWIndex in both graph spaces ("augmented", "ip"): recall against brute force on non-normalised data (and
 against raw hnswlib space="ip"), exact inner-product scores, labels, the growing-norm rebuild, save/load (the space
-round-trips; old files load as "augmented"), thread safety and bad inputs."""
+round-trips; old files load as "augmented"), thread safety, all-or-nothing add() under injected failures, exact
+search where k or ef_search is a large fraction of the index, bounded rescoring memory, and bad inputs."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from pyrag.index import HNSWIndex, _format, load_index
+from pyrag.index import FlatIndex, HNSWIndex, _format, load_index
+from pyrag.index import hnsw as hnsw_module
 
 
 def recall_at_k(got: np.ndarray, true: np.ndarray) -> float:
@@ -167,9 +169,15 @@ def test_hnsw_search_degrades_gracefully_when_the_graph_reaches_fewer_than_ef(sp
     assert all(len(set(row)) == 10 for row in ids.tolist())
     torch.testing.assert_close(scores, torch.einsum("qd,qkd->qk", q, index.reconstruct(ids)), rtol=1e-5, atol=1e-5)
     assert bool((scores[:, :-1] >= scores[:, 1:]).all())
-    hint = "space='augmented' avoids this" if space == "ip" else "raise M"
-    with pytest.raises(ValueError, match=rf"fewer than k=31 neighbours for query \d+ .*{hint}"):
-        index.search(q, 31)
+    # a query the graph cannot give k candidates at all is answered by exact search over the stored vectors
+    hint = "space='augmented' avoids that" if space == "ip" else "raise M"
+    with pytest.warns(UserWarning, match=rf"fewer than k=31 of the 1000 vectors for {int(short.sum())} of 40 "
+                                         rf"queries; they were answered by exact search .*{hint}"):
+        scores, ids = index.search(q, 31)
+    exact = FlatIndex(16)
+    exact.add(x)
+    es, ei = exact.search(q[short], 31)
+    assert torch.equal(ids[short], ei) and torch.equal(scores[short], es)
 
 
 def _small(n=2000, d=16, seed=0):
@@ -370,8 +378,6 @@ def test_hnsw_concurrent_searches_from_threads_are_correct():
 
 
 def test_kind_mismatch_between_flat_and_hnsw_files_is_refused(tmp_path):
-    from pyrag.index import FlatIndex
-
     flat = FlatIndex(12)
     flat.add(torch.randn(20, 12))
     fpath = tmp_path / "flat.idx"
@@ -385,3 +391,223 @@ def test_kind_mismatch_between_flat_and_hnsw_files_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"flat.idx: holds a 'flat' index, not a 'hnsw' index"):
         HNSWIndex.load(fpath)
     assert isinstance(load_index(hpath), HNSWIndex) and isinstance(load_index(fpath), FlatIndex)
+
+
+# ---- add() is all or nothing ----
+class _Faults:
+    """Wraps every graph HNSWIndex creates; the `countdown`-th add_items call from now inserts the first half of
+    its rows into the real graph, then raises `exc` (as an hnswlib error mid-chunk, or a Ctrl-C, would)."""
+
+    def __init__(self, monkeypatch):
+        self.countdown, self.exc, self.graphs = None, None, []
+        make = HNSWIndex._new_graph
+
+        def new_graph(index, capacity):
+            self.graphs.append(_FaultyGraph(make(index, capacity), self))
+            return self.graphs[-1]
+
+        monkeypatch.setattr(HNSWIndex, "_new_graph", new_graph)
+        monkeypatch.setattr(hnsw_module, "_MIN_INSERT_CHUNK", 100)  # several chunks per test-sized add
+
+    def arm(self, countdown: int, exc: BaseException) -> None:
+        self.countdown, self.exc = countdown, exc
+
+
+class _FaultyGraph:
+    def __init__(self, graph, faults: _Faults):
+        self.graph, self.faults = graph, faults
+
+    def add_items(self, data, labels, num_threads=1):
+        f = self.faults
+        if f.countdown is not None:
+            f.countdown -= 1
+            if f.countdown == 0:
+                f.countdown = None
+                half = len(labels) // 2
+                self.graph.add_items(data[:half], labels[:half], num_threads=num_threads)
+                raise f.exc
+        self.graph.add_items(data, labels, num_threads=num_threads)
+
+    def __getattr__(self, name):
+        return getattr(self.graph, name)
+
+
+@pytest.mark.parametrize("exc", [KeyboardInterrupt(), RuntimeError("hnswlib: out of memory")], ids=["ctrl-c", "error"])
+@pytest.mark.parametrize("case", ["ip", "augmented", "augmented-rebuild", "ip-first-add"])
+def test_hnsw_add_failing_mid_graph_insert_leaves_the_index_as_it_was(monkeypatch, tmp_path, case, exc):
+    faults = _Faults(monkeypatch)
+    space = case.split("-")[0]
+    x, q = _small(600), _small(20, seed=1)
+    batch = _small(450, seed=2) * (2.0 if case == "augmented-rebuild" else 0.5)  # 5 chunks of 100 rows (+ rest)
+    ids = torch.arange(450) + 10_000
+    index = HNSWIndex(16, M=8, ef_construction=40, ef_search=20, space=space)
+    if case != "ip-first-add":
+        index.add(x, show_progress=False)
+    graph, phi, n = index._graph, index.phi, len(index)
+    if case == "augmented":
+        assert float((batch.double() ** 2).sum(1).max()) <= phi  # no rebuild
+    faults.arm(2 if case != "augmented-rebuild" else 8, exc)  # the rebuild first re-inserts the 600 old rows
+    with pytest.raises(type(exc)), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the rebuild's warning
+        index.add(batch, ids=ids, show_progress=False)
+    assert faults.countdown is None  # the fault fired
+    assert len(index) == index._labels.n == n and index._graph is graph and index.phi == phi
+    assert index.rebuilds == 0
+    if case == "ip-first-add":
+        assert graph is None
+        with pytest.raises(ValueError, match="empty index"):
+            index.search(q, 1)
+    else:
+        # what the graph had taken is deleted: searches return only the old rows, with their true scores
+        scores, got = index.search(q, 10)
+        assert int(got.max()) < n
+        torch.testing.assert_close(scores, torch.einsum("qd,qkd->qk", q, index.reconstruct(got)))
+        with pytest.raises(ValueError, match="id 10000 is not in the index"):
+            index.reconstruct([10_000])
+        index.save(tmp_path / "after-failure.idx")  # the deleted points travel with the graph
+        assert len(HNSWIndex.load(tmp_path / "after-failure.idx")) == n
+    # the same add again (same ids: none of them was kept) succeeds and the index is whole
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        index.add(batch, ids=ids, show_progress=False)
+    everything = torch.cat([x[:n], batch])
+    labels = torch.cat([torch.arange(n), ids])
+    assert len(index) == n + 450 and torch.equal(index.reconstruct(labels), everything)
+    exact = FlatIndex(16)
+    exact.add(everything, ids=labels)
+    for k in (10, len(index)):  # graph search, and the exact search k = len takes
+        scores, got = index.search(q, k)
+        torch.testing.assert_close(scores, torch.einsum("qd,qkd->qk", q, index.reconstruct(got)))
+        true = exact.search(q, k)[1]
+        assert recall_at_k(got.numpy(), true.numpy()) >= (0.9 if space == "ip" else 0.5)
+    assert torch.equal(index.search(q, len(index))[1], exact.search(q, len(index))[1])
+    index.save(tmp_path / "h.idx")
+    loaded = HNSWIndex.load(tmp_path / "h.idx")
+    for a, b in zip(index.search(q, 10), loaded.search(q, 10)):
+        assert torch.equal(a, b)
+
+
+def test_hnsw_rollback_undoes_a_successful_add():
+    # what ShardedIndex uses when another rank's add failed
+    x, more, q = _small(500), _small(300, seed=2), _small(10, seed=1)
+    for space in ("ip", "augmented"):
+        index = HNSWIndex(16, M=8, ef_construction=40, ef_search=20, space=space)
+        index.add(x, show_progress=False)
+        before = index.search(q, 10)
+        snap = index._snapshot()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            index.add(more * 3, ids=torch.arange(300) + 900, show_progress=False)  # "augmented": a rebuild
+        index._rollback(snap)
+        assert len(index) == 500 and index.rebuilds == 0
+        after = index.search(q, 10)
+        assert int(after[1].max()) < 500
+        if space == "augmented":  # the old graph itself is back
+            assert torch.equal(before[1], after[1]) and torch.equal(before[0], after[0])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            index.add(more, ids=torch.arange(300) + 900, show_progress=False)
+        assert torch.equal(index.reconstruct([900, 1199]), more[[0, 299]])
+
+
+# ---- search ----
+def test_hnsw_search_with_k_close_to_len_is_exact_on_lognormal_ip_data():
+    # an inner-product graph on ordinary data does not reach every point; k = len used to raise "fewer than k"
+    x, q = lognormal_norms(3000, 32, nq=20)
+    index = HNSWIndex(32, space="ip")
+    index.add(x, show_progress=False)
+    exact = FlatIndex(32)
+    exact.add(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for k in (len(x), len(x) // 2, len(x) // 8):
+            s, i = index.search(q, k)
+            es, ei = exact.search(q, k)
+            assert torch.equal(i, ei) and torch.equal(s, es), k
+
+
+def test_hnsw_rescoring_in_blocks_gives_the_same_results_within_its_memory_bound(monkeypatch):
+    import tracemalloc
+
+    x, q = _small(3000, d=64), _small(64, d=64, seed=1)
+    index = HNSWIndex(64, M=8, ef_construction=40, ef_search=16)
+    index.add(x, show_progress=False)
+    k = 300  # graph path (8 * 300 < 3000); the old one-step gather was 64 * 300 * 64 * 4 B = 4.9 MB
+    reference = index.search(q, k)
+    for budget in (1 << 20, 64 * 4 * 7):  # blocks of queries; blocks of 7 candidates of one query
+        monkeypatch.setattr(hnsw_module, "_RESCORE_BYTES", budget)
+        tracemalloc.start()
+        got = index.search(q, k)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert torch.equal(got[0], reference[0]) and torch.equal(got[1], reference[1])
+        # the gather's budget, plus [Q, C] candidates and scores and [Q, k] results (~0.7 MB here)
+        assert peak < budget + 1.5e6, (budget, peak)
+
+
+class _FixedCandidates:
+    """A graph stub that reaches only the rows `reach` (hnswlib refuses any larger k, as with a poor graph)."""
+
+    def __init__(self, reach):
+        self.reach = np.array([reach], dtype=np.uint64)
+
+    def knn_query(self, q, k, num_threads=1):
+        if k > self.reach.shape[1]:
+            raise RuntimeError("Cannot return the results in a contiguous 2D array. Probably ef or M is too small")
+        return np.repeat(self.reach[:, :k], len(q), axis=0), np.zeros((len(q), k), dtype=np.float32)
+
+
+def test_hnsw_rescoring_ranks_nan_products_as_minus_inf_and_never_returns_padding():
+    x = _small(100, d=2)
+    x[[2, 5, 7]] = torch.tensor([1e30, -1e30])  # q . d = inf - inf = NaN against q below
+    index = HNSWIndex(2, M=4, ef_construction=10, ef_search=10, space="ip")
+    index.add(x, show_progress=False)
+    index._graph = _FixedCandidates([7, 2, 5])  # the graph finds only the NaN rows: the rest is padding
+    with pytest.warns(UserWarning, match="rescored over the"):
+        scores, ids = index.search(torch.tensor([[1e30, 1e30]]), 3)
+    assert ids.tolist() == [[2, 5, 7]]  # ties (-inf) -> lower row, as FlatIndex; no pad (row 0) among them
+    assert scores.tolist() == [[float("-inf")] * 3]
+
+
+# ---- arguments ----
+def test_hnsw_seed_and_sizes_outside_size_t_are_refused_up_front():
+    for seed in (2**64, -1, 10**30):
+        with pytest.raises(ValueError, match=rf"seed must be an int (>= 0|<= {2**64 - 1}).*got {seed}"):
+            HNSWIndex(8, seed=seed)
+    with pytest.raises(ValueError, match="ef_search must be an int <= "):
+        HNSWIndex(8, ef_search=2**64)
+    index = HNSWIndex(8, seed=np.uint64(2**64 - 1), M=4, ef_construction=10)
+    index.add(torch.randn(20, 8), show_progress=False)
+    assert index.search(torch.randn(1, 8), 3)[1].shape == (1, 3)
+
+
+def test_hnsw_refuses_float64_beyond_float32_before_casting():
+    index = HNSWIndex(4, M=4, ef_construction=10)
+    index.add(torch.randn(10, 4), show_progress=False)
+    big = torch.randn(3, 4, dtype=torch.float64)
+    big[1, 2] = 1e39
+    for call in (lambda: index.add(big, show_progress=False), lambda: index.search(big, 2),
+                 lambda: index.add(big.numpy(), show_progress=False)):
+        with pytest.raises(ValueError, match=r"float32 range.*\[1, 2\] = 1e\+39"):
+            call()
+    assert len(index) == 10
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a torch without CUDA")
+def test_hnsw_to_an_unusable_device_fails_at_once_like_flat_index():
+    with pytest.raises(Exception) as flat_error:  # whatever torch raises for FlatIndex
+        FlatIndex(4).to("cuda")
+    index = HNSWIndex(4, M=4, ef_construction=10)
+    index.add(torch.randn(10, 4), show_progress=False)
+    with pytest.raises(type(flat_error.value)):
+        index.to("cuda")
+    assert index.device == torch.device("cpu") and "device=cpu" in repr(index)
+    assert index.search(torch.randn(1, 4), 2)[0].device.type == "cpu"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_hnsw_results_on_cuda_after_to():
+    index = HNSWIndex(4, M=4, ef_construction=10).to("cuda")
+    index.add(torch.randn(100, 4), show_progress=False)
+    scores, ids = index.search(torch.randn(2, 4), 3)
+    assert scores.is_cuda and ids.is_cuda and "device=cuda" in repr(index)

@@ -10,10 +10,18 @@ import warnings
 import numpy as np
 import torch
 
+from ..ops.topk_ip import topk_ip
 from . import _format
 from ._util import LabelMap, RowBuffer, RWLock, check_dim, check_ids_arg, check_k, check_matrix
 
-_RESCORE_CHUNK = 64  # queries rescored per step: bounds the [chunk, candidates, D] gather (~25 MB at D=768)
+# The exact rescoring gathers the candidates' vectors, [queries, candidates, D] fp32; it runs in blocks of queries
+# (and, for one query with very many candidates, of candidates) so that gather stays within this many bytes.
+_RESCORE_BYTES = 32 << 20
+# Where the graph search would fetch at least len/_EXACT_FRACTION candidates, exact search over the stored vectors
+# (pyrag.topk_ip) is faster (measured 2-3.5x at len/16 .. len/8, 64 queries, N = 20k-100k) and never misses.
+_EXACT_FRACTION = 8
+_MIN_INSERT_CHUNK = 4096  # rows per hnswlib add_items call (at least; more for large batches): progress and rollback
+_SIZE_T_MAX = 2**64 - 1  # hnswlib's integer parameters are C++ size_t
 SPACES = ("augmented", "ip")
 
 
@@ -26,10 +34,36 @@ def _hnswlib():
     return hnswlib
 
 
-def _check_int(name: str, value, lo: int) -> int:
+def _check_int(name: str, value, lo: int, hi: int = _SIZE_T_MAX) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < lo:
         raise ValueError(f"{name} must be an int >= {lo}, got {value!r}")
+    if value > hi:
+        raise ValueError(f"{name} must be an int <= {hi} (hnswlib takes a C++ size_t), got {value!r}")
     return int(value)
+
+
+def snapshot_rows(index) -> list:
+    """The row storage of an index (its RowBuffer, LabelMap and list-of-RowBuffer attributes), to put back with
+    restore_rows after a failed add. An append never writes into rows a restored length excludes before a
+    reader could see them (add holds the write lock), so each buffer's tensor and length are its whole state."""
+    saved = []
+    for name, v in vars(index).items():
+        parts = v if isinstance(v, list) and v and all(isinstance(b, RowBuffer) for b in v) else [v]
+        if not all(isinstance(b, (RowBuffer, LabelMap)) for b in parts):
+            continue
+        state = [(b, dict(vars(b))) for b in parts]
+        state += [(b._labels, dict(vars(b._labels))) for b in parts
+                  if isinstance(b, LabelMap) and b._labels is not None]
+        saved.append((name, v, state))
+    return saved
+
+
+def restore_rows(index, saved: list) -> None:
+    for name, v, state in saved:
+        setattr(index, name, v)
+        for obj, d in state:
+            vars(obj).clear()
+            vars(obj).update(d)
 
 
 class HNSWIndex:
@@ -60,7 +94,10 @@ class HNSWIndex:
     recomputed exactly in fp32 from the stored vectors and the best k returned (ties -> earlier row). So
     scores are true inner products (not L2 distances), and float32 rounding in the augmented distances
     cannot reorder the results. Where a poorly linked graph reaches fewer than max(k, ef_search) points for a
-    query, that query is rescored over the (>= k) candidates found, with a UserWarning.
+    query, that query is rescored over the (>= k) candidates found, with a UserWarning; where it cannot reach
+    k points, the query gets an exact search over the stored vectors, with a UserWarning. Where max(k, ef_search)
+    is at least len(index) / 8, every query gets that exact search (pyrag.topk_ip): faster than so wide a graph
+    search, and exact. The rescoring's extra memory is bounded (32 MiB of gathered vectors at a time).
 
     The graph and the stored vectors live in CPU memory; `.to(device)` only chooses where results and
     reconstructed vectors are returned. Searches may run concurrently from several threads; add(), `ef_search`
@@ -72,7 +109,7 @@ class HNSWIndex:
             (settable later through the `ef_search` attribute).
         space: "augmented" (DPR's L2 augmentation) or "ip" (raw inner-product graph); saved with the index.
         norm_headroom: phi = headroom * max |d|^2 of the first batch (>= 1); "augmented" only.
-        seed: hnswlib's random seed for level assignment.
+        seed: hnswlib's random seed for level assignment (an int in [0, 2**64 - 1], a C++ size_t).
     """
 
     kind = "hnsw"
@@ -113,7 +150,7 @@ class HNSWIndex:
 
     def __repr__(self) -> str:
         return (f"HNSWIndex(dim={self._dim}, M={self.M}, ef_construction={self.ef_construction}, "
-                f"ef_search={self._ef_search}, space={self.space!r}, len={len(self)})")
+                f"ef_search={self._ef_search}, space={self.space!r}, len={len(self)}, device={self._device})")
 
     @property
     def ef_search(self) -> int:
@@ -128,15 +165,15 @@ class HNSWIndex:
                 self._graph.set_ef(value)
 
     # ---- building ----
-    def _augment(self, x: torch.Tensor) -> np.ndarray:
+    def _augment(self, x: torch.Tensor, phi: float) -> np.ndarray:
         """x [N, D] fp32 -> [N, D+1] fp32 with the extra coordinate sqrt(phi - |x|^2) (fp64 arithmetic)."""
         norms2 = (x.double() ** 2).sum(dim=1)
-        extra = torch.sqrt(torch.clamp(self.phi - norms2, min=0.0)).to(torch.float32)
+        extra = torch.sqrt(torch.clamp(phi - norms2, min=0.0)).to(torch.float32)
         return torch.cat([x, extra[:, None]], dim=1).numpy()
 
-    def _graph_points(self, x: torch.Tensor) -> np.ndarray:
-        """x [N, D] fp32 -> what the graph stores: [N, D+1] augmented, or x itself for space="ip"."""
-        return self._augment(x) if self.space == "augmented" else x.numpy()
+    def _graph_points(self, x: torch.Tensor, phi: float | None) -> np.ndarray:
+        """x [N, D] fp32 -> what the graph stores: [N, D+1] augmented with `phi`, or x itself for space="ip"."""
+        return self._augment(x, phi) if self.space == "augmented" else x.numpy()
 
     def _graph_queries(self, q: np.ndarray) -> np.ndarray:
         """q [Q, D] fp32 -> [Q, D+1] with a 0 extra coordinate (augmented), or q itself for space="ip"."""
@@ -157,14 +194,14 @@ class HNSWIndex:
         g.set_ef(self._ef_search)
         return g
 
-    def _insert(self, x: torch.Tensor, first_row: int, show_progress: bool) -> None:
-        need = first_row + x.shape[0]
-        if self._graph is None:
-            self._graph = self._new_graph(need)
-        elif need > self._graph.get_max_elements():
-            self._graph.resize_index(max(need, 2 * self._graph.get_max_elements()))
+    def _insert(self, graph, x: torch.Tensor, first_row: int, phi: float | None, show_progress: bool) -> None:
+        """Add rows x as graph labels first_row, first_row + 1, ... (a label already in the graph, deleted by a
+        rolled-back add, is overwritten and comes back to life)."""
+        need = graph.get_current_count() + x.shape[0]
+        if need > graph.get_max_elements():
+            graph.resize_index(max(need, 2 * graph.get_max_elements()))
         threads = max(1, torch.get_num_threads())
-        step = max(4096, x.shape[0] // 100)
+        step = max(_MIN_INSERT_CHUNK, x.shape[0] // 100)
         chunks = range(0, x.shape[0], step)
         if show_progress and x.shape[0] > step:
             from tqdm.auto import tqdm
@@ -172,40 +209,83 @@ class HNSWIndex:
             chunks = tqdm(chunks, desc="hnsw add", unit="chunk")
         for i in chunks:
             part = x[i:i + step]
-            self._graph.add_items(self._graph_points(part), np.arange(first_row + i, first_row + i + part.shape[0]),
-                                  num_threads=threads)
+            graph.add_items(self._graph_points(part, phi), np.arange(first_row + i, first_row + i + part.shape[0]),
+                            num_threads=threads)
 
     def add(self, embeddings, ids=None, *, show_progress: bool = True) -> None:
         """Append embeddings [N, D] (tensor or ndarray, finite floats) with optional distinct int64 labels ids [N]
-        (default: continuing after the largest label so far)."""
+        (default: continuing after the largest label so far).
+
+        All or nothing: on any exception (KeyboardInterrupt included) the index is left as it was. hnswlib cannot
+        remove points, so rows the graph had already taken stay in it, marked deleted (never returned), until a
+        later add reuses their row numbers and overwrites them."""
         x = check_matrix(embeddings, "embeddings", self._dim).to("cpu", torch.float32).contiguous()
-        if x.shape[0] == 0:
+        m = x.shape[0]
+        if m == 0:
             return
         with self._lock.write():
-            labels = self._labels.prepare(ids, x.shape[0])
-            top = float((x.double() ** 2).sum(dim=1).max()) if self.space == "augmented" else 0.0
-            n_old = len(self)
-            if self.space == "augmented" and (self.phi is None or top > self.phi):
-                if self.phi is not None:
-                    warnings.warn(f"HNSWIndex.add: a vector with squared norm {top:.4g} exceeds the augmentation "
-                                  f"constant phi={self.phi:.4g} fixed by earlier batches; rebuilding the graph "
-                                  f"over all {n_old + x.shape[0]} vectors (pass norm_headroom > 1 to avoid this)",
-                                  stacklevel=2)
-                    self.rebuilds += 1
-                old = self._vectors.view()
-                self.phi = max(top, float((old.double() ** 2).sum(dim=1).max()) if n_old else 0.0)
-                self.phi *= self.norm_headroom
-                self._graph = None
-                self._vectors.append(x)
-                self._insert(self._vectors.view(), 0, show_progress)
-            else:
-                self._vectors.append(x)
-                self._insert(x, n_old, show_progress)
-            self._labels.append(labels, x.shape[0])
+            labels = self._labels.prepare(ids, m)
+            snap = self._snapshot()
+            try:
+                self._add(x, labels, show_progress)
+            except BaseException:
+                self._restore(snap, snap[0] + m)
+                raise
+
+    def _add(self, x: torch.Tensor, labels: torch.Tensor | None, show_progress: bool) -> None:
+        """add() under the write lock; the graph first, then the vectors and labels searches read with it."""
+        n_old, m = len(self), x.shape[0]
+        top = float((x.double() ** 2).sum(dim=1).max()) if self.space == "augmented" else 0.0
+        if self.space == "augmented" and (self.phi is None or top > self.phi):
+            rebuild = self.phi is not None
+            if rebuild:
+                warnings.warn(f"HNSWIndex.add: a vector with squared norm {top:.4g} exceeds the augmentation "
+                              f"constant phi={self.phi:.4g} fixed by earlier batches; rebuilding the graph "
+                              f"over all {n_old + m} vectors (pass norm_headroom > 1 to avoid this)", stacklevel=3)
+            old = self._vectors.view()
+            phi = max(top, float((old.double() ** 2).sum(dim=1).max()) if n_old else 0.0) * self.norm_headroom
+            # A new graph over all vectors; the old one stays in use until it is complete, so that a failure
+            # leaves the index as it was (at the cost of holding both graphs meanwhile).
+            graph = self._new_graph(n_old + m)
+            self._insert(graph, old, 0, phi, show_progress)
+            self._insert(graph, x, n_old, phi, show_progress)
+            self._graph, self.phi = graph, phi
+            self.rebuilds += int(rebuild)
+        else:
+            if self._graph is None:
+                self._graph = self._new_graph(m)
+            self._insert(self._graph, x, n_old, self.phi, show_progress)
+        self._vectors.append(x)
+        self._labels.append(labels, m)
+
+    def _snapshot(self) -> tuple:
+        """What _restore needs to undo the adds that follow (for add() itself, and for ShardedIndex, which undoes
+        a rank's successful add when another rank's failed)."""
+        return (len(self), self._graph, self.phi, self.rebuilds, snapshot_rows(self))
+
+    def _restore(self, snap: tuple, hi: int | None = None) -> None:
+        """Return to the state `snap` was taken in; rows [snap's len, hi) (default: up to len(self)) are those
+        the graph may have taken since. The caller holds the write lock."""
+        n, graph, phi, rebuilds, rows = snap
+        if self._graph is graph and graph is not None:
+            for row in range(n, max(len(self), hi or 0)):
+                try:
+                    graph.mark_deleted(row)
+                except RuntimeError:  # never inserted (the add failed before it), or already deleted
+                    pass
+        self._graph, self.phi, self.rebuilds = graph, phi, rebuilds
+        restore_rows(self, rows)
+
+    def _rollback(self, snap: tuple) -> None:
+        """_restore under the write lock: undo every add() since `snap` was taken."""
+        with self._lock.write():
+            self._restore(snap)
 
     def to(self, device) -> HNSWIndex:
-        """Return results and reconstructed vectors on `device` from now on (the graph stays on the CPU)."""
+        """Return results and reconstructed vectors on `device` from now on (the graph stays on the CPU). Fails
+        here, as FlatIndex.to does, where torch cannot use the device (e.g. "cuda" on a CPU-only build)."""
         device = torch.device(device)
+        torch.empty(0, device=device)  # raises now rather than at the first search
         with self._lock.write():
             self._device = device
         return self
@@ -213,8 +293,13 @@ class HNSWIndex:
     # ---- querying ----
     def search(self, queries, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Approximate top-k by inner product: queries [Q, D] -> (scores [Q, k] fp32 exact inner products,
-        ids [Q, k] int64 labels), best first. ValueError when k > len(index) or the index is empty."""
-        q = check_matrix(queries, "queries", self._dim).to("cpu", torch.float32).contiguous().numpy()
+        ids [Q, k] int64 labels), best first (ties -> earlier row; NaN products rank as -inf, as in FlatIndex).
+        ValueError when k > len(index) or the index is empty.
+
+        Where the graph search would fetch max(k, ef_search) >= len(index) / 8 candidates, the result is an exact
+        search over the stored vectors instead (faster at that width, and exact); so are queries for which the
+        graph cannot reach k vectors at all (with a UserWarning)."""
+        q = check_matrix(queries, "queries", self._dim).to("cpu", torch.float32).contiguous()
         with self._lock.read():
             n = len(self)
             k = check_k(k, n)
@@ -222,42 +307,62 @@ class HNSWIndex:
             if nq == 0:
                 return (torch.empty(0, k, dtype=torch.float32, device=self._device),
                         torch.empty(0, k, dtype=torch.int64, device=self._device))
+            docs = self._vectors.view()
             fetch = min(n, max(k, self._ef_search))
-            cand = self._candidates(q, k, fetch)
-            # Exact rescoring in numpy (single-threaded: this step is small, and torch's OpenMP pool stalls on
-            # tiny ops when the cores are shared). Candidates sorted by row first, so the stable sort by score
-            # breaks ties toward the lower row; -1 pads (queries that got fewer candidates) sort first and score
-            # -inf, so they are never among the k returned.
-            cand = np.sort(cand, axis=1)
-            padded = bool(cand[:, 0].min() < 0)
-            docs = self._vectors.view().numpy()
-            scores = np.empty((nq, k), dtype=np.float32)
-            rows = np.empty((nq, k), dtype=np.int64)
-            for i in range(0, nq, _RESCORE_CHUNK):
-                c = cand[i:i + _RESCORE_CHUNK]
-                if padded:
-                    pad = c < 0
-                    c = np.where(pad, 0, c)
-                s = np.einsum("qkd,qd->qk", docs[c], q[i:i + _RESCORE_CHUNK])
-                if padded:
-                    s[pad] = -np.inf
-                order = np.argsort(-s, axis=1, kind="stable")[:, :k]
-                scores[i:i + _RESCORE_CHUNK] = np.take_along_axis(s, order, axis=1)
-                rows[i:i + _RESCORE_CHUNK] = np.take_along_axis(c, order, axis=1)
-            ids = self._labels.to_labels(torch.from_numpy(rows))
-            return torch.from_numpy(scores).to(self._device), ids.to(self._device)
+            if fetch * _EXACT_FRACTION >= n:
+                scores, rows = topk_ip(q, docs, k)
+            else:
+                cand, exact = self._candidates(q.numpy(), k, fetch)
+                scores, rows = self._rescore(q.numpy(), docs.numpy(), cand, k)
+                if exact.any():
+                    pick = torch.from_numpy(exact)
+                    scores[pick], rows[pick] = topk_ip(q[pick], docs, k)
+            ids = self._labels.to_labels(rows)
+            return scores.to(self._device), ids.to(self._device)
 
-    def _candidates(self, q: np.ndarray, k: int, fetch: int) -> np.ndarray:
-        """Graph candidates [Q, fetch] int64 (rows) for queries q [Q, D]; -1 pads where the graph yields fewer.
+    @staticmethod
+    def _rescore(q: np.ndarray, docs: np.ndarray, cand: np.ndarray, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exact fp32 scores of the candidate rows cand [Q, C] (-1 pads) -> the best k (scores, rows) per query.
+
+        In numpy (single-threaded: this step is small, and torch's OpenMP pool stalls on tiny ops when the cores
+        are shared). Candidates are sorted by row with the pads last, so the stable sort by score breaks ties
+        toward the lower row and a pad (scored -inf) never precedes a real row, even one whose score is -inf
+        (each query has >= k real candidates)."""
+        nq, c_all = cand.shape
+        pad_row = docs.shape[0]
+        cand = np.sort(np.where(cand < 0, pad_row, cand), axis=1)
+        padded = bool(cand[:, -1].max() == pad_row)
+        per_query = c_all * docs.shape[1] * 4  # bytes of one query's gathered candidate vectors
+        q_step = max(1, _RESCORE_BYTES // per_query)
+        c_step = c_all if per_query <= _RESCORE_BYTES else max(1, _RESCORE_BYTES // (docs.shape[1] * 4))
+        scores = np.empty((nq, k), dtype=np.float32)
+        rows = np.empty((nq, k), dtype=np.int64)
+        for i in range(0, nq, q_step):
+            c = cand[i:i + q_step]
+            pad = c == pad_row
+            if padded:
+                c = np.where(pad, 0, c)
+            s = np.empty(c.shape, dtype=np.float32)
+            for j in range(0, c_all, c_step):
+                s[:, j:j + c_step] = np.einsum("qkd,qd->qk", docs[c[:, j:j + c_step]], q[i:i + q_step])
+            s[np.isnan(s) | pad] = -np.inf
+            order = np.argsort(-s, axis=1, kind="stable")[:, :k]
+            scores[i:i + q_step] = np.take_along_axis(s, order, axis=1)
+            rows[i:i + q_step] = np.take_along_axis(c, order, axis=1)
+        return torch.from_numpy(scores), torch.from_numpy(rows)
+
+    def _candidates(self, q: np.ndarray, k: int, fetch: int) -> tuple[np.ndarray, np.ndarray]:
+        """Graph candidates [Q, fetch] int64 (rows; -1 pads where the graph yields fewer) for queries q [Q, D],
+        and a mask [Q] of the queries the graph cannot give k candidates (to be searched exactly).
 
         hnswlib refuses a whole batch when any query reaches fewer than `fetch` vectors (a poorly connected
         graph: e.g. an inner-product graph on hub data reaches only ~100 of 20,000 points). Those queries are then
-        retried one by one with fewer candidates (fetch/2, fetch/4, ..., k), with a warning; a query that cannot
-        get k is a ValueError."""
+        retried one by one with fewer candidates (fetch/2, fetch/4, ..., k), with a warning."""
         threads = max(1, torch.get_num_threads())
         gq = self._graph_queries(q)
+        exact = np.zeros(q.shape[0], dtype=bool)
         try:
-            return self._graph.knn_query(gq, k=fetch, num_threads=threads)[0].astype(np.int64)
+            return self._graph.knn_query(gq, k=fetch, num_threads=threads)[0].astype(np.int64), exact
         except RuntimeError:  # some query reached fewer than `fetch` points: retried one by one below
             pass
         cand = np.full((q.shape[0], fetch), -1, dtype=np.int64)
@@ -268,23 +373,27 @@ class HNSWIndex:
                 try:
                     cand[i, :want] = self._graph.knn_query(gq[i:i + 1], k=want, num_threads=1)[0]
                     break
-                except RuntimeError as e:
+                except RuntimeError:
                     if want == k:
-                        raise ValueError(
-                            f"hnswlib found fewer than k={k} neighbours for query {i} ({e}); the graph is poorly "
-                            f"connected for this data: {self._connectivity_hint()}") from e
+                        exact[i] = True
+                        break
                     want = max(k, want // 2)
-            short += want < fetch
+            short += want < fetch and not exact[i]
         if short:
             warnings.warn(f"HNSWIndex.search: the graph reached fewer than max(k, ef_search)={fetch} vectors for "
                           f"{short} of {q.shape[0]} queries; they were rescored over the (>= k) candidates it "
                           f"found, so their recall may be low: {self._connectivity_hint()}", stacklevel=3)
-        return cand
+        if exact.any():
+            warnings.warn(f"HNSWIndex.search: the graph reached fewer than k={k} of the {len(self)} vectors for "
+                          f"{int(exact.sum())} of {q.shape[0]} queries; they were answered by exact search over "
+                          f"all stored vectors (correct, but as slow as a FlatIndex): {self._connectivity_hint()}",
+                          stacklevel=3)
+        return cand, exact
 
     def _connectivity_hint(self) -> str:
         if self.space == "ip":
-            return ("large-norm 'hub' vectors mislead an inner-product graph; space='augmented' avoids this "
-                    "(see the HNSWIndex docstring)")
+            return ("an inner-product graph is poorly linked where a few large-norm 'hub' vectors dominate the "
+                    "inner products; space='augmented' avoids that (see the HNSWIndex docstring)")
         return f"raise M (now {self.M}) or ef_construction (now {self.ef_construction})"
 
     def reconstruct(self, ids) -> torch.Tensor:
@@ -317,9 +426,11 @@ class HNSWIndex:
                     os.unlink(tmp)
                 sections["graph"] = torch.frombuffer(graph, dtype=torch.int8) if graph else torch.empty(
                     0, dtype=torch.int8)
+            # graph_count: the graph's points, those of rolled-back adds (deleted) included
             meta = {"M": self.M, "ef_construction": self.ef_construction, "ef_search": self._ef_search,
                     "space": self.space, "norm_headroom": self.norm_headroom, "seed": self.seed, "phi": self.phi,
-                    "rebuilds": self.rebuilds, "extra": self.extra_meta}
+                    "rebuilds": self.rebuilds, "extra": self.extra_meta,
+                    "graph_count": self._graph.get_current_count() if self._graph is not None else 0}
             _format.save_container(path, kind=self.kind, dim=self._dim, dtype="float32", count=len(self),
                                    meta=meta, sections=sections)
 
@@ -339,6 +450,9 @@ class HNSWIndex:
             self = cls(c.dim, M=m["M"], ef_construction=m["ef_construction"], ef_search=m["ef_search"],
                        space=m.get("space", "augmented"), norm_headroom=m["norm_headroom"], seed=m["seed"])
             self.phi, self.rebuilds, self.extra_meta = m["phi"], m["rebuilds"], m.get("extra", {})
+            graph_count = m.get("graph_count", c.count)  # absent in files written before rollbacks existed
+            if isinstance(graph_count, bool) or not isinstance(graph_count, int) or graph_count < c.count:
+                raise ValueError(f"graph_count={graph_count!r} for {c.count} vectors")
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"{c.path}: HNSW index metadata is incomplete or malformed ({e!r})") from e
         vectors = c.section("vectors")
@@ -359,13 +473,14 @@ class HNSWIndex:
                     f.write(c.raw_bytes("graph"))
                 g = self._empty_graph(self.space, c.dim)
                 try:
-                    g.load_index(tmp, max_elements=c.count)
+                    g.load_index(tmp, max_elements=graph_count)
                 except RuntimeError as e:
                     raise ValueError(f"{c.path}: hnswlib could not read the stored graph ({e})") from e
             finally:
                 os.unlink(tmp)
-            if g.get_current_count() != c.count:
-                raise ValueError(f"{c.path}: graph holds {g.get_current_count()} vectors, header says {c.count}")
+            if g.get_current_count() != graph_count:
+                raise ValueError(f"{c.path}: graph holds {g.get_current_count()} vectors, the metadata says "
+                                 f"{graph_count} (for {c.count} rows)")
             g.set_ef(self._ef_search)
             self._graph = g
         return self
