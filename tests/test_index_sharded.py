@@ -1,6 +1,7 @@
 """ShardedIndex: two CPU processes over gloo must return exactly what one FlatIndex over all passages returns
-(ties included), for per-rank and shared queries, int8 storage, custom labels, reconstruct, save/load, and must
-raise on every rank (never hang) when one rank's input is bad."""
+(ties included, -inf and NaN scores too), for per-rank and shared queries, int8 storage, custom labels,
+reconstruct, save/load, and must raise on every rank (never hang) when one rank's input is bad or its local add or
+search fails -- leaving every rank's index as it was."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import torch.multiprocessing as mp
 from dist_helpers import free_port, spawn_ranks
 
 import pyrag
-from pyrag.index import FlatIndex, ShardedIndex
+from pyrag.index import FlatIndex, HNSWIndex, ShardedIndex
 
 D = 24
 # (rank 0 rows, rank 1 rows) per add() call; global order is rank-major within each call.
@@ -153,6 +154,129 @@ def test_two_process_gloo_sharded_index_equals_single_flat_index(tmp_path):
     assert "k must be in [1, len(index)] = [1, 1006]" in e0["k_too_large"] and e1["k_too_large"]
     assert "id 8 is not in the index" in e0["unknown_id"] and "id 9 is not in the index" in e1["unknown_id"]
     assert ranks[0]["len_after_errors"] == ranks[1]["len_after_errors"] == 1006
+
+
+def _outcome(call):
+    """(result, None) or (None, "ExceptionType: message"), KeyboardInterrupt included."""
+    try:
+        return call(), None
+    except BaseException as e:  # noqa: BLE001 - recorded for the test process to check
+        return None, f"{type(e).__name__}: {e}"
+
+
+def _failure_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    try:
+        r = {}
+        g = torch.Generator().manual_seed(5)
+        x = torch.randn(8, 4, generator=g)
+        q = torch.randn(3, 4, generator=g)
+
+        # a float16 local index refuses a value one rank's slice holds: both ranks raise, neither adds its rows
+        index = ShardedIndex(4, "float16")
+        index.add(x[:4] if rank == 0 else x[4:])
+        big = torch.full((2, 4), 1e6) if rank == 0 else torch.randn(3, 4, generator=g)
+        r["fp16", "add"] = _outcome(lambda: index.add(big))[1]
+        r["fp16", "len"] = (len(index), index.local_len)
+        r["fp16", "search"] = index.search(q, len(index), same_queries=True)
+        index.add(x[:1] * 2 if rank == 0 else x[1:3] * 2)  # still in step: the labels continue at 8
+        r["fp16", "after"] = index.search(q, len(index), same_queries=True)
+
+        # an HNSW local whose add fails on rank 1 (an error, then a Ctrl-C): rank 0 undoes its successful add
+        for exc in (RuntimeError("disk full"), KeyboardInterrupt()):
+            local = HNSWIndex(4, M=4, ef_construction=20, space="ip")
+            hn = ShardedIndex(4, local=local)
+            hn.add(x[:4] if rank == 0 else x[4:])
+            real_add = local.add
+
+            def add_then_fail(emb, ids=None, _real=real_add, _exc=exc, **kw):
+                _real(emb, ids, show_progress=False)
+                if rank == 1:
+                    raise _exc
+
+            local.add = add_then_fail
+            r["hnsw", type(exc).__name__, "add"] = _outcome(lambda: hn.add(torch.randn(300, 4, generator=g)))[1]  # noqa: B023
+            del local.add
+            r["hnsw", type(exc).__name__, "len"] = (len(hn), hn.local_len)
+            r["hnsw", type(exc).__name__, "search"] = hn.search(q, len(hn), same_queries=True)
+
+        # a local search that raises on rank 1 only: every rank raises instead of rank 0 waiting in all_gather
+        real_search = local.search
+        local.search = (lambda qq, k: (_ for _ in ()).throw(ValueError("hnswlib: boom"))) if rank else real_search
+        r["hnsw", "search_error"] = _outcome(lambda: hn.search(q, 3, same_queries=True))[1]
+        local.search = real_search
+        r["hnsw", "search_after"] = hn.search(q, 3, same_queries=True)
+
+        # -inf / NaN scores: finite vectors whose products with the query overflow; rank 0 has fewer rows than k,
+        # so its padding competes with real rows that all score -inf (or NaN)
+        inf = ShardedIndex(2)
+        row = torch.tensor([[1e30, -1e30]])
+        inf.add(row if rank == 0 else row.repeat(3, 1))
+        for k in (1, 2, 3, 4):
+            r["inf", k] = inf.search(torch.tensor([[1e30, 1e30]]), k, same_queries=True)
+        # ... and with a real label -1 (labels may be negative), which the padding must not be mistaken for
+        neg = ShardedIndex(2)
+        neg.add(row if rank == 0 else row.repeat(3, 1), ids=torch.tensor([-5]) if rank == 0 else torch.tensor([-1, 0, 7]))
+        r["neg"] = neg.search(torch.tensor([[1e30, 1e30], [1.0, -1.0]]), 4, same_queries=True)
+        torch.save(r, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_process_failures_of_the_local_index_raise_on_every_rank_and_change_nothing(tmp_path):
+    spawn_ranks(_failure_worker, (2, free_port(), str(tmp_path)), 2, 120, "sharded failure workers")
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+    g = torch.Generator().manual_seed(5)
+    x, q = torch.randn(8, 4, generator=g), torch.randn(3, 4, generator=g)
+
+    # float16 overflow on rank 0: rank 0 raises FlatIndex's error, rank 1 one naming rank 0 and that error
+    assert r0["fp16", "add"].startswith("ValueError: embeddings exceed the float16 range")
+    assert r1["fp16", "add"].startswith("ValueError: ShardedIndex.add failed on rank(s) [0]; rank 0 raised "
+                                        "ValueError: embeddings exceed the float16 range")
+    assert r0["fp16", "len"] == r1["fp16", "len"][:1] + (4,) == (8, 4)
+    single = FlatIndex(4, "float16")
+    single.add(x)
+    for r in (r0, r1):
+        s, i = r["fp16", "search"]
+        es, ei = single.search(q, 8)
+        assert torch.equal(i, ei) and torch.equal(s, es)
+    single.add(torch.cat([x[:1], x[1:3]]) * 2)
+    for r in (r0, r1):
+        s, i = r["fp16", "after"]
+        es, ei = single.search(q, 11)
+        assert torch.equal(i, ei) and torch.equal(s, es)
+
+    # HNSW local failing on rank 1: both raise; rank 0 rolled back its graph insert (search k=len is exact)
+    for name, own in (("RuntimeError", "RuntimeError: disk full"), ("KeyboardInterrupt", "KeyboardInterrupt: ")):
+        assert r1["hnsw", name, "add"] == own
+        assert r0["hnsw", name, "add"] == f"RuntimeError: ShardedIndex.add failed on rank(s) [1]; rank 1 raised {own}"
+        assert r0["hnsw", name, "len"] == (8, 4) and r1["hnsw", name, "len"] == (8, 4)
+        exact = FlatIndex(4)
+        exact.add(x)
+        for r in (r0, r1):
+            s, i = r["hnsw", name, "search"]
+            assert torch.equal(i, exact.search(q, 8)[1])
+    assert r1["hnsw", "search_error"] == "ValueError: hnswlib: boom"
+    assert r0["hnsw", "search_error"] == ("ValueError: ShardedIndex.search failed on rank(s) [1]; rank 1 raised "
+                                          "ValueError: hnswlib: boom")
+    assert torch.equal(r0["hnsw", "search_after"][1], r1["hnsw", "search_after"][1])
+
+    # -inf / NaN scores: the same as one FlatIndex, padding never returned
+    rows = torch.tensor([[1e30, -1e30]]).repeat(4, 1)
+    flat = FlatIndex(2)
+    flat.add(rows)
+    for k in (1, 2, 3, 4):
+        es, ei = flat.search(torch.tensor([[1e30, 1e30]]), k)
+        for r in (r0, r1):
+            s, i = r["inf", k]
+            assert torch.equal(i, ei) and torch.equal(s, es), (k, i, ei)
+    flat = FlatIndex(2)
+    flat.add(rows, ids=torch.tensor([-5, -1, 0, 7]))
+    es, ei = flat.search(torch.tensor([[1e30, 1e30], [1.0, -1.0]]), 4)
+    assert ei[0].tolist() == [-5, -1, 0, 7]
+    for r in (r0, r1):
+        assert torch.equal(r["neg"][1], ei) and torch.equal(r["neg"][0], es)
 
 
 def test_sharded_index_needs_an_initialised_process_group():

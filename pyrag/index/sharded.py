@@ -11,6 +11,23 @@ import torch.distributed as dist
 
 from ._util import check_ids_arg, check_k, check_labels, check_matrix
 from .flat import FlatIndex
+from .hnsw import restore_rows, snapshot_rows
+
+_MSG_BYTES = 1024  # how much of a failing rank's error message the other ranks get to show
+
+
+def _snapshot(local):
+    """What _rollback needs to undo the local add()s that follow: HNSWIndex provides its own (its graph is more
+    than rows); a FlatIndex's rows are all the state an add changes."""
+    return local._snapshot() if hasattr(local, "_snapshot") else snapshot_rows(local)
+
+
+def _rollback(local, snap) -> None:
+    if hasattr(local, "_rollback"):
+        local._rollback(snap)
+    else:
+        with local._lock.write():
+            restore_rows(local, snap)
 
 
 class ShardedIndex:
@@ -21,7 +38,11 @@ class ShardedIndex:
     that order, continuing after the largest label so far, so label order is the order of one FlatIndex built by
     adding each call's slices in rank order. The merge breaks equal scores toward the lower label, so with default
     labels (or any labels increasing in that order) results are identical to that single FlatIndex, ties
-    included (a FlatIndex breaks ties toward the earlier row).
+    included (a FlatIndex breaks ties toward the earlier row), and NaN scores rank as -inf as they do there.
+
+    A failure on any rank -- bad input, or the local index refusing or failing its part of an add() or a search()
+    -- raises on every rank instead of leaving the others waiting in a collective: the failed rank raises its own
+    error, the others one naming the failed rank(s) and its message. add() is then undone on every rank.
 
     Args:
         dim: vector dimension. dtype, sketch: storage dtype and int8 sketch (see FlatIndex) of the default local
@@ -69,14 +90,29 @@ class ShardedIndex:
         got = self._gather(buf)
         return [got[r, : sizes[r]] for r in range(self.world_size)]
 
-    def _agree(self, ok: bool, what: str, err: Exception | None) -> None:
-        """Raise on every rank when any rank failed its local checks (so no rank is left waiting)."""
-        flags = self._gather(torch.tensor([0 if ok else 1], dtype=torch.int64))[:, 0]
+    def _agree(self, err: BaseException | None, what: str) -> None:
+        """Collective: raise on every rank when any rank's local step failed (so no rank is left waiting)."""
+        self._check_ranks(self._gather(torch.tensor([int(err is not None)], dtype=torch.int64))[:, 0] != 0, err,
+                          what)
+
+    def _check_ranks(self, failed: torch.Tensor, err: BaseException | None, what: str) -> None:
+        """Every rank calls this with the same flags failed [world] (gathered). If any is set, a second collective
+        (only then) tells every rank the first failed rank's error, and every rank raises: a failed rank its own
+        error, the others one naming the failed rank(s) and that error (a ValueError or TypeError when it was
+        one, else a RuntimeError)."""
+        if not bool(failed.any()):
+            return
+        text = b"" if err is None else f"{type(err).__name__}: {err}".encode()[:_MSG_BYTES]
+        raw = torch.zeros(_MSG_BYTES + 1, dtype=torch.int64)  # [length, bytes...] (int64: any backend moves it)
+        raw[0] = len(text)
+        raw[1:1 + len(text)] = torch.tensor(list(text), dtype=torch.int64)
+        got = self._gather(raw)
         if err is not None:
             raise err
-        if bool(flags.any()):
-            bad = flags.nonzero()[:, 0].tolist()
-            raise ValueError(f"ShardedIndex.{what} failed on rank(s) {bad}; see the error raised there")
+        bad = failed.nonzero()[:, 0].tolist()
+        msg = bytes(got[bad[0], 1:1 + int(got[bad[0], 0])].tolist()).decode(errors="replace")
+        cls = {"ValueError": ValueError, "TypeError": TypeError}.get(msg.split(":", 1)[0], RuntimeError)
+        raise cls(f"ShardedIndex.{what} failed on rank(s) {bad}; rank {bad[0]} raised {msg}")
 
     # ---- properties ----
     @property
@@ -112,10 +148,7 @@ class ShardedIndex:
         except (TypeError, ValueError) as e:
             err, m, lab = e, 0, None
         info = self._gather(torch.tensor([m, int(ids is not None), int(err is None)], dtype=torch.int64))
-        if err is not None:
-            raise err
-        if not bool(info[:, 2].all()):
-            raise ValueError(f"ShardedIndex.add failed on rank(s) {(info[:, 2] == 0).nonzero()[:, 0].tolist()}")
+        self._check_ranks(info[:, 2] == 0, err, "add")
         sizes = info[:, 0].tolist()
         if info[:, 1].min() != info[:, 1].max():
             raise ValueError("ShardedIndex.add: pass ids on every rank or on none (got ids on rank(s) "
@@ -139,21 +172,30 @@ class ShardedIndex:
                                      f"is already in the index (on rank {self.rank})")
             # Every rank saw the same gathered ids, so the duplicate check agrees; the "already present" check is
             # local, so agree on it explicitly.
-            flags = self._gather(torch.tensor([int(err is not None)], dtype=torch.int64))[:, 0]
-            if err is not None:
-                raise err
-            if bool(flags.any()):
-                raise ValueError(f"ids contains a label already in the index (on rank(s) "
-                                 f"{flags.nonzero()[:, 0].tolist()})")
+            self._agree(err, "add")
             next_label = max(self._next_label, int(everything.max()) + 1 if everything.numel() else 0)
+        # The local add can still fail (e.g. a float16 FlatIndex refuses values beyond its range, an HNSWIndex is
+        # interrupted). Its outcome is agreed like the checks above; when any rank failed, the ranks whose add went
+        # through undo it, so every rank raises and none has changed.
+        err = None
+        snap = _snapshot(self.local) if m else None
         if m:
-            self.local.add(x, lab)
+            try:
+                self.local.add(x, lab)
+            except BaseException as e:  # noqa: BLE001 - re-raised by _check_ranks once every rank has heard of it
+                err = e
+                _rollback(self.local, snap)  # in case the local index left part of it behind
+        failed = self._gather(torch.tensor([int(err is not None)], dtype=torch.int64))[:, 0] != 0
+        if bool(failed.any()) and err is None and m:
+            _rollback(self.local, snap)
+        self._check_ranks(failed, err, "add")
         self._count += sum(sizes)
         self._next_label = next_label
 
     # ---- querying ----
-    def _local_topk(self, q: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """This rank's best min(k, local_len) per query, padded to k with (-inf, -1): [Q, k] each, on the CPU."""
+    def _local_topk(self, q: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """This rank's best kl = min(k, local_len) per query, padded to k with (-inf, -1): [Q, k] each, on the
+        CPU, and kl (the pads are columns kl.. of every row)."""
         nq = q.shape[0]
         scores = torch.full((nq, k), float("-inf"), dtype=torch.float32)
         ids = torch.full((nq, k), -1, dtype=torch.int64)
@@ -162,11 +204,12 @@ class ShardedIndex:
             s, i = self.local.search(q, kl)
             scores[:, :kl] = s.cpu()
             ids[:, :kl] = i.cpu()
-        return scores, ids
+        return scores, ids, kl
 
     def search(self, queries, k: int, *, same_queries: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Collective top-k over all ranks' rows: queries [Q_r, D] -> (scores [Q_r, k] fp32, ids [Q_r, k] int64
-        global labels) on the local index's device, for this rank's own queries.
+        global labels) on the local index's device, for this rank's own queries. Ties -> lower label; NaN scores
+        rank as -inf (as in FlatIndex). When the local search fails on any rank, every rank raises.
 
         Default: ranks may pass different queries (as in data-parallel training); they are all-gathered and every
         rank searches all of them locally. same_queries=True promises every rank passes the same queries (no
@@ -179,10 +222,7 @@ class ShardedIndex:
         except (TypeError, ValueError) as e:
             err = e
         info = self._gather(torch.tensor([nq, int(err is None)], dtype=torch.int64))
-        if err is not None:
-            raise err
-        if not bool(info[:, 1].all()):
-            raise ValueError(f"ShardedIndex.search failed on rank(s) {(info[:, 1] == 0).nonzero()[:, 0].tolist()}")
+        self._check_ranks(info[:, 1] == 0, err, "search")
         sizes = info[:, 0].tolist()
         if same_queries:
             if min(sizes) != max(sizes):
@@ -192,15 +232,31 @@ class ShardedIndex:
             all_q = torch.cat(self._gather_ragged(q.cpu(), sizes))
             off = sum(sizes[: self.rank])
             mine = slice(off, off + nq)
-        scores, ids = self._local_topk(all_q, k)
-        # [world, Qall, k] -> [Qall, world * k]; order by label, then a stable sort by score keeps equal scores in
-        # label order. Padding (-inf, -1) sorts last by score and never reaches the top k (k <= len(self)).
-        all_s = self._gather(scores).permute(1, 0, 2).reshape(scores.shape[0], -1)[mine]
-        all_i = self._gather(ids).permute(1, 0, 2).reshape(ids.shape[0], -1)[mine]
-        by_label = torch.argsort(all_i, dim=1, stable=True)
-        all_s, all_i = torch.gather(all_s, 1, by_label), torch.gather(all_i, 1, by_label)
-        s, order = torch.sort(all_s, dim=1, descending=True, stable=True)
-        out_s, out_i = s[:, :k].contiguous(), torch.gather(all_i, 1, order[:, :k])
+        na = all_q.shape[0]
+        try:
+            scores, ids, kl = self._local_topk(all_q, k)
+        except BaseException as e:  # noqa: BLE001 - re-raised by _check_ranks once every rank has heard of it
+            err = e
+            scores, ids, kl = torch.zeros(na, k), torch.zeros(na, k, dtype=torch.int64), 0
+        # The ids travel with [kl, failed] in one gather, so agreeing on failures costs no extra collective.
+        all_s = self._gather(scores)  # [world, Qall, k]
+        got = self._gather(torch.cat([ids.reshape(-1), torch.tensor([kl, int(err is not None)])]))
+        self._check_ranks(got[:, -1] != 0, err, "search")
+        all_i = got[:, :-2].reshape(self.world_size, na, k)
+        pad = torch.arange(k)[None, :] >= got[:, -2:-1]  # [world, k]: rank r's columns kl_r.. are padding
+        # [world, Qall, k] -> [Qall, world * k]. Order by label, then pads last, then a stable sort by score: equal
+        # scores stay in label order, and padding never precedes a real row, even one scoring -inf (there are
+        # sum_r min(k, local_len_r) >= k real rows, as k <= len(self)).
+        all_s = all_s.permute(1, 0, 2).reshape(na, -1)[mine]
+        all_s = torch.where(torch.isnan(all_s), float("-inf"), all_s)
+        all_i = all_i.permute(1, 0, 2).reshape(na, -1)[mine]
+        pad = pad[None].expand(all_i.shape[0], -1, -1).reshape(all_i.shape[0], -1)
+        order = torch.argsort(all_i, dim=1, stable=True)
+        order = torch.gather(order, 1, torch.argsort(torch.gather(pad, 1, order).to(torch.uint8), dim=1,
+                                                     stable=True))
+        order = torch.gather(order, 1, torch.argsort(torch.gather(all_s, 1, order), dim=1, descending=True,
+                                                     stable=True))[:, :k]
+        out_s, out_i = torch.gather(all_s, 1, order), torch.gather(all_i, 1, order)
         dev = self.local.device
         return out_s.to(dev), out_i.to(dev)
 
@@ -213,11 +269,7 @@ class ShardedIndex:
         except (TypeError, ValueError) as e:
             err, n = e, 0
         info = self._gather(torch.tensor([n, int(err is None)], dtype=torch.int64))
-        if err is not None:
-            raise err
-        if not bool(info[:, 1].all()):
-            raise ValueError(f"ShardedIndex.reconstruct failed on rank(s) "
-                             f"{(info[:, 1] == 0).nonzero()[:, 0].tolist()}")
+        self._check_ranks(info[:, 1] == 0, err, "reconstruct")
         sizes = info[:, 0].tolist()
         flat = ids.reshape(-1)
         everything = torch.cat(self._gather_ragged(flat, sizes))
@@ -252,7 +304,7 @@ class ShardedIndex:
             self.local.save(self.shard_path(directory, self.rank, self.world_size))
         except Exception as e:  # noqa: BLE001 - re-raised below after the other ranks hear of it
             err = e
-        self._agree(err is None, "save", err)
+        self._agree(err, "save")
 
     @classmethod
     def load(cls, directory, mmap: bool = True, *, group=None, verify: bool = True) -> ShardedIndex:
