@@ -44,8 +44,9 @@ def _check_int(name: str, value, lo: int, hi: int = _SIZE_T_MAX) -> int:
 
 def snapshot_rows(index) -> list:
     """The row storage of an index (its RowBuffer, LabelMap and list-of-RowBuffer attributes), to put back with
-    restore_rows after a failed add. An append never writes into rows a restored length excludes before a
-    reader could see them (add holds the write lock), so each buffer's tensor and length are its whole state."""
+    restore_rows after a failed add. A buffer's state is its tensor and length: restoring them makes the rows
+    appended since free again, and no view of those rows outlives the write lock the rollback takes (searches and
+    reconstruct return copies). Used by HNSWIndex and, for its FlatIndex, by ShardedIndex."""
     saved = []
     for name, v in vars(index).items():
         parts = v if isinstance(v, list) and v and all(isinstance(b, RowBuffer) for b in v) else [v]
