@@ -541,3 +541,24 @@ def test_load_index_on_a_directory_points_to_sharded_load(tmp_path):
 
     with pytest.raises(ValueError, match=r"is a directory, not an index file.*ShardedIndex\.load"):
         load_index(tmp_path)
+
+
+@pytest.mark.parametrize("dtype,sketch", [("float32", False), ("int8", False), ("float16", True)])
+def test_rollback_undoes_every_add_since_the_snapshot(dtype, sketch):
+    # ShardedIndex undoes a rank's successful add when another rank's failed: the index must be as it was, labels
+    # (which switch from implicit rows to an explicit map) and sketch included, and keep working afterwards.
+    g = torch.Generator().manual_seed(0)
+    index = FlatIndex(6, dtype, sketch=sketch)
+    index.add(torch.randn(30, 6, generator=g))
+    q = torch.randn(3, 6, generator=g)
+    want = index.search(q, 5)
+    snap = index._snapshot()
+    index.add(torch.randn(2000, 6, generator=g) * 3, ids=torch.arange(2000) + 100)  # reallocates every buffer
+    index._rollback(snap)
+    assert len(index) == 30 and index._labels.identity
+    got = index.search(q, 5)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    with pytest.raises(ValueError, match="not in the index"):
+        index.reconstruct(100)
+    index.add(torch.randn(4, 6, generator=g), ids=[100, 101, 102, 103])  # the undone labels are free again
+    assert len(index) == 34 and index.reconstruct(103).shape == (6,)

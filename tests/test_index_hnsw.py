@@ -611,3 +611,21 @@ def test_hnsw_results_on_cuda_after_to():
     index.add(torch.randn(100, 4), show_progress=False)
     scores, ids = index.search(torch.randn(2, 4), 3)
     assert scores.is_cuda and ids.is_cuda and "device=cuda" in repr(index)
+
+
+@pytest.mark.parametrize("space", ["ip", "augmented"])
+def test_hnsw_index_pickles_and_deep_copies(space):
+    import copy
+    import pickle
+
+    g = torch.Generator().manual_seed(0)
+    index = HNSWIndex(8, space=space, ef_search=16)
+    index.add(torch.randn(3000, 8, generator=g), ids=torch.arange(3000) * 2 + 1)
+    q = torch.randn(5, 8, generator=g)
+    want = index.search(q, 10)
+    for other in (pickle.loads(pickle.dumps(index)), copy.deepcopy(index)):
+        assert repr(other) == repr(index)
+        got = other.search(q, 10)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+        other.add(torch.randn(3, 8, generator=g))  # independent, with a working lock
+        assert len(other) == 3003 and len(index) == 3000

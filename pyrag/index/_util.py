@@ -294,3 +294,44 @@ class _Guard:
     def __exit__(self, *exc):
         self._release()
         return False
+
+
+def snapshot_rows(index) -> list:
+    """The row storage of an index (its RowBuffer, LabelMap and list-of-RowBuffer attributes), to put back with
+    restore_rows after a failed add. A buffer's state is its tensor and length: restoring them makes the rows
+    appended since free again, and no view of those rows outlives the write lock the rollback takes (searches and
+    reconstruct return copies). Used by FlatIndex and HNSWIndex (their _snapshot / _rollback, which ShardedIndex calls)."""
+    saved = []
+    for name, v in vars(index).items():
+        parts = v if isinstance(v, list) and v and all(isinstance(b, RowBuffer) for b in v) else [v]
+        if not all(isinstance(b, (RowBuffer, LabelMap)) for b in parts):
+            continue
+        state = [(b, dict(vars(b))) for b in parts]
+        state += [(b._labels, dict(vars(b._labels))) for b in parts
+                  if isinstance(b, LabelMap) and b._labels is not None]
+        saved.append((name, v, state))
+    return saved
+
+
+def restore_rows(index, saved: list) -> None:
+    for name, v, state in saved:
+        setattr(index, name, v)
+        for obj, d in state:
+            vars(obj).clear()
+            vars(obj).update(d)
+
+
+def pickle_state(index) -> dict:
+    """__getstate__ of the indexes (pickle, copy.deepcopy: spawn-based multiprocessing, joblib, Ray): their
+    attributes without the lock, each RowBuffer / LabelMap cut to its filled rows (not the spare capacity). The
+    caller holds the read lock; __setstate__ gives the copy a fresh RWLock. An mmap-loaded index pickles its data,
+    not the file."""
+    def compact(v):
+        if isinstance(v, RowBuffer):
+            return RowBuffer(v.view().clone())
+        if isinstance(v, LabelMap):
+            return LabelMap(v.device, None if v.identity else v.labels().clone(), v.n)
+        if isinstance(v, list) and v and all(isinstance(b, RowBuffer) for b in v):
+            return [compact(b) for b in v]
+        return v
+    return {k: compact(v) for k, v in vars(index).items() if not isinstance(v, RWLock)}

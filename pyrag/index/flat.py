@@ -8,7 +8,19 @@ import torch
 from ..ops.sketch import Sketch, make_sketch, quantize_int8  # quantize_int8 also re-exported from here
 from ..ops.topk_ip import topk_ip
 from . import _format
-from ._util import LabelMap, RowBuffer, RWLock, check_dim, check_dtype, check_ids_arg, check_k, check_matrix
+from ._util import (
+    LabelMap,
+    RowBuffer,
+    RWLock,
+    check_dim,
+    check_dtype,
+    check_ids_arg,
+    check_k,
+    check_matrix,
+    pickle_state,
+    restore_rows,
+    snapshot_rows,
+)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int8": torch.int8}
 
@@ -75,20 +87,9 @@ class FlatIndex:
     def __len__(self) -> int:
         return self._vectors.n
 
-    # pickle / copy.deepcopy (multiprocessing with spawn, joblib, Ray): the stored arrays, read under the lock (only
-    # rows [0, len) of each buffer's capacity), and a fresh lock on the other side. An mmap-loaded index pickles
-    # its data, not the file.
     def __getstate__(self) -> dict:
         with self._lock.read():
-            state = {k: v for k, v in self.__dict__.items() if k != "_lock"}
-            state["_vectors"] = RowBuffer(self._vectors.view().clone())
-            if self._scales is not None:
-                state["_scales"] = RowBuffer(self._scales.view().clone())
-            if self._sketch is not None:
-                state["_sketch"] = [RowBuffer(b.view().clone()) for b in self._sketch]
-            lab = self._labels
-            state["_labels"] = LabelMap(lab.device, None if lab.identity else lab.labels().clone(), len(self))
-            return state
+            return pickle_state(self)
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
@@ -121,6 +122,16 @@ class FlatIndex:
                 for buf, part in zip(self._sketch or [], parts):
                     buf.append(part)
             self._labels.append(labels, x.shape[0])
+
+    def _snapshot(self):
+        """What _rollback needs to undo the add()s that follow (ShardedIndex undoes a rank's successful add when
+        another rank's failed): the row buffers' lengths and label map, all the state an add changes."""
+        with self._lock.read():
+            return snapshot_rows(self)
+
+    def _rollback(self, snap) -> None:
+        with self._lock.write():
+            restore_rows(self, snap)
 
     def build_sketch(self) -> FlatIndex:
         """Add the int8 sketch (see the class docstring) to an index built or loaded without one -- e.g. a

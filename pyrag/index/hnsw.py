@@ -12,7 +12,18 @@ import torch
 
 from ..ops.topk_ip import topk_ip
 from . import _format
-from ._util import LabelMap, RowBuffer, RWLock, check_dim, check_ids_arg, check_k, check_matrix
+from ._util import (
+    LabelMap,
+    RowBuffer,
+    RWLock,
+    check_dim,
+    check_ids_arg,
+    check_k,
+    check_matrix,
+    pickle_state,
+    restore_rows,
+    snapshot_rows,
+)
 
 # The exact rescoring gathers the candidates' vectors, [queries, candidates, D] fp32; it runs in blocks of queries
 # (and, for one query with very many candidates, of candidates) so that gather stays within this many bytes.
@@ -40,31 +51,6 @@ def _check_int(name: str, value, lo: int, hi: int = _SIZE_T_MAX) -> int:
     if value > hi:
         raise ValueError(f"{name} must be an int <= {hi} (hnswlib takes a C++ size_t), got {value!r}")
     return int(value)
-
-
-def snapshot_rows(index) -> list:
-    """The row storage of an index (its RowBuffer, LabelMap and list-of-RowBuffer attributes), to put back with
-    restore_rows after a failed add. A buffer's state is its tensor and length: restoring them makes the rows
-    appended since free again, and no view of those rows outlives the write lock the rollback takes (searches and
-    reconstruct return copies). Used by HNSWIndex and, for its FlatIndex, by ShardedIndex."""
-    saved = []
-    for name, v in vars(index).items():
-        parts = v if isinstance(v, list) and v and all(isinstance(b, RowBuffer) for b in v) else [v]
-        if not all(isinstance(b, (RowBuffer, LabelMap)) for b in parts):
-            continue
-        state = [(b, dict(vars(b))) for b in parts]
-        state += [(b._labels, dict(vars(b._labels))) for b in parts
-                  if isinstance(b, LabelMap) and b._labels is not None]
-        saved.append((name, v, state))
-    return saved
-
-
-def restore_rows(index, saved: list) -> None:
-    for name, v, state in saved:
-        setattr(index, name, v)
-        for obj, d in state:
-            vars(obj).clear()
-            vars(obj).update(d)
 
 
 class HNSWIndex:
@@ -258,6 +244,14 @@ class HNSWIndex:
             self._insert(self._graph, x, n_old, self.phi, show_progress)
         self._vectors.append(x)
         self._labels.append(labels, m)
+
+    def __getstate__(self) -> dict:  # pickle / deepcopy; hnswlib pickles its graph itself
+        with self._lock.read():
+            return pickle_state(self)
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = RWLock()
 
     def _snapshot(self) -> tuple:
         """What _restore needs to undo the adds that follow (for add() itself, and for ShardedIndex, which undoes

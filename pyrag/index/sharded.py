@@ -11,23 +11,8 @@ import torch.distributed as dist
 
 from ._util import check_ids_arg, check_k, check_labels, check_matrix
 from .flat import FlatIndex
-from .hnsw import restore_rows, snapshot_rows
 
 _MSG_BYTES = 1024  # how much of a failing rank's error message the other ranks get to show
-
-
-def _snapshot(local):
-    """What _rollback needs to undo the local add()s that follow: HNSWIndex provides its own (its graph is more
-    than rows); a FlatIndex's rows are all the state an add changes."""
-    return local._snapshot() if hasattr(local, "_snapshot") else snapshot_rows(local)
-
-
-def _rollback(local, snap) -> None:
-    if hasattr(local, "_rollback"):
-        local._rollback(snap)
-    else:
-        with local._lock.write():
-            restore_rows(local, snap)
 
 
 class ShardedIndex:
@@ -178,16 +163,16 @@ class ShardedIndex:
         # interrupted). Its outcome is agreed like the checks above; when any rank failed, the ranks whose add went
         # through undo it, so every rank raises and none has changed.
         err = None
-        snap = _snapshot(self.local) if m else None
+        snap = self.local._snapshot() if m else None
         if m:
             try:
                 self.local.add(x, lab)
             except BaseException as e:  # noqa: BLE001 - re-raised by _check_ranks once every rank has heard of it
                 err = e
-                _rollback(self.local, snap)  # in case the local index left part of it behind
+                self.local._rollback(snap)  # in case the local index left part of it behind
         failed = self._gather(torch.tensor([int(err is not None)], dtype=torch.int64))[:, 0] != 0
         if bool(failed.any()) and err is None and m:
-            _rollback(self.local, snap)
+            self.local._rollback(snap)
         self._check_ranks(failed, err, "add")
         self._count += sum(sizes)
         self._next_label = next_label
