@@ -169,7 +169,7 @@ def test_cli_train_ask_eval(tmp_path, capsys, monkeypatch):
     res = json.loads(capsys.readouterr().out)
     assert res["step"] == 2 and res["dev"]["n"] == 8
     assert eval_cli(["--model", str(tmp_path / "tok"), "--data", str(tmp_path / "dev.jsonl"), "--limit", "-1"]) == 2
-    assert "--limit must be >= 0" in capsys.readouterr().err
+    assert "--limit must be >= 1" in capsys.readouterr().err
 
     # Ctrl-C during training: exit 130, naming the checkpoint a rerun resumes from
     import pyrag.train.rag as train_mod

@@ -82,15 +82,32 @@ def _worker(rank: int, world: int, port: int, root: str) -> None:
         except FloatingPointError as e:
             out["nan"] = str(e)
 
-        # 4. an error on one rank only (an answer too long for the generator in rank 1's slice): both stop
+        # 4. data refused on one rank only (answers too long for rank 1's generator): both refuse, before training
         model = extra[0]
+        limit = model.generator.max_answer_length
         if rank == 1:
             model.generator.max_answer_length = 1
+        try:
+            train_rag(model, qa, steps=3, batch_size=2, out_dir=os.path.join(root, "refused"), **KW)
+            out["refused"] = None
+        except ValueError as e:
+            out["refused"] = str(e)
+        model.generator.max_answer_length = limit
+        # an error on one rank only, during a step: both stop
+        if rank == 1:
+            forward = model.forward
+
+            def failing(*a, **k):
+                raise ValueError("this rank's batch failed")
+
+            model.forward = failing
         try:
             train_rag(model, qa, steps=3, batch_size=2, out_dir=os.path.join(root, "err"), **KW)
             out["err"] = None
         except (ValueError, RuntimeError) as e:
             out["err"] = f"{type(e).__name__}: {e}"
+        if rank == 1:
+            model.forward = forward
 
         # 5. out_dirs not shared: rank 0 alone writes the checkpoint, into its own directory; resuming from it is
         # refused on both ranks (not a hang, not rank 1 silently starting over)
@@ -218,9 +235,13 @@ def test_pyrag_train_under_torchrun(tmp_path):
 
 
 def test_an_error_on_one_rank_stops_every_rank(two_ranks):
-    _, (r0, r1) = two_ranks
-    assert r1["err"] is not None and "ValueError" in r1["err"] and "generator's limit" in r1["err"], r1["err"]
+    root, (r0, r1) = two_ranks
+    assert r1["err"] is not None and "ValueError: this rank's batch failed" in r1["err"], r1["err"]
     assert r0["err"] is not None and "another rank failed at step 1" in r0["err"], r0["err"]
+    # refused up front on one rank: every rank refuses, naming it, before anything is written
+    assert r1["refused"] is not None and "max_answer_length=1 tokens" in r1["refused"], r1["refused"]
+    assert r0["refused"] is not None and r0["refused"].startswith("rank 1 refused the training data"), r0["refused"]
+    assert not (root / "refused").exists()
 
 
 def test_out_dir_must_be_shared_by_the_ranks(two_ranks):
