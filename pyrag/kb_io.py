@@ -98,22 +98,21 @@ def replace_dir(tmp, path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_dir(path, *, marker: str | None = None):
+def atomic_dir(path, *, marker: str):
     """Write a directory atomically: `with atomic_dir(path, marker=NAME) as tmp:` fill tmp (created beside path,
     NAME among what it writes); on success it replaces path (replace_dir), on an exception it is removed and path is
     left as it was. The directory gets the usual 0777-less-umask mode (mkdtemp alone would leave it 0700).
 
     Replacing deletes what path held, so an existing path must be an empty directory or one this kind of writer
     made (it holds the file `marker`): saving a model into a project directory, or over a knowledge base, raises
-    FileExistsError instead of wiping it (HF's save_pretrained writes into a directory and keeps other files).
-    marker=None skips that check, for directories only pyrag itself names (a run's checkpoint/)."""
+    FileExistsError instead of wiping it (HF's save_pretrained writes into a directory and keeps other files)."""
     import shutil
 
     path = Path(path)
     if path.exists() or path.is_symlink():
         if not path.is_dir():
             raise FileExistsError(f"{str(path)!r} exists and is not a directory")
-        if marker is not None and not (path / marker).is_file() and any(path.iterdir()):
+        if not (path / marker).is_file() and any(path.iterdir()):
             raise FileExistsError(
                 f"refusing to replace {str(path)!r}: it holds other files and no {marker}, so it is not a directory "
                 f"this writes (saving replaces the whole directory); choose a new or empty directory"

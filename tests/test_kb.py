@@ -462,17 +462,24 @@ def test_atomic_dir_replaces_whole_or_leaves_the_old_directory(tmp_path):
     from pyrag.kb_io import atomic_dir
 
     target = tmp_path / "model"
-    with atomic_dir(target) as tmp:
+    with atomic_dir(target, marker="m.json") as tmp:
         (tmp / "a.txt").write_text("one")
+        (tmp / "m.json").write_text("{}")
     assert (target / "a.txt").read_text() == "one"
-    with pytest.raises(RuntimeError, match="disk full"), atomic_dir(target) as tmp:
+    with pytest.raises(RuntimeError, match="disk full"), atomic_dir(target, marker="m.json") as tmp:
         (tmp / "a.txt").write_text("two, half written")
         raise RuntimeError("disk full")
     assert (target / "a.txt").read_text() == "one"  # the old directory, untouched
-    with atomic_dir(target) as tmp:
+    with atomic_dir(target, marker="m.json") as tmp:
         (tmp / "b.txt").write_text("three")
     assert sorted(p.name for p in target.iterdir()) == ["b.txt"]  # replaced whole, nothing of the old one
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no temporary or old directories left behind
+    # what it would delete is not its own (no marker): refused, kept
+    with pytest.raises(FileExistsError, match="refusing to replace.*no m.json"), \
+            atomic_dir(target, marker="m.json") as tmp:
+        (tmp / "c.txt").write_text("four")
+    assert sorted(p.name for p in target.iterdir()) == ["b.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
 
 
 def test_kb_built_before_the_hnsw_space_option_still_reruns_as_a_no_op(tmp_path, enc_dir):

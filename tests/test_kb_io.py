@@ -35,7 +35,7 @@ def test_atomic_writes_follow_the_umask(tmp_path, umask_027):
     tmp.write_bytes(b"data")  # writing into the temporary keeps its mode
     os.replace(tmp, final)
     assert _mode(final) == 0o640
-    with atomic_dir(tmp_path / "model") as d:
+    with atomic_dir(tmp_path / "model", marker="w.txt") as d:
         (d / "w.txt").write_text("w")
     assert _mode(tmp_path / "model") == 0o750 and _mode(tmp_path / "model" / "w.txt") == 0o640
     os.umask(0o002)

@@ -305,7 +305,7 @@ class Seq2SeqGenerator(nn.Module):
         """(decoder_input_ids [B, T], target [B, T]) with target = the tokenised answer (BART: <s> a </s>,
         T5: a </s>) padded with -100, and decoder_input_ids = decoder start + target[:-1] (HF's shift right)."""
         answers = _check_texts("answers", answers)
-        rows = self.tokenizer(answers, add_special_tokens=True)["input_ids"]
+        rows = self._answer_rows(answers)
         for i, r in enumerate(rows):
             if len(r) > self.max_answer_length:
                 raise ValueError(f"answers[{i}] is {len(r)} tokens long, more than the generator's limit "
@@ -318,6 +318,14 @@ class Seq2SeqGenerator(nn.Module):
             dec[i, 0] = self.decoder_start_token_id
             dec[i, 1: len(r)] = torch.tensor(r[:-1])
         return dec.to(self.device), target.to(self.device)
+
+    def _answer_rows(self, answers: list[str]) -> list[list[int]]:
+        return self.tokenizer(answers, add_special_tokens=True)["input_ids"]
+
+    def answer_lengths(self, answers: list[str]) -> list[int]:
+        """Target tokens of each answer (what max_answer_length bounds), without the limit check: lets a trainer
+        find every over-long record before it starts."""
+        return [len(r) for r in self._answer_rows(_check_texts("answers", answers))]
 
     def decoder_prompt(self, n: int) -> torch.Tensor:
         """[n, 1] decoder start tokens: the first column of every generated sequence (as HF returns it)."""
@@ -723,8 +731,7 @@ class CausalGenerator(nn.Module):
     def encode_answers(self, answers: list[str]):
         """(answer_ids [B, T] padded with pad, target [B, T] = answer tokens + eos, padded with -100)."""
         answers = _check_texts("answers", answers)
-        rows = self.tokenizer([" " + a.strip() for a in answers], add_special_tokens=False)["input_ids"]
-        rows = [r + [self.eos_token_id] for r in rows]
+        rows = self._answer_rows(answers)
         for i, r in enumerate(rows):
             if len(r) > self.max_answer_length:
                 raise ValueError(f"answers[{i}] is {len(r)} tokens long, more than the generator's limit "
@@ -734,6 +741,14 @@ class CausalGenerator(nn.Module):
         for i, r in enumerate(rows):
             target[i, : len(r)] = torch.tensor(r)
         return target.masked_fill(target < 0, self.pad_token_id).to(self.device), target.to(self.device)
+
+    def _answer_rows(self, answers: list[str]) -> list[list[int]]:
+        rows = self.tokenizer([" " + a.strip() for a in answers], add_special_tokens=False)["input_ids"]
+        return [r + [self.eos_token_id] for r in rows]
+
+    def answer_lengths(self, answers: list[str]) -> list[int]:
+        """Target tokens of each answer (its tokens + eos), without the limit check (see Seq2SeqGenerator's)."""
+        return [len(r) for r in self._answer_rows(_check_texts("answers", answers))]
 
     def decoder_prompt(self, n: int) -> torch.Tensor:
         return torch.zeros((n, 0), dtype=torch.long, device=self.device)

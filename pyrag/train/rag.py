@@ -106,18 +106,12 @@ def _check_answer_lengths(model, train: list[dict], wheres: list[str], chunk: in
     where they are; otherwise the first batch that holds one would stop the run."""
     gen = getattr(model, "generator", None)
     limit = getattr(gen, "max_answer_length", None)
-    if limit is None or not hasattr(gen, "encode_answers"):
+    if limit is None or not hasattr(gen, "answer_lengths"):
         return
     long = []
-    # the generator's own tokenisation (special tokens, eos) with its limit lifted, to measure every answer
-    gen.max_answer_length = 1 << 62
-    try:
-        for s in range(0, len(train), chunk):
-            _, target = gen.encode_answers([r["answers"][0] for r in train[s:s + chunk]])
-            lengths = (target != -100).sum(1).tolist()
-            long += [(s + i, n) for i, n in enumerate(lengths) if n > limit]
-    finally:
-        gen.max_answer_length = limit
+    for s in range(0, len(train), chunk):  # the generator's own tokenisation (special tokens, eos)
+        lengths = gen.answer_lengths([r["answers"][0] for r in train[s:s + chunk]])
+        long += [(s + i, n) for i, n in enumerate(lengths) if n > limit]
     if long:
         shown = "; ".join(f"{wheres[i]} ({n} tokens: {train[i]['answers'][0][:60]!r})" for i, n in long[:3])
         more = f" and {len(long) - 3} more" if len(long) > 3 else ""
@@ -232,7 +226,7 @@ def _save_checkpoint(out: Path, model, opt, sched, state: dict, rng) -> Path:
     from safetensors.torch import save_model
 
     path = out / CHECKPOINT
-    with atomic_dir(path) as tmp:
+    with atomic_dir(path, marker="trainer.pt") as tmp:
         save_model(model, str(tmp / "model.safetensors"))
         torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": rng, **state},
                    tmp / "trainer.pt")
