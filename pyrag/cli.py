@@ -12,9 +12,9 @@ COMMANDS = {
     "build-kb": ("pyrag.kb", "build_kb_cli", "encode passages (JSONL, DPR TSV or SQuAD JSON) into a knowledge base"),
     "train-retriever": ("pyrag.train.retriever", "train_retriever_cli", "fine-tune a DPR bi-encoder"),
     "eval-retriever": ("pyrag.metrics", "eval_retriever_cli", "retrieval recall@k / MRR of a knowledge base"),
-    "train": ("pyrag.train.rag", "train_cli", "jointly train a RAG-Token / RAG-Sequence model"),
-    "ask": ("pyrag.train.rag", "ask_cli", "answer a question with a trained model, showing the passages used"),
-    "eval": ("pyrag.train.rag", "eval_cli", "exact match / F1 of a trained model on a QA file"),
+    "train": ("pyrag.train.rag_cli", "train_cli", "jointly train a RAG-Token / RAG-Sequence model"),
+    "ask": ("pyrag.train.rag_cli", "ask_cli", "answer a question with a trained model, showing the passages used"),
+    "eval": ("pyrag.train.rag_cli", "eval_cli", "exact match / F1 of a trained model on a QA file"),
 }
 
 

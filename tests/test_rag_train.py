@@ -13,7 +13,8 @@ from test_rag_model import tiny_setup
 
 from pyrag.metrics import exact_match, f1_score
 from pyrag.models.rag import RagModel
-from pyrag.train.rag import ask_cli, eval_cli, evaluate_rag, train_cli, train_rag
+from pyrag.train.rag import evaluate_rag, train_rag
+from pyrag.train.rag_cli import ask_cli, eval_cli, train_cli
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

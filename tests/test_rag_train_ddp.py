@@ -210,7 +210,7 @@ def test_pyrag_train_under_torchrun(tmp_path):
 
     import pyrag
     from pyrag.models.rag import RagModel
-    from pyrag.train.rag import train_cli
+    from pyrag.train.rag_cli import train_cli
 
     _, _, qa, kb = tiny_setup(tmp_path, n=16, n_docs=2)
     with open(tmp_path / "train.jsonl", "w") as f:

@@ -19,7 +19,8 @@ from test_rag_model import tiny_setup
 import pyrag.train.rag as train_mod
 from pyrag.kb_io import read_qa
 from pyrag.models.rag import RagSequence, RagToken
-from pyrag.train.rag import eval_cli, evaluate_rag, train_cli, train_rag
+from pyrag.train.rag import evaluate_rag, train_rag
+from pyrag.train.rag_cli import eval_cli, train_cli
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

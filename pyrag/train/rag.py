@@ -1,42 +1,45 @@
 """Joint RAG fine-tuning (question encoder + generator; the knowledge base stays frozen): AdamW with one learning
 rate per part, linear warmup and decay, gradient accumulation and clipping, bf16 autocast on GPU, exact resume,
-JSONL metrics and periodic dev EM; `evaluate_rag` (EM / F1 / recall@k); the `pyrag train`, `ask`, `eval` commands."""
+JSONL metrics and periodic dev EM; `evaluate_rag` (EM / F1 / recall@k). Run state on disk: checkpoint.py; the
+`pyrag train`, `ask`, `eval` commands: rag_cli.py."""
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import hashlib
-import json
 import math
 import os
 import random
 import signal
-import sys
 import threading
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .._argparse import DefaultsFormatter
-from ..kb_io import atomic_dir
+from .checkpoint import (
+    CHECKPOINT,
+    METRICS,
+    append_metrics,
+    load_checkpoint,
+    read_state,
+    rng_state,
+    run_identity,
+    save_checkpoint,
+    settings_diff,
+    truncate_metrics,
+)
 from .distributed import (
     average_gradients,
     barrier,
     broadcast_parameters,
     current_group,
     gather_objects,
-    init_from_env,
     sum_floats,
 )
 
-__all__ = ["ask_cli", "eval_cli", "evaluate_rag", "load_qa", "train_cli", "train_rag"]
+__all__ = ["evaluate_rag", "load_qa", "train_rag"]
 
-CHECKPOINT = "checkpoint"
-METRICS = "metrics.jsonl"
 MODEL = "model"
 
 
@@ -50,7 +53,7 @@ def load_qa(path) -> list[dict]:
     return read_qa(path)
 
 
-def _check_data(name: str, data) -> list[dict]:
+def check_data(name: str, data) -> list[dict]:
     return _located_data(name, data)[0]
 
 
@@ -119,188 +122,6 @@ def _check_answer_lengths(model, train: list[dict], wheres: list[str], chunk: in
                          f"tokens: {shown}{more}. Only the first answer of a record is trained on: shorten or drop "
                          f"these records (or put a shorter answer first), or raise the limit (max_answer_length= in "
                          f"RagToken / RagSequence.from_parts, at most the generator's position embeddings)")
-
-
-def _short_hash(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def _records_fingerprint(records: list[dict]) -> str:
-    h = hashlib.sha256()
-    for r in records:
-        h.update(json.dumps([r["question"], r["answers"], r["gold_ids"]]).encode())
-        h.update(b"\n")
-    return h.hexdigest()[:16]
-
-
-_VOLATILE_CONFIG = ("_name_or_path", "transformers_version", "torch_dtype", "dtype", "_commit_hash", "architectures")
-
-
-def _part_fingerprint(module) -> str | None:
-    """What a checkpoint does not restore of a generator / question encoder: its HF config and tokenizer (the
-    weights, trained or frozen, come from the checkpoint). Two copies of one model in different directories agree."""
-    hf = getattr(module, "model", None)
-    cfg = getattr(hf, "config", None)
-    if cfg is None:
-        return None
-    cfg = {k: v for k, v in cfg.to_dict().items() if k not in _VOLATILE_CONFIG}
-    tok = getattr(module, "tokenizer", None)
-    vocab = sorted(tok.get_vocab().items()) if tok is not None and hasattr(tok, "get_vocab") else None
-    extra = {k: getattr(module, k, None) for k in ("pooling", "normalize", "max_length", "kind")}
-    return _short_hash([cfg, vocab, extra])
-
-
-def _source(module) -> str | None:
-    src = getattr(getattr(module, "model", None), "name_or_path", None) or getattr(module, "name", None)
-    return str(Path(src).resolve()) if src and Path(src).exists() else (src or None)
-
-
-def _run_identity(model, train: list[dict], train_data) -> tuple[dict, dict]:
-    """(identity, sources) of a run beyond train_rag's own arguments: the model's settings (mode, smoothing,
-    n_docs, input format...), fingerprints of the generator and question encoder (config + tokenizer), of the
-    knowledge base (passages, encoder, index) and of the training records; sources: where those came from (paths,
-    shown in messages but not compared: the same data moved elsewhere is the same run)."""
-    cfg = model.config_dict() if hasattr(model, "config_dict") else {}
-    ident = {f"model_{k}": v for k, v in cfg.items() if k not in ("format", "version", "kb_path")}
-    parts = {name: getattr(model, name, None) for name in ("question_encoder", "generator")}
-    for name, part in parts.items():
-        if part is not None:
-            ident[name] = _part_fingerprint(part)
-    ident["trainable_parameters"] = {name: sum(p.numel() for p in part.parameters() if p.requires_grad)
-                                     for name, part in parts.items() if isinstance(part, torch.nn.Module)}
-    kb = getattr(model, "kb", None)
-    meta = getattr(kb, "meta", None) or {}
-    if meta:
-        ident["kb"] = _short_hash([meta.get("passages_sha256"), meta.get("count"), meta.get("index"),
-                                   (meta.get("passage_encoder") or {}).get("fingerprint")])
-    ident["train_data"] = f"{_records_fingerprint(train)} ({len(train)} records)"
-    sources = {"generator": _source(parts["generator"]), "question_encoder": _source(parts["question_encoder"]),
-               "kb": str(Path(kb.path).resolve()) if getattr(kb, "path", None) else None,
-               "train_data": str(Path(train_data).resolve()) if isinstance(train_data, (str, os.PathLike)) else None}
-    return ident, {k: v for k, v in sources.items() if v is not None}
-
-
-def _settings_diff(saved: dict, given: dict) -> list[str]:
-    """ "key=saved (now value)" for each setting recorded in `saved` that `given` changes (a key the
-    checkpoint lacks, from before it was recorded, counts as matching; dicts are compared key by key, shown as
-    "key.sub"); paths from the "sources" entries."""
-    src_s, src_g = saved.get("sources") or {}, given.get("sources") or {}
-    out = []
-
-    def walk(a: dict, b: dict, prefix: str):
-        for k, v in b.items():
-            if prefix == "" and k == "sources" or k not in a or a[k] == v:
-                continue
-            if isinstance(a[k], dict) and isinstance(v, dict):
-                walk(a[k], v, f"{prefix}{k}.")
-                continue
-            was, now = (f" from {src_s[k]}" if k in src_s else ""), (f" from {src_g[k]}" if k in src_g else "")
-            out.append(f"{prefix}{k}={a[k]!r}{was} (now {v!r}{now})")
-
-    walk(saved, given, "")
-    return out
-
-
-# ---- checkpoints ----
-
-
-
-def _rng_state() -> dict:
-    st = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
-    if torch.cuda.is_available():
-        st["cuda"] = torch.cuda.get_rng_state_all()
-    return st
-
-
-def _set_rng_state(st: dict) -> None:
-    torch.set_rng_state(st["torch"])
-    random.setstate(st["python"])
-    np.random.set_state(st["numpy"])
-    if "cuda" in st and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(st["cuda"])
-
-
-def _save_checkpoint(out: Path, model, opt, sched, state: dict, rng) -> Path:
-    """model weights (safetensors), optimizer, scheduler, RNG (one state, or a list of every rank's), step and data
-    position, written to a temporary directory and swapped in: a crash leaves the previous checkpoint whole."""
-    from safetensors.torch import save_model
-
-    path = out / CHECKPOINT
-    with atomic_dir(path, marker="trainer.pt") as tmp:
-        save_model(model, str(tmp / "model.safetensors"))
-        torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": rng, **state},
-                   tmp / "trainer.pt")
-        (tmp / "state.json").write_text(json.dumps({k: v for k, v in state.items()
-                                                    if k not in ("best_dev_em", "running")}) + "\n")
-    return path
-
-
-def _read_state(out: Path) -> dict:
-    f = out / CHECKPOINT / "state.json"
-    try:
-        return json.loads(f.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{f} is damaged ({e}); delete {f.parent} to start over (or use a new out_dir)") from None
-
-
-def _load_checkpoint(out: Path, model, opt, sched, rank: int = 0) -> dict:
-    from safetensors.torch import load_model
-
-    path = out / CHECKPOINT
-    hint = f"delete {path} to start over from step 0 (or use a new out_dir)"
-    f = path / "trainer.pt"
-    try:  # read whole before the model is touched: a damaged file leaves the caller's model as it was
-        st = torch.load(f, map_location="cpu", weights_only=False)
-        if not isinstance(st, dict) or not {"optimizer", "scheduler", "rng", "step", "data_pos"} <= st.keys():
-            raise ValueError("not a pyrag trainer state")
-    except Exception as e:  # unpickling / zip / EOF errors of a cut or damaged file, whatever their type
-        raise ValueError(f"{f} is damaged and cannot be resumed from ({type(e).__name__}: {e}); {hint}") from e
-    f = path / "model.safetensors"
-    try:
-        load_model(model, str(f), device=str(next(model.parameters()).device))
-    except torch.OutOfMemoryError:
-        raise
-    except Exception as e:  # safetensors' own error for a damaged file, RuntimeError for other tensor names
-        raise ValueError(f"{f} cannot be loaded into this model ({type(e).__name__}: {str(e)[:300]}); {hint}") from e
-    opt.load_state_dict(st["optimizer"])
-    sched.load_state_dict(st["scheduler"])
-    rng = st["rng"]
-    _set_rng_state(rng[rank] if isinstance(rng, list) else rng)  # data-parallel runs keep every rank's
-    return st
-
-
-def _append_metrics(out: Path, rec: dict) -> None:
-    with open(out / METRICS, "a") as f:
-        f.write(json.dumps(rec) + "\n")
-
-
-def _truncate_metrics(out: Path, step: int) -> None:
-    """On resume, drop log lines written after the checkpoint (they will be written again). A last line that does
-    not parse (a write cut short by a kill) is dropped with a warning; one further up is an error."""
-    f = out / METRICS
-    if not f.exists():
-        return
-    lines = f.read_text(encoding="utf-8", errors="replace").splitlines()
-    last = max((i for i, ln in enumerate(lines) if ln.strip()), default=-1)
-    keep = []
-    for i, ln in enumerate(lines):
-        if not ln.strip():
-            continue
-        try:
-            rec = json.loads(ln)
-            if not isinstance(rec, dict):
-                raise TypeError("not a JSON object")
-        except (ValueError, TypeError) as e:
-            if i == last:
-                warnings.warn(f"{f}:{i + 1}: dropped the last line, which does not parse (a write cut short?): "
-                              f"{ln[:80]!r}", stacklevel=3)
-                continue
-            raise ValueError(f"{f}:{i + 1}: not a JSON log line ({e}); repair or delete that line to resume") from None
-        if rec.get("step", 0) <= step:
-            keep.append(ln)
-    tmp = f.with_suffix(".tmp")
-    tmp.write_text("".join(ln + "\n" for ln in keep))
-    os.replace(tmp, f)
 
 
 # ---- training ----
@@ -379,7 +200,7 @@ def train_rag(model, train_data, dev_data=None, *, steps: int, batch_size: int =
     alone writes out_dir (which every rank must see: the checkpoint holds every rank's RNG state) and shows
     progress. Resuming needs the same world size."""
     train, wheres = _located_data("train_data", train_data)
-    dev = _check_data("dev_data", dev_data) if dev_data is not None else None
+    dev = check_data("dev_data", dev_data) if dev_data is not None else None
     for name, v in (("steps", steps), ("batch_size", batch_size), ("grad_accum", grad_accum)):
         if not isinstance(v, int) or v < 1:
             raise ValueError(f"{name} must be a positive int, got {v!r}")
@@ -441,8 +262,8 @@ def train_rag(model, train_data, dev_data=None, *, steps: int, batch_size: int =
     # not continue the same run (checked against the checkpoint's state.json before anything is loaded into the
     # model; checkpoints written before a key was recorded are taken as matching). n_docs / epsilon as in effect
     # (None: the model's); identity: the model's settings and the fingerprints of the data, KB, generator and
-    # question encoder (see _run_identity)
-    identity, sources = _run_identity(model, train, train_data)
+    # question encoder (see run_identity)
+    identity, sources = run_identity(model, train, train_data)
     run_config = {"seed": seed, "batch_size": batch_size, "steps": steps, "grad_accum": grad_accum,
                   "lr_generator": lr_generator, "lr_question_encoder": lr_question_encoder,
                   "warmup_steps": warmup_steps, "warmup_steps_question_encoder": qe_warmup,
@@ -457,16 +278,16 @@ def train_rag(model, train_data, dev_data=None, *, steps: int, batch_size: int =
             raise ValueError(f"{out / CHECKPOINT} is visible on rank(s) {[r for r, x in enumerate(seen) if x]} only: "
                              f"out_dir must be one directory that every rank sees (a shared file system)")
     if found:
-        diff = _settings_diff(_read_state(out), run_config)
+        diff = settings_diff(read_state(out), run_config)
         if diff:
             raise ValueError(f"{out / CHECKPOINT} was written with {', '.join(diff)}. A checkpoint resumes only the "
                              f"run it belongs to: rerun with its settings, or use a new out_dir (--out) to start "
                              f"another run")
-        st = _load_checkpoint(out, model, opt, sched, rank)
+        st = load_checkpoint(out, model, opt, sched, rank)
         step, pos, best = st["step"], st["data_pos"], st.get("best_dev_em")
         running = list(st.get("running", []))  # the losses of the log window the checkpoint fell into
         if main:
-            _truncate_metrics(out, step)
+            truncate_metrics(out, step)
     else:
         # one stream of random numbers per rank (dropout differs across the ranks' examples); rank 0's is a
         # single process's
@@ -485,9 +306,9 @@ def train_rag(model, train_data, dev_data=None, *, steps: int, batch_size: int =
 
     def checkpoint():
         nonlocal last_ckpt
-        rng = gather_objects(_rng_state(), g) if g is not None else _rng_state()
+        rng = gather_objects(rng_state(), g) if g is not None else rng_state()
         if main:
-            _save_checkpoint(out, model, opt, sched, {"step": step, "data_pos": pos, "best_dev_em": best,
+            save_checkpoint(out, model, opt, sched, {"step": step, "data_pos": pos, "best_dev_em": best,
                                                       "running": list(running), **run_config}, rng)
         if g is not None:
             barrier(g)  # nobody moves on (or reads it back) before it is whole
@@ -569,7 +390,7 @@ def train_rag(model, train_data, dev_data=None, *, steps: int, batch_size: int =
                 # window's losses so far travel in the checkpoint
                 if log_every and (step % log_every == 0 or step == steps):
                     if main:
-                        _append_metrics(out, {"step": step, "loss": sum(running) / len(running),
+                        append_metrics(out, {"step": step, "loss": sum(running) / len(running),
                                               "lr_generator": lr("generator"),
                                               "lr_question_encoder": lr("question_encoder"),
                                               "grad_norm": float(norm), "examples": pos,
@@ -581,7 +402,7 @@ def train_rag(model, train_data, dev_data=None, *, steps: int, batch_size: int =
                     model.train()
                     best = dev_metrics["em"] if best is None else max(best, dev_metrics["em"])
                     if main:
-                        _append_metrics(out, {"step": step, **{f"dev_{k}": v for k, v in dev_metrics.items()}})
+                        append_metrics(out, {"step": step, **{f"dev_{k}": v for k, v in dev_metrics.items()}})
                 if (save_every and step % save_every == 0) or step == end:
                     checkpoint()
                 if asked and step < end:  # Ctrl-C: stop after this step, resumable from it
@@ -635,7 +456,7 @@ def evaluate_rag(model, data, *, batch_size: int = 8, num_beams: int = 1, max_ne
 
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    data = _check_data("data", data)
+    data = check_data("data", data)
     K = model.n_docs if n_docs is None else n_docs
     ks = tuple(sorted({k for k in ks if k <= K} | {K}))  # recall at n_docs always, as at the smaller ks asked
     grp = _join_group(distributed, next(model.parameters()).device)
@@ -664,231 +485,3 @@ def evaluate_rag(model, data, *, batch_size: int = 8, num_beams: int = 1, max_ne
     if return_predictions:
         res["predictions"] = preds
     return res
-
-
-# ---- command line ----
-
-def _resolve_model_dir(path) -> Path:
-    """A model directory, or a `pyrag train --out` directory holding one under model/."""
-    from ..models.rag import CONFIG_NAME
-
-    p = Path(path)
-    if (p / CONFIG_NAME).is_file():
-        return p
-    if (p / MODEL / CONFIG_NAME).is_file():
-        return p / MODEL
-    raise FileNotFoundError(f"no pyrag RAG model in {str(p)!r} (expected {CONFIG_NAME} there or under {MODEL}/)")
-
-
-def _device(name: str | None) -> torch.device:
-    """--device: cpu | cuda | cuda:N, checked before anything is loaded (default: cuda when there is one)."""
-    if not name:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"--device must be cpu, cuda or cuda:N, got {name!r}") from None
-    if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"--device must be cpu, cuda or cuda:N, got {name!r}")
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device {name}: torch sees no CUDA device here (use --device cpu)")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(f"--device {name}: there are {torch.cuda.device_count()} CUDA device(s) here")
-    return dev
-
-
-# what a command reports as a usage error (exit 2, one line) rather than a traceback: bad arguments or data, and
-# the file system's refusals (missing, unreadable, a directory where a file goes, no space...)
-_USER_ERRORS = (ValueError, TypeError, OSError)
-
-
-def _check_out_file(flag: str, path) -> None:
-    """A file a command writes at its end: refused now if it cannot be, rather than after the work."""
-    p = Path(path)
-    if p.is_dir():
-        raise ValueError(f"{flag} {str(p)!r} is a directory; give a file name, e.g. {str(p / 'metrics.json')!r}")
-    parent = next(d for d in (p.absolute().parent, *p.absolute().parent.parents) if d.exists())
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise ValueError(f"{flag} {str(p)!r}: cannot write there ({str(parent)!r} is not a writable directory)")
-
-
-def train_cli(argv: list[str]) -> int:
-    """`pyrag train`: jointly fine-tune a RAG model on a QA file."""
-    ap = argparse.ArgumentParser(formatter_class=DefaultsFormatter, prog="pyrag train", description=(
-        "Jointly train the question encoder and the generator of a RAG-Token / RAG-Sequence model on "
-        "(question, answers) pairs, retrieving from a fixed knowledge base. Data: JSONL lines "
-        "{\"question\", \"answers\": [...]} or SQuAD JSON. Rerunning the same command with the same --out "
-        "resumes exactly from the last checkpoint (written every --save-every steps, at the end, and when Ctrl-C "
-        "stops training; a kill or crash loses the steps since the last one); other settings are refused. "
-        "Data parallel: start it with torchrun (e.g. torchrun --nproc-per-node 2 -m pyrag train ...); "
-        "--batch-size is then per process."))
-    ap.add_argument("--kb", required=True, help="knowledge base directory (pyrag build-kb)")
-    ap.add_argument("--train", required=True, help="training QA file")
-    ap.add_argument("--dev", default=None, help="dev QA file (EM every --eval-every steps, and at the end)")
-    ap.add_argument("--generator", required=True, help="HF seq2seq (or decoder-only) model directory with tokenizer")
-    ap.add_argument("--question-encoder", default=None, help="encoder directory (default: the KB's encoder)")
-    ap.add_argument("--mode", choices=["token", "sequence"], default="token")
-    ap.add_argument("--out", required=True, help="output directory (checkpoint/, metrics.jsonl, model/)")
-    ap.add_argument("--n-docs", type=int, default=5)
-    ap.add_argument("--steps", type=int, default=1000)
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--grad-accum", type=int, default=1)
-    ap.add_argument("--lr-generator", type=float, default=3e-5)
-    ap.add_argument("--lr-question-encoder", type=float, default=1e-5)
-    ap.add_argument("--warmup-steps", type=int, default=0)
-    ap.add_argument("--weight-decay", type=float, default=0.0)
-    ap.add_argument("--max-grad-norm", type=float, default=1.0)
-    ap.add_argument("--label-smoothing", type=float, default=0.0)
-    ap.add_argument("--max-combined-length", type=int, default=300)
-    ap.add_argument("--eval-every", type=int, default=0)
-    ap.add_argument("--save-every", type=int, default=500,
-                    help="checkpoint every N steps (0: only at the end and on Ctrl-C)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--no-bf16", action="store_true", help="no bf16 autocast on GPU")
-    ap.add_argument("--device", default=None)
-    ap.add_argument("--no-progress", action="store_true")
-    args = ap.parse_args(argv)
-    from ..kb import KnowledgeBase
-    from ..models.encoders import Encoder
-    from ..models.rag import RagSequence, RagToken
-
-    try:  # the arguments, before anything slow is loaded
-        if args.eval_every and args.dev is None:
-            raise ValueError(f"--eval-every {args.eval_every} needs --dev (the QA file to evaluate on)")
-        if Path(args.out).exists() and not Path(args.out).is_dir():
-            raise ValueError(f"--out {args.out!r} exists and is not a directory")
-        _device(args.device)
-    except _USER_ERRORS as e:
-        print(f"pyrag train: error: {e}", file=sys.stderr)
-        return 2
-    joined = not torch.distributed.is_initialized()
-    device = init_from_env(args.device)  # under torchrun: this rank's device, the process group joined
-    joined = joined and device is not None
-    main = device is None or torch.distributed.get_rank() == 0
-    try:
-        kb = KnowledgeBase.open(args.kb)
-        qe = Encoder.from_pretrained(args.question_encoder) if args.question_encoder else None
-        cls = RagToken if args.mode == "token" else RagSequence
-        model = cls.from_parts(qe, args.generator, kb, n_docs=args.n_docs, label_smoothing=args.label_smoothing,
-                               max_combined_length=args.max_combined_length).to(device or _device(args.device))
-        res = train_rag(model, args.train, args.dev, distributed=device is not None, steps=args.steps,
-                        batch_size=args.batch_size, lr_generator=args.lr_generator, lr_question_encoder=args.lr_question_encoder,
-                        out_dir=args.out, warmup_steps=args.warmup_steps, grad_accum=args.grad_accum,
-                        max_grad_norm=args.max_grad_norm, weight_decay=args.weight_decay, seed=args.seed,
-                        eval_every=args.eval_every, save_every=args.save_every, bf16=not args.no_bf16,
-                        show_progress=not args.no_progress)
-    except FloatingPointError as e:
-        print(f"pyrag train: {e}", file=sys.stderr)
-        return 1
-    except _USER_ERRORS as e:
-        print(f"pyrag train: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        state = Path(args.out) / CHECKPOINT / "state.json"
-        try:
-            where = (f"the last checkpoint is step {json.loads(state.read_text())['step']} in {state.parent}. Rerun "
-                     f"the same command to resume from it." if state.is_file() else
-                     "no checkpoint was written yet (no training step had finished); a rerun starts from step 0.")
-        except (OSError, ValueError, KeyError):
-            where = f"{state} cannot be read."
-        print(f"\npyrag train: interrupted; {where}", file=sys.stderr)
-        return 130
-    finally:
-        if joined:
-            torch.distributed.destroy_process_group()
-    if main:
-        print(json.dumps(res, indent=2))
-    return 0
-
-
-def _load_for_cli(model_dir, kb, device):
-    from ..models.rag import RagModel
-
-    return RagModel.from_pretrained(_resolve_model_dir(model_dir), kb=kb, device=_device(device))
-
-
-def ask_cli(argv: list[str]) -> int:
-    """`pyrag ask`: answer questions with a trained model and show the passages it used."""
-    ap = argparse.ArgumentParser(formatter_class=DefaultsFormatter, prog="pyrag ask", description=(
-        "Answer a question with a trained RAG model; prints the answer and the retrieved passages with their "
-        "prior p(z|x) and posterior p(z|x,answer)."))
-    ap.add_argument("question", nargs="+", help="one or more questions")
-    ap.add_argument("--model", required=True, help="model directory (or a `pyrag train --out` directory)")
-    ap.add_argument("--kb", default=None, help="knowledge base directory (default: the one it was trained with)")
-    ap.add_argument("--n-docs", type=int, default=None)
-    ap.add_argument("--num-beams", type=int, default=4)
-    ap.add_argument("--max-new-tokens", type=int, default=32)
-    ap.add_argument("--decoding", choices=["thorough", "fast"], default=None, help="RAG-Sequence decoding")
-    ap.add_argument("--json", action="store_true", help="print JSON")
-    ap.add_argument("--device", default=None)
-    args = ap.parse_args(argv)
-    try:
-        model = _load_for_cli(args.model, args.kb, args.device)
-        g = model.generate(args.question, num_beams=args.num_beams, max_new_tokens=args.max_new_tokens,
-                           n_docs=args.n_docs, decoding=args.decoding)
-        post = g.doc_prior.clone()  # an empty answer tells nothing about the passages: posterior = prior
-        said = [b for b, a in enumerate(g.answers) if a.strip()]
-        if said:
-            post[said] = model.passage_posterior([args.question[b] for b in said], [g.answers[b] for b in said],
-                                                 n_docs=args.n_docs).doc_posterior.to(post)
-    except _USER_ERRORS as e:
-        print(f"pyrag ask: error: {e}", file=sys.stderr)
-        return 2
-    results = []
-    for b, q in enumerate(args.question):
-        results.append({"question": q, "answer": g.answers[b], "log_prob": float(g.scores[b]), "passages": [
-            {"id": g.ids[b][k], "title": g.titles[b][k], "text": g.texts[b][k],
-             "prior": float(g.doc_prior[b, k]), "posterior": float(post[b, k])} for k in range(len(g.ids[b]))]})
-    if args.json:
-        print(json.dumps(results, indent=2))
-        return 0
-    for r in results:
-        print(f"Q: {r['question']}\nA: {r['answer']}   (log p = {r['log_prob']:.3f})")
-        for k, p in enumerate(r["passages"]):
-            text = p["text"] if len(p["text"]) <= 160 else p["text"][:157] + "..."
-            print(f"  [{k + 1}] prior {p['prior']:.3f}  posterior {p['posterior']:.3f}  {p['id']}: "
-                  f"{p['title']} / {text}")
-    return 0
-
-
-def eval_cli(argv: list[str]) -> int:
-    """`pyrag eval`: EM / F1 / recall@k of a trained model on a QA file."""
-    ap = argparse.ArgumentParser(formatter_class=DefaultsFormatter, prog="pyrag eval", description=(
-        "Generate answers for a QA file (JSONL {\"question\", \"answers\"} or SQuAD JSON) and report exact match "
-        "and F1 (SQuAD v1.1 normalisation) and retrieval recall@k."))
-    ap.add_argument("--model", required=True, help="model directory (or a `pyrag train --out` directory)")
-    ap.add_argument("--data", required=True, help="QA file")
-    ap.add_argument("--kb", default=None)
-    ap.add_argument("--n-docs", type=int, default=None)
-    ap.add_argument("--num-beams", type=int, default=1)
-    ap.add_argument("--max-new-tokens", type=int, default=20)
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--decoding", choices=["thorough", "fast"], default=None)
-    ap.add_argument("--limit", type=int, default=None, help="only the first N questions")
-    ap.add_argument("--out", default=None, help="also write the metrics (and predictions) as JSON here")
-    ap.add_argument("--device", default=None)
-    ap.add_argument("--no-progress", action="store_true")
-    args = ap.parse_args(argv)
-    try:  # arguments and data first, the model (slow) last
-        if args.limit is not None and args.limit < 1:
-            raise ValueError(f"--limit must be >= 1, got {args.limit}")
-        if args.batch_size < 1:
-            raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-        if args.out:
-            _check_out_file("--out", args.out)
-        _device(args.device)
-        data = _check_data("--data", args.data)[: args.limit]
-        model = _load_for_cli(args.model, args.kb, args.device)
-        res = evaluate_rag(model, data, batch_size=args.batch_size, num_beams=args.num_beams,
-                           max_new_tokens=args.max_new_tokens, n_docs=args.n_docs, decoding=args.decoding,
-                           show_progress=not args.no_progress, return_predictions=args.out is not None)
-        if args.out:
-            from ..kb_io import write_json_atomic
-
-            write_json_atomic(args.out, res)
-    except _USER_ERRORS as e:
-        print(f"pyrag eval: error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps({k: v for k, v in res.items() if k != "predictions"}, indent=2))
-    return 0
