@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from .._argparse import DefaultsFormatter
 from ..kb_io import atomic_path
 from ..metrics import has_answer
+from .checkpoint import rng_state, set_rng_state
 
 __all__ = [
     "dpr_in_batch_mask",
@@ -256,21 +257,6 @@ def _accuracy(q, p, positive, mask) -> float:
 # ---------------------------------------------------------------------------------------------------------------
 # training loop
 
-def _rng_states() -> dict:
-    st = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        st["cuda"] = torch.cuda.get_rng_state_all()
-    return st
-
-
-def _set_rng_states(st: dict) -> None:
-    random.setstate(st["python"])
-    np.random.set_state(st["numpy"])
-    torch.set_rng_state(st["torch"])
-    if "cuda" in st and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(st["cuda"])
-
-
 def _order(n: int, seed: int, epoch: int) -> list[int]:
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     return torch.randperm(n, generator=g).tolist()
@@ -379,7 +365,7 @@ def train_retriever(model, examples: list[dict], *, out_dir, steps: int, batch_s
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
-        _set_rng_states(ck["rng"])
+        set_rng_state(ck["rng"])
         step, epoch, offset = ck["step"], ck["data"]["epoch"], ck["data"]["offset"]
         losses, accs = list(ck["pending"]["losses"]), list(ck["pending"]["accs"])
         _truncate_log(log_path, step)
@@ -392,7 +378,7 @@ def train_retriever(model, examples: list[dict], *, out_dir, steps: int, batch_s
 
     def checkpoint() -> None:
         _save_checkpoint(ckpt_path, {"step": step, "model": model.state_dict(), "optimizer": opt.state_dict(),
-                                     "scheduler": sched.state_dict(), "rng": _rng_states(),
+                                     "scheduler": sched.state_dict(), "rng": rng_state(),
                                      "data": {"epoch": epoch, "offset": offset}, "config": config,
                                      "pending": {"losses": losses, "accs": accs}})
 
