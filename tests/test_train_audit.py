@@ -78,6 +78,12 @@ def test_resume_refuses_changed_model_data_or_kb_settings(setup, tmp_path):
         assert "(now " in str(e.value) and "new out_dir (--out)" in str(e.value)
         # refused before anything was loaded into the model
         assert all(torch.equal(t, before[n]) for n, t in model.state_dict().items())
+    # a checkpoint from before n_docs / epsilon were recorded as used holds them as passed (None): still this run
+    state_file = out / "checkpoint" / "state.json"
+    state = json.loads(state_file.read_text())
+    assert state["n_docs"] == 3 and state["epsilon"] == 0.0
+    state.update(n_docs=None, epsilon=None)
+    state_file.write_text(json.dumps(state))
     # the same settings (the same data, now from a file: its path is only shown, not compared) resume
     res = train_rag(fresh(setup), _jsonl(tmp_path / "train.jsonl", qa), steps=4, out_dir=out, **KW)
     assert res["step"] == 4 and res["finished"]
@@ -282,6 +288,14 @@ def test_ctrl_c_writes_a_checkpoint_that_resumes_exactly(setup, tmp_path):
     assert train_rag(resumed, qa, steps=6, out_dir=tmp_path / "b", **kw)["finished"]
     a, b = straight.state_dict(), resumed.state_dict()
     assert all(torch.equal(a[n], b[n]) for n in a)
+    # a Ctrl-C during the last step is not swallowed: the run finishes and is saved, then the caller stops
+    calls["n"] = 0
+    model = fresh(setup)
+    hook = model.generator.model.register_forward_hook(ctrl_c)
+    with pytest.raises(KeyboardInterrupt, match="during its last step 3; the run finished and was saved"):
+        train_rag(model, qa, steps=3, out_dir=tmp_path / "c", **kw)
+    hook.remove()
+    assert (tmp_path / "c" / "model" / "pyrag_rag.json").is_file()
     strip = [{k: v for k, v in json.loads(x).items() if k != "seconds"}
              for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     assert strip == [{k: v for k, v in json.loads(x).items() if k != "seconds"}

@@ -203,9 +203,11 @@ class HNSWIndex:
         """Append embeddings [N, D] (tensor or ndarray, finite floats) with optional distinct int64 labels ids [N]
         (default: continuing after the largest label so far).
 
-        All or nothing: on any exception (KeyboardInterrupt included) the index is left as it was. hnswlib cannot
-        remove points, so rows the graph had already taken stay in it, marked deleted (never returned), until a
-        later add reuses their row numbers and overwrites them."""
+        All or nothing for the rows: on any exception (KeyboardInterrupt included) len, labels, vectors and what a
+        search can return are as they were. Not for the graph: hnswlib cannot remove points, so rows it had
+        already taken stay in it, marked deleted (never returned), having rewired their neighbours' links, until a
+        later add reuses their row numbers and overwrites them. Approximate results may therefore differ from
+        before the failed add (every result is still a stored row with its exact score)."""
         x = check_matrix(embeddings, "embeddings", self._dim).to("cpu", torch.float32).contiguous()
         m = x.shape[0]
         if m == 0:

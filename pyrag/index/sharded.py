@@ -161,7 +161,8 @@ class ShardedIndex:
             next_label = max(self._next_label, int(everything.max()) + 1 if everything.numel() else 0)
         # The local add can still fail (e.g. a float16 FlatIndex refuses values beyond its range, an HNSWIndex is
         # interrupted). Its outcome is agreed like the checks above; when any rank failed, the ranks whose add went
-        # through undo it, so every rank raises and none has changed.
+        # through undo it, so every rank raises and none holds different rows (an HNSW graph may keep
+        # deleted points: see HNSWIndex.add).
         err = None
         snap = self.local._snapshot() if m else None
         if m:

@@ -79,6 +79,10 @@ def run_identity(model, train: list[dict], train_data) -> tuple[dict, dict]:
     return ident, {k: v for k, v in sources.items() if v is not None}
 
 
+# train_rag arguments older checkpoints stored as passed (None: take the model's value) rather than as used
+_RECORDED_AS_GIVEN = ("n_docs", "epsilon")
+
+
 def settings_diff(saved: dict, given: dict) -> list[str]:
     """ "key=saved (now value)" for each setting recorded in `saved` that `given` changes (a key the
     checkpoint lacks, from before it was recorded, counts as matching; dicts are compared key by key, shown as
@@ -90,6 +94,8 @@ def settings_diff(saved: dict, given: dict) -> list[str]:
         for k, v in b.items():
             if prefix == "" and k == "sources" or k not in a or a[k] == v:
                 continue
+            if prefix == "" and k in _RECORDED_AS_GIVEN and a[k] is None:
+                continue  # checkpoints before this was recorded hold the argument as passed: None = the model's
             if isinstance(a[k], dict) and isinstance(v, dict):
                 walk(a[k], v, f"{prefix}{k}.")
                 continue

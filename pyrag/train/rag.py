@@ -420,6 +420,8 @@ def train_rag(model, train_data, dev_data=None, *, steps: int, batch_size: int =
         if g is not None:
             barrier(g)
         result["model"] = str(out / MODEL)
+    if interrupt["asked"]:  # Ctrl-C during the last step (or its dev evaluation): finished and saved, then stop
+        raise KeyboardInterrupt(f"training interrupted during its last step {step}; the run finished and was saved")
     return result
 
 
