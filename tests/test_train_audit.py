@@ -263,7 +263,16 @@ def test_data_errors_name_the_file_and_line(setup, tmp_path):
 
 # ---- 8: Ctrl-C writes a checkpoint ----
 
-def test_ctrl_c_writes_a_checkpoint_that_resumes_exactly(setup, tmp_path):
+@pytest.fixture
+def default_sigint():
+    """Python's own Ctrl-C handler for the test: a run started in the background (`cmd &`, nohup) inherits SIGINT
+    ignored, and train_rag leaves a handler that is not Python's alone."""
+    saved = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, saved)
+
+
+def test_ctrl_c_writes_a_checkpoint_that_resumes_exactly(setup, tmp_path, default_sigint):
     _, qa, _ = setup
     kw = {**KW, "grad_accum": 2, "save_every": 0, "log_every": 2}
     straight = fresh(setup)
