@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from ..train.checkpoint import rng_state, set_rng_state
+
 _SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
 
@@ -65,20 +67,6 @@ def _atomic_torch_save(obj, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     torch.save(obj, tmp)
     os.replace(tmp, path)
-
-
-def _rng_state() -> dict:
-    st = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        st["cuda"] = torch.cuda.get_rng_state_all()
-    return st
-
-
-def _set_rng_state(st: dict) -> None:
-    random.setstate(st["python"])
-    torch.set_rng_state(st["torch"])
-    if "cuda" in st and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(st["cuda"])
 
 
 def source_inputs(gen, sources: list[str]):
@@ -153,7 +141,7 @@ def train_seq2seq(gen, pairs: list[tuple[str, str]], *, out_dir, steps: int, bat
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
-        _set_rng_state(ck["rng"])
+        set_rng_state(ck["rng"])
         step, pos, losses = ck["step"], ck["pos"], ck["losses"]
     else:
         random.seed(seed)
@@ -161,7 +149,7 @@ def train_seq2seq(gen, pairs: list[tuple[str, str]], *, out_dir, steps: int, bat
 
     def save() -> None:
         _atomic_torch_save({"model": model.state_dict(), "optimizer": opt.state_dict(),
-                            "scheduler": sched.state_dict(), "rng": _rng_state(), "step": step, "pos": pos,
+                            "scheduler": sched.state_dict(), "rng": rng_state(), "step": step, "pos": pos,
                             "losses": losses, "config": config}, ckpt)
 
     model.train()

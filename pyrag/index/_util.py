@@ -321,17 +321,24 @@ def restore_rows(index, saved: list) -> None:
             vars(obj).update(d)
 
 
-def pickle_state(index) -> dict:
-    """__getstate__ of the indexes (pickle, copy.deepcopy: spawn-based multiprocessing, joblib, Ray): their
-    attributes without the lock, each RowBuffer / LabelMap cut to its filled rows (not the spare capacity). The
-    caller holds the read lock; __setstate__ gives the copy a fresh RWLock. An mmap-loaded index pickles its data,
-    not the file."""
-    def compact(v):
-        if isinstance(v, RowBuffer):
-            return RowBuffer(v.view().clone())
-        if isinstance(v, LabelMap):
-            return LabelMap(v.device, None if v.identity else v.labels().clone(), v.n)
-        if isinstance(v, list) and v and all(isinstance(b, RowBuffer) for b in v):
-            return [compact(b) for b in v]
-        return v
-    return {k: compact(v) for k, v in vars(index).items() if not isinstance(v, RWLock)}
+class LockedPickle:
+    """Pickle / copy.deepcopy for the indexes (spawn-based multiprocessing, joblib, Ray): their attributes without
+    the RWLock `_lock`, read under it, each RowBuffer / LabelMap cut to its filled rows (not the spare capacity);
+    the copy gets a fresh lock. An mmap-loaded index pickles its data, not the file."""
+
+    def __getstate__(self) -> dict:
+        def compact(v):
+            if isinstance(v, RowBuffer):
+                return RowBuffer(v.view().clone())
+            if isinstance(v, LabelMap):
+                return LabelMap(v.device, None if v.identity else v.labels().clone(), v.n)
+            if isinstance(v, list) and v and all(isinstance(b, RowBuffer) for b in v):
+                return [compact(b) for b in v]
+            return v
+
+        with self._lock.read():
+            return {k: compact(v) for k, v in vars(self).items() if not isinstance(v, RWLock)}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = RWLock()

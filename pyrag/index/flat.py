@@ -10,6 +10,7 @@ from ..ops.topk_ip import topk_ip
 from . import _format
 from ._util import (
     LabelMap,
+    LockedPickle,
     RowBuffer,
     RWLock,
     check_dim,
@@ -17,7 +18,6 @@ from ._util import (
     check_ids_arg,
     check_k,
     check_matrix,
-    pickle_state,
     restore_rows,
     snapshot_rows,
 )
@@ -25,7 +25,7 @@ from ._util import (
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int8": torch.int8}
 
 
-class FlatIndex:
+class FlatIndex(LockedPickle):  # LockedPickle: pickle / deepcopy
     """Exact inner-product index.
 
     Args:
@@ -86,14 +86,6 @@ class FlatIndex:
 
     def __len__(self) -> int:
         return self._vectors.n
-
-    def __getstate__(self) -> dict:
-        with self._lock.read():
-            return pickle_state(self)
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        self._lock = RWLock()
 
     def __repr__(self) -> str:
         sk = ", sketch=True" if self.sketch else ""

@@ -3,6 +3,7 @@ DPR's inner-product -> L2 augmentation or a raw inner-product graph; scores are 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import warnings
@@ -14,13 +15,13 @@ from ..ops.topk_ip import topk_ip
 from . import _format
 from ._util import (
     LabelMap,
+    LockedPickle,
     RowBuffer,
     RWLock,
     check_dim,
     check_ids_arg,
     check_k,
     check_matrix,
-    pickle_state,
     restore_rows,
     snapshot_rows,
 )
@@ -53,7 +54,7 @@ def _check_int(name: str, value, lo: int, hi: int = _SIZE_T_MAX) -> int:
     return int(value)
 
 
-class HNSWIndex:
+class HNSWIndex(LockedPickle):  # LockedPickle: pickle / deepcopy (hnswlib pickles its graph)
     """Graph index (hnswlib) for maximum inner product; two graph spaces, chosen by `space`.
 
     space="augmented" (default; DPR's method, Karpukhin et al., 2020): the graph is an exact L2 graph. Each stored
@@ -247,14 +248,6 @@ class HNSWIndex:
         self._vectors.append(x)
         self._labels.append(labels, m)
 
-    def __getstate__(self) -> dict:  # pickle / deepcopy; hnswlib pickles its graph itself
-        with self._lock.read():
-            return pickle_state(self)
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        self._lock = RWLock()
-
     def _snapshot(self) -> tuple:
         """What _restore needs to undo the adds that follow (for add() itself, and for ShardedIndex, which undoes
         a rank's successful add when another rank's failed)."""
@@ -266,10 +259,9 @@ class HNSWIndex:
         n, graph, phi, rebuilds, rows = snap
         if self._graph is graph and graph is not None:
             for row in range(n, max(len(self), hi or 0)):
-                try:
+                # RuntimeError: never inserted (the add failed before it), or already deleted
+                with contextlib.suppress(RuntimeError):
                     graph.mark_deleted(row)
-                except RuntimeError:  # never inserted (the add failed before it), or already deleted
-                    pass
         self._graph, self.phi, self.rebuilds = graph, phi, rebuilds
         restore_rows(self, rows)
 

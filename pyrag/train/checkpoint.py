@@ -108,8 +108,6 @@ def settings_diff(saved: dict, given: dict) -> list[str]:
 
 # ---- checkpoints ----
 
-
-
 def rng_state() -> dict:
     st = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
     if torch.cuda.is_available():
@@ -120,7 +118,8 @@ def rng_state() -> dict:
 def set_rng_state(st: dict) -> None:
     torch.set_rng_state(st["torch"])
     random.setstate(st["python"])
-    np.random.set_state(st["numpy"])
+    if "numpy" in st:  # absent in the demo's checkpoints written before it shared this state
+        np.random.set_state(st["numpy"])
     if "cuda" in st and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(st["cuda"])
 
