@@ -475,6 +475,10 @@ def test_hnsw_add_failing_mid_graph_insert_leaves_the_index_as_it_was(monkeypatc
     assert len(index) == n + 450 and torch.equal(index.reconstruct(labels), everything)
     exact = FlatIndex(16)
     exact.add(everything, ids=labels)
+    # hnswlib inserts from several threads, so the graph (and its recall) varies run to run: at ef_search=20 a
+    # freshly built 450-row ip index ranged 0.89-0.97 recall@10 over 40 builds, at 40 it ranged 0.96-0.98; the
+    # wider beam keeps this a check of the index's wholeness, not of the draw (still a graph search: 40 < len/8)
+    index.ef_search = 40
     for k in (10, len(index)):  # graph search, and the exact search k = len takes
         scores, got = index.search(q, k)
         torch.testing.assert_close(scores, torch.einsum("qd,qkd->qk", q, index.reconstruct(got)))
