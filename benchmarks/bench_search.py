@@ -20,7 +20,8 @@ import pyrag
 from pyrag.ops.sketch import make_sketch
 from pyrag.ops.topk_ip import cpu_has_amx, topk_ip_options
 
-SKETCH_MAX_Q = 12  # topk_ip reads a given sketch up to this many queries (csrc/topk_ip_cpu.cpp, kSketchMaxQ)
+# The CPU path rules of csrc/topk_ip_cpu.cpp (kSketchMaxQ, kAmxMinQ, kAmxMinN, kAmxMinDocsPerK), to label rows.
+SKETCH_MAX_Q, AMX_MIN_Q, AMX_MIN_N, AMX_MIN_DOCS_PER_K = 12, 48, 4096, 256
 
 
 def _ints(s: str) -> list[int]:
@@ -77,11 +78,13 @@ def bench_cpu(args) -> list[dict]:
             scores, ids = (torch.as_tensor(x) for x in fn(q))
             storage = name.split()[-1] if name.startswith("pyrag") else "fp32"
             # Which pyrag CPU path ran (topk_ip reads a sketch with SIMD up to 12 queries, with AMX beyond where
-            # AMX exists, and takes the AMX prefilter over the docs from 48 queries on).
+            # AMX exists, and takes the AMX prefilter over the docs from 48 queries on, given enough docs per k).
             path = ""
             if name.startswith("pyrag"):
                 sketched = name.endswith("sketch")
-                path = "amx-prefilter" if (nq >= 48 or (sketched and nq > SKETCH_MAX_Q)) and cpu_has_amx() else "fused"
+                amx = (nq >= AMX_MIN_Q or (sketched and nq > SKETCH_MAX_Q)) and cpu_has_amx()
+                amx = amx and args.n >= AMX_MIN_N and args.n // AMX_MIN_DOCS_PER_K >= args.k
+                path = "amx-prefilter" if amx else "fused"
                 if sketched:
                     path = "sketch" if nq <= SKETCH_MAX_Q else path + ("-sketch" if path != "fused" else "")
             extra = {}

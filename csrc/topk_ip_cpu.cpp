@@ -81,7 +81,9 @@ struct Selector {
         ++count;
       }
     }
-    std::partial_sort(buf, buf + m, buf + count, better);
+    // Select, then sort only the winners: std::partial_sort is a heap sort, ~4x slower once m reaches thousands.
+    if (count > m) std::nth_element(buf, buf + (m - 1), buf + count, better);
+    std::sort(buf, buf + m, better);
     std::copy(buf, buf + m, out);
     return m;
   }
@@ -198,6 +200,11 @@ constexpr int64_t kAmxMinQ = 48;
 // more than the bf16 scoring saves (measured, 2 threads: Q=1000, N=100, D=768 2.3x slower than fused; Q=20000,
 // N=2000, D=128 1.14x; N=2000, D=768 even; N=5000, D=384 1.12x faster; N=8000, D=768 1.6x faster).
 constexpr int64_t kAmxMinN = 4096;
+// ... and only where k is small next to N: every query rescores at least k + slack docs exactly (scattered rows,
+// one at a time) on top of scoring all N in bf16, so a wide k costs more than the fused pass it replaces. Measured
+// (2 threads, Q = 64 and 512): the two break even at N / k ~ 200 (D = 768) to ~ 400 (D = 128); at N / k = 24 the
+// prefilter took 1.6-2.6x the fused time, at N / k = 5 about 3x.
+constexpr int64_t kAmxMinDocsPerK = 256;
 constexpr int64_t kAmxTile = 128;  // docs per tile: 192 KiB of bf16 rows at D = 768, L2-resident
 
 bool amx_usable_impl();
@@ -578,6 +585,14 @@ void search_range(Pass& pass, int64_t qa, int64_t qb, int64_t lo, int64_t hi, in
   }
 }
 
+// The best min(k, |a| + nb) of two sorted hit lists, sorted, into out.
+inline void merge_best(const std::vector<Hit>& a, const Hit* b, int64_t nb, int64_t k, std::vector<Hit>& out) {
+  const int64_t na = static_cast<int64_t>(a.size()), m = std::min(k, na + nb);
+  out.resize(static_cast<size_t>(m));
+  int64_t i = 0, j = 0;
+  for (int64_t o = 0; o < m; ++o) out[o] = (j == nb || (i < na && better(a[i], b[j]))) ? a[i++] : b[j++];
+}
+
 inline void write_row(const Hit* hits, int64_t m, float* scores, int64_t* ids) {
   for (int64_t j = 0; j < m; ++j) {
     scores[j] = hits[j].score;
@@ -620,20 +635,20 @@ void drive(int64_t nq, int64_t nb, int64_t k, int threads, int split, int64_t pa
     });
   }
   errors.rethrow();
-  // Merging is cheap (a partial sort of parts * k hits per query); below ~a million hits it runs on this thread,
+  // Every partial list is sorted (finish), so a query's merge is a linear pass per partition, cut at k (ids differ
+  // across partitions: `better` is a strict total order here). Below ~a million hits it runs on this thread,
   // sparing a second parallel region -- whose start-up can cost milliseconds on a busy machine.
   const bool serial_merge = nq * parts * k <= (int64_t{1} << 20);
 #pragma omp parallel for num_threads(threads) schedule(static) if (!serial_merge)
   for (int64_t q = 0; q < nq; ++q) {
     errors.run([&] {
-      std::vector<Hit> all;
-      all.reserve(static_cast<size_t>(parts * k));
-      for (int64_t p = 0; p < parts; ++p) {
+      std::vector<Hit> acc(partial.begin() + q * k, partial.begin() + q * k + plen[0]), next;
+      for (int64_t p = 1; p < parts; ++p) {
         const Hit* h = partial.data() + (p * nq + q) * k;
-        all.insert(all.end(), h, h + plen[p]);
+        merge_best(acc, h, plen[p], k, next);
+        acc.swap(next);
       }
-      std::partial_sort(all.begin(), all.begin() + k, all.end(), better);
-      write_row(all.data(), k, scores + q * k, ids + q * k);
+      write_row(acc.data(), k, scores + q * k, ids + q * k);
     });
   }
   errors.rethrow();
@@ -872,7 +887,8 @@ void topk_ip_cpu(const float* queries, const T* docs, const float* scale, int64_
   // With a sketch, AMX reads the codes (a quarter of fp32's bytes) and wins from the first query count the SIMD
   // sketch path leaves (measured, N = 200k, D = 768: 16 queries 43 ms vs 58 fused, 64: 75 vs 100 AMX on the docs).
   if (opt.path == 0)
-    use_amx = (nq >= kAmxMinQ || (sketch != nullptr && nq > kSketchMaxQ)) && nb >= kAmxMinN && amx_usable();
+    use_amx = (nq >= kAmxMinQ || (sketch != nullptr && nq > kSketchMaxQ)) && nb >= kAmxMinN &&
+              nb / kAmxMinDocsPerK >= k && amx_usable();
   if (dim >= kMaxPrefilterDim) use_amx = false;
   // Over a sketch, AMX sums bf16(q) . codes in fp32, and codes reach 127 whatever the row's size, so the doc-norm
   // overflow limit below does not cover these sums (|bf16(q)| <= |q| (1 + 2^-8)).

@@ -241,6 +241,22 @@ def test_partitions_smaller_than_k_merge_to_exact_result():
     assert_topk_exact(q, d, 100, s, i)
 
 
+@pytest.mark.parametrize("opts", [dict(split=1, parts=7), dict(split=1, parts=2), dict(split=2)], ids=str)
+@pytest.mark.parametrize("k", [1500, 2999, 3000])
+def test_large_k_with_exact_ties_across_partitions(opts, k):
+    # Integer docs score exactly, so ties (duplicates in different partitions) and the NaN rows (ranked as -inf,
+    # lowest ids first) have one right order: the merge of the partitions' sorted lists and the final selection
+    # must reproduce it bit for bit, up to k = N.
+    q, d = tie_heavy_case(5, 3000)
+    want = q.double() @ d.double().T
+    want = torch.where(want.isnan(), float("-inf"), want)
+    order = np.lexsort((np.broadcast_to(np.arange(3000), want.shape), -want.numpy()), axis=1)[:, :k]
+    with topk_ip_options(path="fused", threads=2, tile_n=64, **opts):
+        s, i = topk_ip(q, d, k)
+    assert i.tolist() == order.tolist()
+    assert torch.equal(s.double(), torch.gather(want, 1, torch.from_numpy(order)))
+
+
 # The AMX prefilter path exists only on CPUs with AMX: its cases skip elsewhere (with the reason), and
 # test_forced_prefilter_runs_exactly_where_amx_exists checks the clear refusal there.
 HAS_AMX = cpu_has_amx()

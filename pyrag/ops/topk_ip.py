@@ -24,8 +24,9 @@ DOC_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.int8)
 # exact fp32 rescoring of the docs its error bound cannot rule out; same results, needs AMX; with a sketch it reads
 # the sketch's int8 codes instead) or "sketch" (the same with SIMD int8 scores of a sketch; needs one). "auto" takes
 # the SIMD sketch path up to 12 queries when given a sketch, and the AMX prefilter from 48 queries on where AMX
-# exists (from 13 with a sketch) over at least 4096 docs: below that the fused kernel is memory bound and wins, and
-# on fewer docs rescoring every query's candidates costs more than the bf16 scoring saves.
+# exists (from 13 with a sketch) over at least 4096 docs and 256 docs per k: below that the fused kernel is memory
+# bound and wins, and on fewer docs (or a wider k) rescoring every query's candidates costs more than the bf16
+# scoring saves.
 # On CUDA: cuda_path "auto" (the chunked-GEMM path for 9+ queries on fp16/bf16 docs, the fused kernel otherwise),
 # "fused" or "gemm"; cuda_chunk: docs per GEMM chunk (0 = as many as fit in 64 MiB of fp32 scores); cuda_select: the
 # kernel that folds GEMM score chunks into the candidate lists, "block" (16 queries per block, measured) or "warp"
@@ -116,7 +117,8 @@ def topk_ip(
     Notes:
         - Non-contiguous inputs are copied to contiguous ones first (a copy of docs costs memory and time; pass
           contiguous docs).
-        - On CPUs with AMX (Intel Sapphire Rapids and later), 48 or more queries go through a bf16 AMX prefilter:
+        - On CPUs with AMX (Intel Sapphire Rapids and later), 48 or more queries (over N >= 4096 docs, with
+          k <= N / 256) go through a bf16 AMX prefilter:
           every doc is scored in bf16, and the exact fp32 score is computed only for docs that a rigorous error
           bound cannot rule out. The results are bit-identical to the all-fp32 kernel (the bound makes it exact).
         - Not differentiable: retrieval selects ids; recompute `q @ docs[ids].T` in torch where gradients are
