@@ -241,7 +241,7 @@ def test_partitions_smaller_than_k_merge_to_exact_result():
     assert_topk_exact(q, d, 100, s, i)
 
 
-@pytest.mark.parametrize("opts", [dict(split=1, parts=7), dict(split=1, parts=2), dict(split=2)], ids=str)
+@pytest.mark.parametrize("opts", [{"split": 1, "parts": 7}, {"split": 1, "parts": 2}, {"split": 2}], ids=str)
 @pytest.mark.parametrize("k", [1500, 2999, 3000])
 def test_large_k_with_exact_ties_across_partitions(opts, k):
     # Integer docs score exactly, so ties (duplicates in different partitions) and the NaN rows (ranked as -inf,
