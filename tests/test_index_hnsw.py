@@ -218,6 +218,9 @@ def test_hnsw_tiny_index_and_k_equal_to_len():
     torch.testing.assert_close(scores, expected.values)
 
 
+# One thread: hnswlib's threaded inserts make the graph (and this recall, 0.910-0.948 over 200 builds against 0.9)
+# vary run to run; a single-threaded build with the fixed seed gives one graph (0.918) every time.
+@pytest.mark.usefixtures("one_thread")
 def test_hnsw_larger_norm_batch_rebuilds_the_graph():
     x = _small(2000)
     big = _small(300, seed=2) * 1.6  # larger norms than the first batch

@@ -125,8 +125,9 @@ def test_bm25_save_replaces_atomically_and_checks_its_arguments(tmp_path, monkey
     want = b.search(["paris"], 2)
     # Readers during repeated re-saves find a whole index or none (the instant between replace_dir's two
     # renames), never a half-written one: every load that does not raise FileNotFoundError must be right. How many
-    # loads land in that instant depends on the machine's timing (a CI run lost 30 of 40), so only "some" is
-    # asserted here; the order of the states is pinned deterministically below.
+    # loads land in that instant is the machine's timing (a CI run lost 30 of 40; under load the writer and the
+    # reader can fall into step and lose all 40), so no count is asserted; the order of the states is pinned
+    # deterministically below.
     errors, stop = [], threading.Event()
 
     def resave():
@@ -145,7 +146,7 @@ def test_bm25_save_replaces_atomically_and_checks_its_arguments(tmp_path, monkey
     finally:
         stop.set()
         t.join()
-    assert len(errors) < 40, errors
+    assert torch.equal(BM25.load(tmp_path / "bm25").search(["paris"], 2)[1], want[1])  # the last save is whole
     # Probing the path at each rename of a re-save with a different index: absent once (old one moved aside), then
     # the new index whole. The old rmtree-then-rename, or writing into the path, would show other states.
     b2 = BM25.build(["rome is in italy", "paris paris is in texas", "paris is in france", "oslo is in norway"])
