@@ -352,6 +352,6 @@ def test_example_order_builds_each_epochs_permutation_once(monkeypatch):
         return randperm(*a, **k)
 
     monkeypatch.setattr(torch, "randperm", counting)
-    order = train_mod._Order(n, seed)
+    order = train_mod.EpochOrder(n, seed)
     assert [order[pos] for pos in range(3 * n + 2)] == want  # the order train_rag always had
     assert calls["n"] == 4  # one permutation per epoch, not per example

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from ..train.checkpoint import rng_state, set_rng_state
+from ..train.checkpoint import EpochOrder, rng_state, set_rng_state
 
 _SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
@@ -89,13 +89,6 @@ def denoising_pairs(passages: list[dict], seed: int, copies: int = 2) -> list[tu
     return pairs
 
 
-def _example(pairs: list, seed: int, pos: int):
-    """Item `pos` of an endless stream whose epoch e is a fixed seeded permutation (train_rag's data order)."""
-    epoch, i = divmod(pos, len(pairs))
-    perm = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-    return pairs[int(perm[i])]
-
-
 def train_seq2seq(gen, pairs: list[tuple[str, str]], *, out_dir, steps: int, batch_size: int, lr: float,
                   warmup_steps: int, seed: int, decay: bool = True, checkpoint_every: int = 50,
                   stop_at: int | None = None, desc: str = "train", show_progress: bool = True) -> dict:
@@ -153,11 +146,12 @@ def train_seq2seq(gen, pairs: list[tuple[str, str]], *, out_dir, steps: int, bat
                             "losses": losses, "config": config}, ckpt)
 
     model.train()
+    order = EpochOrder(len(pairs), seed)  # train_rag's data order
     t0 = time.time()
     bar = tqdm(total=steps, initial=step, desc=desc, unit="step", disable=not show_progress, dynamic_ncols=True)
     try:
         while step < end:
-            batch = [_example(pairs, seed, pos + i) for i in range(batch_size)]
+            batch = [pairs[order[pos + i]] for i in range(batch_size)]
             pos += batch_size
             ids, mask = source_inputs(gen, [src for src, _ in batch])
             dec_in, target = gen.encode_answers([tgt for _, tgt in batch])

@@ -106,6 +106,29 @@ def settings_diff(saved: dict, given: dict) -> list[str]:
     return out
 
 
+# ---- data order ----
+
+def epoch_permutation(n: int, seed: int, epoch: int) -> list[int]:
+    """Epoch `epoch`'s order of n examples, a permutation fixed by (seed, epoch): a resumed run replays it from
+    its saved position (every trainer here: RAG, retriever, the demo's generator)."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g).tolist()
+
+
+class EpochOrder:
+    """The endless example stream: position pos is example order[pos] of the data, epoch e = pos // N being
+    epoch_permutation(N, seed, e). The permutation is made once per epoch (positions only move forward)."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch, self.perm = n, seed, None, None
+
+    def __getitem__(self, pos: int) -> int:
+        epoch, i = divmod(pos, self.n)
+        if epoch != self.epoch:
+            self.epoch, self.perm = epoch, epoch_permutation(self.n, self.seed, epoch)
+        return self.perm[i]
+
+
 # ---- checkpoints ----
 
 def rng_state() -> dict:

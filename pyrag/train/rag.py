@@ -20,6 +20,7 @@ import torch
 from .checkpoint import (
     CHECKPOINT,
     METRICS,
+    EpochOrder,
     append_metrics,
     load_checkpoint,
     read_state,
@@ -87,21 +88,6 @@ def _located_data(name: str, data) -> tuple[list[dict], list[str]]:
             raise ValueError(f"{where} needs {key!r}: a non-empty list of non-empty strings, got {r.get(key)!r}"[:300])
         out.append({"question": r["question"], "answers": answers, "gold_ids": list(r.get("gold_ids") or [])})
     return out, wheres
-
-
-class _Order:
-    """The endless example stream: position pos is example order[pos] of the data, epoch e = pos // N being a fixed
-    seeded permutation. The permutation is made once per epoch (positions only move forward)."""
-
-    def __init__(self, n: int, seed: int):
-        self.n, self.seed, self.epoch, self.perm = n, seed, None, None
-
-    def __getitem__(self, pos: int) -> int:
-        epoch, i = divmod(pos, self.n)
-        if epoch != self.epoch:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self.epoch, self.perm = epoch, torch.randperm(self.n, generator=g).tolist()
-        return self.perm[i]
 
 
 def _check_answer_lengths(model, train: list[dict], wheres: list[str], chunk: int = 512) -> None:
@@ -302,7 +288,7 @@ def train_rag(model, train_data, dev_data=None, *, steps: int, batch_size: int =
     last_ckpt = step if (out / CHECKPOINT).exists() else None
     resumed_finished = found and step >= steps
     end = steps if stop_at is None else min(steps, stop_at)
-    order = _Order(len(train), seed)
+    order = EpochOrder(len(train), seed)
 
     def checkpoint():
         nonlocal last_ckpt

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from .._argparse import DefaultsFormatter
 from ..kb_io import atomic_path
 from ..metrics import has_answer
-from .checkpoint import rng_state, set_rng_state
+from .checkpoint import epoch_permutation, rng_state, set_rng_state
 
 __all__ = [
     "dpr_in_batch_mask",
@@ -257,11 +257,6 @@ def _accuracy(q, p, positive, mask) -> float:
 # ---------------------------------------------------------------------------------------------------------------
 # training loop
 
-def _order(n: int, seed: int, epoch: int) -> list[int]:
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return torch.randperm(n, generator=g).tolist()
-
-
 def _save_checkpoint(path: Path, state: dict) -> None:
     tmp, final = atomic_path(path)
     try:
@@ -383,7 +378,7 @@ def train_retriever(model, examples: list[dict], *, out_dir, steps: int, batch_s
                                      "pending": {"losses": losses, "accs": accs}})
 
     model.train()
-    order = _order(len(examples), seed, epoch)
+    order = epoch_permutation(len(examples), seed, epoch)
     bar = tqdm(total=steps, initial=step, desc="train retriever", unit="step", disable=not show_progress,
                dynamic_ncols=True)
     t0, stopped = time.time(), False
@@ -392,7 +387,7 @@ def train_retriever(model, examples: list[dict], *, out_dir, steps: int, batch_s
         while step < steps:
             if offset + batch_size > len(order):
                 epoch, offset = epoch + 1, 0
-                order = _order(len(examples), seed, epoch)
+                order = epoch_permutation(len(examples), seed, epoch)
             batch = [examples[i] for i in order[offset:offset + batch_size]]
             offset += batch_size
             questions, passages, positive, mask = make_batch(batch, hard_negatives)
